@@ -1,0 +1,148 @@
+"""``/v1/completions``: raw prompts, no chat format."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from glmserve.api.errors import APIError
+from glmserve.api.schemas import CompletionRequest
+from glmserve.engine.base import Engine, GenerateParams
+from glmserve.metrics import Metrics
+
+
+@dataclass
+class PreparedCompletion:
+    request_id: str
+    created: int
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: GenerateParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def prepare(self, req: CompletionRequest) -> PreparedCompletion:
+        raw = req.prompt
+        prompts: list[list[int]]
+        texts: list[str]
+        if isinstance(raw, str):
+            texts, prompts = [raw], [self.engine.encode_raw(raw)]
+        elif raw and all(isinstance(x, int) for x in raw):
+            prompts, texts = [list(raw)], [""]  # type: ignore[list-item]
+        elif raw and all(isinstance(x, str) for x in raw):
+            texts = list(raw)  # type: ignore[arg-type]
+            prompts = [self.engine.encode_raw(t) for t in texts]
+        else:
+            prompts, texts = [list(x) for x in raw], [""] * len(raw)  # type: ignore[union-attr]
+        if len(prompts) > 64:
+            raise APIError(400, "at most 64 prompts per request", param="prompt")
+        longest = max(len(p) for p in prompts)
+        if longest == 0:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        room = self.engine.max_model_len - longest
+        max_tokens = req.max_tokens or 16
+        if room <= 0 or max_tokens > room:
+            raise APIError(
+                400,
+                f"the prompt is {longest} tokens and max_tokens is {max_tokens}, which exceeds this model's context "
+                f"of {self.engine.max_model_len} tokens",
+                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded",
+            )
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        params = GenerateParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_list(),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            n=req.n,
+            ignore_eos=req.ignore_eos,
+        )
+        return PreparedCompletion(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.engine.model_name,
+            prompts=prompts,
+            prompt_texts=texts,
+            params=params,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            echo=req.echo,
+        )
+
+    async def complete(self, p: PreparedCompletion) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        completion_tokens = 0
+        for k, ids in enumerate(p.prompts):
+            texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
+            reasons: list[str | None] = [None] * p.params.n
+            async for d in self.engine.generate(ids, p.params, f"{p.request_id}-{k}"):
+                texts[d.index] += d.text
+                completion_tokens += d.num_tokens
+                if d.finish_reason is not None:
+                    reasons[d.index] = d.finish_reason
+            for i in range(p.params.n):
+                choices.append({"index": k * p.params.n + i, "text": texts[i], "logprobs": None,
+                                "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"})
+        prompt_tokens = sum(len(x) for x in p.prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.completion_tokens.inc(completion_tokens)
+        return {
+            "id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
+            "choices": choices, "system_fingerprint": None,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    async def stream(self, p: PreparedCompletion) -> AsyncIterator[str]:
+        completion_tokens = 0
+        n = p.params.n
+
+        def chunk(index: int, text: str, finish: str | None) -> str:
+            body: dict[str, Any] = {
+                "id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                "system_fingerprint": None,
+            }
+            if p.include_usage:
+                body["usage"] = None
+            return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+
+        for k, ids in enumerate(p.prompts):
+            rid = f"{p.request_id}-{k}"
+            done = 0
+            try:
+                if p.echo:
+                    for i in range(n):
+                        yield chunk(k * n + i, p.prompt_texts[k], None)
+                async for d in self.engine.generate(ids, p.params, rid):
+                    completion_tokens += d.num_tokens
+                    if d.text or d.finish_reason:
+                        yield chunk(k * n + d.index, d.text, d.finish_reason)
+                    if d.finish_reason is not None:
+                        done += 1
+            finally:
+                if done < n:
+                    await self.engine.abort(rid)
+        if p.include_usage:
+            prompt_tokens = sum(len(x) for x in p.prompts)
+            body = {"id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
+                    "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                             "total_tokens": prompt_tokens + completion_tokens}}
+            yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+        yield "data: [DONE]\n\n"

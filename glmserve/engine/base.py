@@ -1,0 +1,96 @@
+"""The narrow engine interface the API is written against.
+
+Everything above this package speaks in :class:`GenerateParams` and :class:`Delta`;
+only ``vllm_engine`` imports vLLM, so the protocol layer can be tested against the
+scripted engine and the server can later sit on another backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmserve.formats.base import Constraint
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is dead or shutting down: requests fail fast with 503."""
+
+
+@dataclass
+class GenerateParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    constraint: Constraint | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New output of one choice since the previous delta."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+    """``stop`` / ``length`` / ``abort`` once the choice is finished."""
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Engine(ABC):
+    model_name: str
+    model_path: str
+    max_model_len: int
+
+    @abstractmethod
+    def encode_parts(self, parts: list[Any]) -> list[int]:
+        """Token ids for a rendered prompt (``Prompt.parts``): control tokens become
+        their ids, all other text is tokenized as plain text (no special tokens)."""
+
+    @abstractmethod
+    def encode_raw(self, text: str) -> list[int]:
+        """Token ids for a raw completion prompt (special tokens recognised)."""
+
+    @abstractmethod
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` if it is a single token of the vocabulary."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
+        """Stream deltas until every choice finishes."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise :class:`EngineUnavailable` when the engine cannot serve."""
+
+    @property
+    def running(self) -> int:
+        """Requests currently generating (for metrics and tests)."""
+        return 0
+
+    def vocab(self) -> set[str]:
+        return set()
+
+    async def shutdown(self) -> None:
+        return None

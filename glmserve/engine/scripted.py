@@ -1,0 +1,82 @@
+"""An engine that replays scripted outputs, for fast protocol tests.
+
+It is never the only proof of a feature: the same paths run against vLLM in the
+end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from glmserve.engine.base import Delta, Engine, EngineUnavailable, GenerateParams
+from glmserve.formats.base import Control
+
+
+class ScriptedEngine(Engine):
+    """``script(prompt_text, params) -> list of text pieces`` decides each answer;
+    one piece is one delta (one "token")."""
+
+    def __init__(
+        self,
+        script: Callable[[str, GenerateParams], list[str]],
+        model_name: str = "scripted",
+        max_model_len: int = 4096,
+        delay: float = 0.0,
+    ) -> None:
+        self.script = script
+        self.model_name = model_name
+        self.model_path = model_name
+        self.max_model_len = max_model_len
+        self.delay = delay
+        self.dead = False
+        self.last_prompt: str = ""
+        self.last_params: GenerateParams | None = None
+        self._running: set[str] = set()
+        self.aborted: list[str] = []
+
+    def encode_parts(self, parts: list[Any]) -> list[int]:
+        text = "".join(p.token if isinstance(p, Control) else p for p in parts)
+        self.last_prompt = text
+        return [ord(c) for c in text]
+
+    def encode_raw(self, text: str) -> list[int]:
+        self.last_prompt = text
+        return [ord(c) for c in text]
+
+    def token_id(self, token: str) -> int | None:
+        return None
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
+        await self.check_health()
+        self.last_params = params
+        prompt = "".join(chr(i) for i in prompt_ids)
+        self._running.add(request_id)
+        try:
+            for index in range(params.n):
+                pieces = self.script(prompt, params)
+                budget = params.max_tokens
+                for i, piece in enumerate(pieces[:budget]):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    last = i == min(len(pieces), budget) - 1
+                    reason = None
+                    if last:
+                        reason = "length" if len(pieces) > budget else "stop"
+                    yield Delta(index=index, text=piece, num_tokens=1, finish_reason=reason)
+                if not pieces:
+                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop")
+        finally:
+            self._running.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineUnavailable("scripted engine marked dead")

@@ -1,0 +1,195 @@
+"""vLLM in-process engine (``AsyncLLM``).  The only module that imports vLLM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from glmserve.engine.base import Delta, Engine, EngineUnavailable, GenerateParams, TokenLogprob
+from glmserve.formats.base import Control
+
+log = logging.getLogger("glmserve.engine")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch always present with vLLM
+        return False
+
+
+def apply_cpu_defaults(args: Any) -> None:
+    """Settings that let vLLM start on a small CPU-only machine (measured: the default
+    memory share fails; KV cache of 1-2 GiB works)."""
+    if cuda_available():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if getattr(args, "gpu_memory_utilization", None) in (None, 0.92, 0.9):
+        args.gpu_memory_utilization = 0.5
+
+
+class VLLMEngine(Engine):
+    def __init__(self, engine_args: Any, served_model_name: str) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(engine_args)
+        self.model_name = served_model_name
+        self.model_path = engine_args.model
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        self._tok = self._llm.get_tokenizer()
+        hf = getattr(self._tok, "tokenizer", self._tok)
+        self._hf = hf
+        added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
+        self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        self._running: set[str] = set()
+        self._dead: str | None = None
+
+    # ---------------------------------------------------------------- tokenization
+
+    def token_id(self, token: str) -> int | None:
+        return _token_id(self._hf, token)
+
+    def vocab(self) -> set[str]:
+        return set(self._hf.get_added_vocab().keys())
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Plain text: no added token (special or not) may be formed from it."""
+        if not text:
+            return []
+        ids: list[int] = []
+        pos = 0
+        if self._added_re is not None:
+            for m in self._added_re.finditer(text):
+                ids += self._hf.encode(text[pos : m.start()], add_special_tokens=False, split_special_tokens=True) if m.start() > pos else []
+                # Spell the look-alike character by character: it reaches the model as text.
+                for ch in m.group(0):
+                    ids += self._hf.encode(ch, add_special_tokens=False, split_special_tokens=True)
+                pos = m.end()
+        if pos < len(text):
+            ids += self._hf.encode(text[pos:], add_special_tokens=False, split_special_tokens=True)
+        return ids
+
+    def encode_parts(self, parts: list[Any]) -> list[int]:
+        ids: list[int] = []
+        buf: list[str] = []
+        for part in parts:
+            if isinstance(part, Control):
+                tid = self.token_id(part.token)
+                if tid is None:  # not a token of this vocabulary: template text then
+                    buf.append(part.token)
+                    continue
+                ids += self._encode_plain("".join(buf))
+                buf.clear()
+                ids.append(tid)
+            else:
+                buf.append(part)
+        ids += self._encode_plain("".join(buf))
+        return ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=False))
+
+    # ---------------------------------------------------------------- generation
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _sampling_params(self, p: GenerateParams) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        so = None
+        c = p.constraint
+        if c is not None:
+            so = StructuredOutputsParams(
+                json=c.json, grammar=c.grammar, structural_tag=c.structural_tag, regex=c.regex
+            )
+        return SamplingParams(
+            n=p.n,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            seed=p.seed,
+            stop=list(p.stop) or None,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            logprobs=p.logprobs,
+            ignore_eos=p.ignore_eos,
+            skip_special_tokens=p.skip_special_tokens,
+            structured_outputs=so,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        await self.check_health()
+        sp = self._sampling_params(params)
+        self._running.add(request_id)
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
+                for c in out.outputs:
+                    yield Delta(
+                        index=c.index,
+                        text=c.text,
+                        num_tokens=len(c.token_ids),
+                        finish_reason=c.finish_reason,
+                        logprobs=self._logprobs(c) if params.logprobs is not None else None,
+                    )
+        except EngineDeadError as exc:
+            self._dead = str(exc) or "engine died"
+            raise EngineUnavailable(self._dead) from exc
+        finally:
+            self._running.discard(request_id)
+
+    def _logprobs(self, c: Any) -> list[TokenLogprob] | None:
+        if not c.logprobs:
+            return None
+        out = []
+        for tid, entry in zip(c.token_ids, c.logprobs):
+            chosen = entry.get(tid)
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            out.append(
+                TokenLogprob(
+                    token=chosen.decoded_token if chosen and chosen.decoded_token is not None else self._hf.decode([tid]),
+                    logprob=float(chosen.logprob) if chosen else 0.0,
+                    top=[(lp.decoded_token or "", float(lp.logprob)) for _, lp in top],
+                )
+            )
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        try:
+            await self._llm.abort(request_id)
+        except Exception:  # an engine that is already gone has nothing to abort
+            log.debug("abort of %s failed", request_id, exc_info=True)
+
+    async def check_health(self) -> None:
+        if self._dead:
+            raise EngineUnavailable(self._dead)
+        if self._llm.errored:
+            self._dead = str(self._llm.dead_error or "engine died")
+            raise EngineUnavailable(self._dead)
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            self._dead = str(exc) or "engine died"
+            raise EngineUnavailable(self._dead) from exc
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _token_id(hf: Any, token: str) -> int | None:
+    tid = hf.convert_tokens_to_ids(token)
+    if tid is None or tid == getattr(hf, "unk_token_id", None):
+        return None
+    return int(tid)

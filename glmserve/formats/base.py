@@ -1,0 +1,248 @@
+"""The contract every chat format implements.
+
+A *format* owns one model family's wire format end to end: how a request becomes a
+prompt, which strings stop generation, how decoding is constrained for a
+``tool_choice``, and how raw output text becomes events.  Nothing here knows about
+HTTP or vLLM, so formats are tested with plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+# --------------------------------------------------------------------------- prompt
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control token placed by the template (``<|user|>``, ``<tool_call>``...).
+
+    Only these become control-token ids; every other character of the prompt, user text
+    included, is tokenized as plain text, so a user cannot forge a turn by typing one.
+    """
+
+    token: str
+
+
+PromptPart = Union[str, Control]
+
+
+@dataclass
+class Prompt:
+    """A rendered prompt: plain-text parts interleaved with control tokens."""
+
+    parts: list[PromptPart] = field(default_factory=list)
+
+    def add(self, *items: PromptPart) -> "Prompt":
+        for item in items:
+            if isinstance(item, Control) or item:
+                self.parts.append(item)
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(p.token if isinstance(p, Control) else p for p in self.parts)
+
+    def __str__(self) -> str:  # pragma: no cover - convenience
+        return self.text
+
+
+# --------------------------------------------------------------------------- request view
+
+
+@dataclass
+class Tool:
+    """One declared function.  ``raw`` is the tool object exactly as the client sent it
+    (GLM-4.5 prints it verbatim in the prompt)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def function(self) -> dict[str, Any]:
+        """The OpenAI ``function`` object (what GLM-4 prints as indented JSON)."""
+        fn = self.raw.get("function", self.raw) if self.raw else {}
+        if fn:
+            return fn
+        out: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            out["description"] = self.description
+        if self.parameters is not None:
+            out["parameters"] = self.parameters
+        return out
+
+    @classmethod
+    def from_openai(cls, obj: dict[str, Any]) -> "Tool":
+        fn = obj.get("function", obj) if obj.get("type", "function") == "function" else obj
+        return cls(
+            name=fn["name"],
+            description=fn.get("description"),
+            parameters=fn.get("parameters"),
+            strict=fn.get("strict"),
+            raw=obj,
+        )
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], str]
+"""``none`` / ``auto`` / ``required``, or the name of the one tool that must be called
+(a named ``tool_choice`` is normalised to its name before it reaches a format)."""
+
+
+@dataclass
+class ChatRequest:
+    """What a format needs from a chat request, already validated by the API layer.
+
+    ``messages`` are OpenAI message dicts whose ``content`` has been flattened to a
+    string (or None); assistant ``tool_calls`` keep the OpenAI shape with
+    ``function.arguments`` as a JSON string.
+    """
+
+    messages: list[dict[str, Any]]
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    enable_thinking: bool = True
+    clear_thinking: bool = True
+    add_generation_prompt: bool = True
+
+    @property
+    def tools_in_prompt(self) -> list[Tool]:
+        """Tools shown to the model: none for ``tool_choice="none"``."""
+        return [] if self.tool_choice == "none" else self.tools
+
+
+# --------------------------------------------------------------------------- output events
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArgs:
+    """A fragment of the call's arguments *as a JSON text*; the fragments of one call
+    concatenate to exactly the final ``arguments`` string."""
+
+    index: int
+    delta: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    index: int
+
+
+Event = Union[TextEvent, ReasoningEvent, ToolCallStart, ToolCallArgs, ToolCallEnd]
+
+
+class StreamParser(ABC):
+    """Turns raw model output, fed in arbitrary pieces, into events.
+
+    Contract:
+    * ``feed`` does work proportional to the new text (never re-scans what was fed).
+    * Any split of the same output into pieces yields the same merged events.
+    * Text is emitted as soon as it can no longer become part of a tool call; only a
+      possible prefix of a call marker (or declared tool name) is held back.
+    * Only declared tools become calls; anything else is text.  Nothing is ever lost:
+      on ``finish`` held-back text that did not become a call is emitted as text, and a
+      call that never completed is reported by ``incomplete_call`` (the API then answers
+      with ``finish_reason="length"`` or keeps it as text).
+    """
+
+    @abstractmethod
+    def feed(self, text: str) -> list[Event]:
+        """Consume the next piece of output."""
+
+    @abstractmethod
+    def finish(self) -> list[Event]:
+        """Flush at end of generation."""
+
+    @property
+    def incomplete_call(self) -> bool:
+        """True when output ended inside a tool call that was started but not closed."""
+        return False
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A decoding constraint handed to vLLM's structured outputs (exactly one field set).
+
+    ``grammar`` is xgrammar/GBNF-style EBNF; ``structural_tag`` a JSON string in
+    xgrammar's structural-tag format; ``json`` a JSON schema.
+    """
+
+    grammar: str | None = None
+    structural_tag: str | None = None
+    json: dict[str, Any] | None = None
+    regex: str | None = None
+
+
+# --------------------------------------------------------------------------- format
+
+
+class ChatFormat(ABC):
+    """One model family's wire format."""
+
+    name: ClassVar[str]
+    """The ``--chat-format`` value."""
+
+    description: ClassVar[str] = ""
+
+    stop: ClassVar[tuple[str, ...]] = ()
+    """Strings that end a turn.  The engine looks each up in the tokenizer and stops on
+    its id where it is a single token, else stops on the string."""
+
+    skip_special_tokens: ClassVar[bool] = False
+    """Whether detokenization drops special tokens.  Formats whose call markers are
+    (non-special) added tokens keep them and strip them in the parser."""
+
+    @abstractmethod
+    def render(self, request: ChatRequest) -> Prompt:
+        """The prompt for a request (generation prompt included)."""
+
+    @abstractmethod
+    def parser(self, request: ChatRequest) -> StreamParser:
+        """A fresh parser for one generation of this request."""
+
+    def constraint(self, request: ChatRequest) -> Constraint | None:
+        """The decoding constraint for the request's ``tool_choice``; None for free text."""
+        return None
+
+    def control_tokens(self) -> tuple[str, ...]:
+        """Every string that is a control token of this format (for tests and token-id checks)."""
+        return ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dumps(obj: Any) -> str:
+    """Compact-ish JSON the way GLM templates write it: ``", "``/``": "`` separators,
+    non-ASCII kept (``tojson(ensure_ascii=False)``)."""
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def content_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return "" if content is None else str(content)

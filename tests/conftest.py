@@ -1,0 +1,62 @@
+"""Shared fixtures: one real server per model, started once per test session."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import Server, start_server  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_jsonl(name: str) -> list[dict]:
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from glmserve.models import default_model_dir as d
+
+    return str(d())
+
+
+def _tiny(kind: str) -> str:
+    from tiny_models import build_tiny
+
+    return str(build_tiny(kind))
+
+
+@pytest.fixture(scope="session")
+def default_server() -> Server:
+    """The embedded default (SmolLM2-135M-Instruct, ChatML) started with no MODEL argument."""
+    s = start_server(None)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def glm4_server() -> Server:
+    s = start_server(_tiny("glm4"), "--chat-format", "glm4", "--served-model-name", "tiny-glm4")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def glm0414_server() -> Server:
+    s = start_server(_tiny("glm4-0414"), "--served-model-name", "tiny-glm4-0414")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def glm45_server() -> Server:
+    s = start_server(_tiny("glm45"), "--chat-format", "glm45", "--served-model-name", "tiny-glm45")
+    yield s
+    s.stop()

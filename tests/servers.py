@@ -1,0 +1,121 @@
+"""Starting real glmserve servers for the end-to-end tests.
+
+Each server is the real CLI (``python -m glmserve serve``) in a subprocess on a free
+loopback port, talking to a real vLLM engine; tests reach it over HTTP with the
+``openai`` client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT = float(os.environ.get("GLMSERVE_TEST_START_TIMEOUT", "420"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    api_key: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "none", max_retries=0, timeout=120, **kw)
+
+    def async_client(self, **kw):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none", max_retries=0, timeout=120, **kw)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(model: str | None, *args: str, api_key: str | None = None, env: dict | None = None,
+                 max_model_len: int = 2048) -> Server:
+    port = free_port()
+    fd, log_name = tempfile.mkstemp(prefix="glmserve-test-", suffix=".log")
+    os.close(fd)
+    cmd = [sys.executable, "-m", "glmserve", "serve"]
+    if model:
+        cmd.append(model)
+    cmd += ["--port", str(port), "--max-model-len", str(max_model_len), "--enforce-eager", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    logf = open(log_name, "wb")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = Server(proc=proc, port=port, log_path=Path(log_name), api_key=api_key)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} during start-up:\n{server.log()[-6000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server did not become healthy in {START_TIMEOUT:.0f}s:\n{server.log()[-6000:]}")
+
+
+class LazyServer:
+    """Starts its server on first use (so a filtered test run starts only what it needs)."""
+
+    def __init__(self, factory) -> None:
+        self._factory = factory
+        self._server: Server | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Server:
+        with self._lock:
+            if self._server is None:
+                self._server = self._factory()
+            return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
