@@ -1,0 +1,49 @@
+"""GLM-4.7 (and 4.7-Flash): compact XML tool calls, ``<think>`` reasoning.
+
+The prompt is the official GLM-4.7 ``chat_template.jinja`` reproduced exactly (see
+:func:`glmserve.formats.xmlcall.render_xml_prompt`): no newlines after role tokens or
+inside calls, history turns before the last user message render as ``</think>`` unless
+``clear_thinking`` is False, and the generation prompt is ``<|assistant|><think>``
+(thinking on) or ``<|assistant|></think>`` (off; no ``/nothink`` in this template).
+
+With thinking on the prompt ends with ``<think>``, so the output starts inside the
+reasoning; the parser and the constraint both start there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Prompt, StreamParser
+from glmserve.formats.xmlcall import (
+    CONTROL_TOKENS,
+    STOP,
+    XmlCallParser,
+    XmlStyle,
+    build_constraint,
+    render_xml_prompt,
+)
+
+STYLE = XmlStyle(newlines=False, nothink_suffix=False, honour_clear_thinking=True)
+
+
+class GLM47Format(ChatFormat):
+    """GLM-4.7 (``<tool_call>name<arg_key>..`` without newlines)."""
+
+    name: ClassVar[str] = "glm47"
+    description: ClassVar[str] = "GLM-4.7: compact XML tool calls, <think> reasoning, clear_thinking"
+    stop: ClassVar[tuple[str, ...]] = STOP
+    skip_special_tokens: ClassVar[bool] = False
+
+    def render(self, request: ChatRequest) -> Prompt:
+        return render_xml_prompt(request, STYLE)
+
+    def parser(self, request: ChatRequest) -> StreamParser:
+        start = "reasoning" if request.enable_thinking else "content"
+        return XmlCallParser(request.tools_in_prompt, start=start)
+
+    def constraint(self, request: ChatRequest) -> Constraint | None:
+        return build_constraint(request, "open" if request.enable_thinking else "none", newlines=False)
+
+    def control_tokens(self) -> tuple[str, ...]:
+        return CONTROL_TOKENS

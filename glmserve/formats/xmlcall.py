@@ -1,0 +1,713 @@
+"""The XML tool-call wire format shared by GLM-4.5/4.6 (``glm45``) and GLM-4.7 (``glm47``).
+
+Both families write calls as::
+
+    <tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>
+
+GLM-4.5/4.6 put a newline after the name and after every ``</arg_key>`` /
+``</arg_value>`` (``newlines=True``); GLM-4.7 writes none.  String values are raw text
+(no quotes, no escaping); every other value is JSON.  This module holds what the two
+families share: prompt rendering (:func:`render_xml_prompt`), the incremental parser
+(:class:`XmlCallParser`) and the decoding constraint (:func:`build_constraint`).
+
+Parser decisions (deliberate, tested):
+
+* **Reasoning.** Text between ``<think>`` and ``</think>`` is :class:`ReasoningEvent`.
+  ``start="lead"`` (GLM-4.5 with thinking on: the prompt ends at ``<|assistant|>``)
+  accepts the output opening with ``<think>`` or ``\\n<think>``; anything else there is
+  content.  ``start="reasoning"`` (GLM-4.7 with thinking on: the prompt ends with
+  ``<think>``) starts inside reasoning.  ``start="content"`` (thinking off) starts in
+  content.  ``<think>`` later in content and a stray ``</think>`` in content are text.
+* **Leading newline.** One ``\\n`` right after ``</think>`` (or at the start of content
+  when the prompt already closed the think block / the lead was not ``<think>``) is the
+  template's separator and is dropped, as vLLM's/SGLang's GLM parsers do.
+* **Separator before a call.** One ``\\n`` immediately before ``<tool_call>`` is the
+  template's separator (GLM-4.5 writes ``\\n<tool_call>``) and belongs to the call
+  marker.  A lone trailing ``\\n`` is therefore held back until the next character; it is
+  emitted as text if no call follows (or at ``finish``).
+* **Calls inside unfinished reasoning.** A ``<tool_call>`` of a *declared* tool inside
+  ``<think>`` is parsed as a real call (the model forgot ``</think>``, or calls
+  mid-thought; GLM does both and other servers then swallow the call into reasoning).
+  After its ``</tool_call>`` the parser is back in reasoning.  An undeclared name inside
+  reasoning is returned verbatim as reasoning.
+* **Undeclared names.** ``<tool_call>unknown...`` is returned verbatim as text (the
+  opening marker, the name and everything after it), never as a call.  A name longer
+  than :data:`MAX_NAME` characters, or a second ``<tool_call>`` before the name ended,
+  also means "not a call".
+* **Values.** A value whose schema is a string type streams as JSON-escaped pieces the
+  moment it arrives, raw and unstripped (the template writes it raw, so rendering and
+  parsing round-trip exactly).  Any other value (number, boolean, object, array,
+  untyped, or an argument missing from the schema) is held until ``</arg_value>`` and
+  decoded: ``json.loads`` of the stripped text, else ``ast.literal_eval`` (Python
+  literals such as ``True``/``None``/``'x'``), else the raw text as a JSON string.
+  So a streamed ``123`` is never ``"123"``.
+* **Inside a call**, text between the arguments other than the markers (normally just
+  the template's newlines) is not part of any argument and is dropped.  A repeated key
+  is written twice into the JSON text (``json.loads`` keeps the last one).
+* **Truncation.** Output ending inside a started call sets :attr:`incomplete_call`; the
+  partial arguments already streamed are not closed, and nothing more is emitted for it.
+
+Every ``feed`` scans only the new text plus a held-back tail shorter than the longest
+marker; values and names are accumulated, never re-scanned.
+
+Constraint decisions (:func:`build_constraint`, an xgrammar 0.2.8 structural tag built
+like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(structural_tag=)``):
+
+* Reasoning stays free text (no control tokens inside, so no calls in reasoning while
+  constrained); GLM-4.7 starts inside it, GLM-4.5 may open with ``<think>`` or
+  ``\n<think>`` (optional), thinking-disabled requests have no reasoning part.
+* Each call is ``TagFormat("<tool_call>" + name, JSONSchemaFormat(style="glm_xml"),
+  "</tool_call>")``.  ``glm_xml`` tolerates whitespace between the elements, so the same
+  tag serves GLM-4.5's newline layout and GLM-4.7's compact one.  Arguments follow the
+  schema's declared property order (xgrammar's ``any_order=False`` default, which is what
+  lets it enforce ``required``); ``strict: false`` or missing parameters leave the
+  arguments unconstrained.
+* ``auto``: free text with optional calls; ``required``: the answer starts with a call
+  (GLM-4.5: after an optional ``\n``), text may follow parallel calls; a named tool:
+  exactly one call of it; ``parallel_tool_calls=False``: at most / exactly one call.
+* Built tags are cached per canonical JSON key (tools, mode, flags).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from glmserve.formats.base import (
+    ChatRequest,
+    Constraint,
+    Control,
+    Event,
+    Prompt,
+    ReasoningEvent,
+    StreamParser,
+    TextEvent,
+    Tool,
+    ToolCallArgs,
+    ToolCallEnd,
+    ToolCallStart,
+    content_text,
+    dumps,
+)
+
+# --------------------------------------------------------------------------- markers
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+KEY_OPEN = "<arg_key>"
+KEY_CLOSE = "</arg_key>"
+VALUE_OPEN = "<arg_value>"
+VALUE_CLOSE = "</arg_value>"
+RESPONSE_OPEN = "<tool_response>"
+RESPONSE_CLOSE = "</tool_response>"
+
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+CONTROL_TOKENS: tuple[str, ...] = (
+    "[gMASK]",
+    "<sop>",
+    *ROLE_TOKENS,
+    THINK_OPEN,
+    THINK_CLOSE,
+    CALL_OPEN,
+    CALL_CLOSE,
+    KEY_OPEN,
+    KEY_CLOSE,
+    VALUE_OPEN,
+    VALUE_CLOSE,
+    RESPONSE_OPEN,
+    RESPONSE_CLOSE,
+)
+STOP = ("<|endoftext|>", "<|user|>", "<|observation|>", "<|assistant|>")
+
+MAX_NAME = 256
+"""Characters after ``<tool_call>`` without a name terminator before it is judged text."""
+
+_C = {t: Control(t) for t in CONTROL_TOKENS}
+
+
+def _ctl(token: str) -> Control:
+    return _C[token]
+
+
+# --------------------------------------------------------------------------- values
+
+
+def is_string_schema(schema: Any) -> bool:
+    """True when a property's schema says its value is a string (written raw in calls)."""
+    if not isinstance(schema, dict):
+        return False
+    t = schema.get("type")
+    if t == "string":
+        return True
+    if isinstance(t, list):
+        kinds = [k for k in t if k != "null"]
+        return bool(kinds) and all(k == "string" for k in kinds)
+    if t is None:
+        if "enum" in schema and schema["enum"] and all(isinstance(v, str) for v in schema["enum"]):
+            return True
+        if "const" in schema and isinstance(schema["const"], str):
+            return True
+        for key in ("anyOf", "oneOf"):
+            alts = schema.get(key)
+            if isinstance(alts, list) and alts:
+                real = [a for a in alts if not (isinstance(a, dict) and a.get("type") == "null")]
+                return bool(real) and all(is_string_schema(a) for a in real)
+    return False
+
+
+def property_schema(tool: Tool | None, key: str) -> Any:
+    """The schema of one argument of a tool (None when unknown)."""
+    if tool is None or not isinstance(tool.parameters, dict):
+        return None
+    props = tool.parameters.get("properties")
+    return props.get(key) if isinstance(props, dict) else None
+
+
+def decode_value(raw: str, schema: Any) -> Any:
+    """A non-string value's text to a Python value, falling back deterministically:
+    JSON, then a Python literal, then the raw text itself."""
+    if is_string_schema(schema):
+        return raw
+    text = raw.strip()
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    if len(text) <= 100_000:
+        try:
+            value = ast.literal_eval(text)
+            json.dumps(value)  # must be representable as JSON
+            return value
+        except Exception:  # noqa: BLE001 - any failure means "not a literal"
+            pass
+    return raw
+
+
+def render_value(value: Any) -> str:
+    """How the templates write a value in history: strings raw, the rest as JSON."""
+    return value if isinstance(value, str) else dumps(value)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class XmlStyle:
+    """What differs between GLM-4.5/4.6 and GLM-4.7 prompts."""
+
+    newlines: bool
+    """GLM-4.5/4.6: a newline after role tokens and inside calls / tool responses."""
+    nothink_suffix: bool
+    """GLM-4.5/4.6: ``/nothink`` is appended to user turns when thinking is disabled."""
+    honour_clear_thinking: bool
+    """GLM-4.7: ``clear_thinking=False`` keeps reasoning of turns before the last user."""
+
+
+def _tool_object(tool: Tool) -> dict[str, Any]:
+    """The object printed in ``<tools>``: what the client sent, in the OpenAI shape."""
+    if tool.raw and "function" in tool.raw:
+        return tool.raw
+    return {"type": "function", "function": tool.function}
+
+
+def _call_example(nl: str) -> list[Any]:
+    parts: list[Any] = [_ctl(CALL_OPEN), "{function-name}" + nl]
+    for i in (1, 2):
+        parts += [
+            _ctl(KEY_OPEN), f"{{arg-key-{i}}}", _ctl(KEY_CLOSE), nl,
+            _ctl(VALUE_OPEN), f"{{arg-value-{i}}}", _ctl(VALUE_CLOSE), nl,
+        ]
+    parts += ["..." + nl, _ctl(CALL_CLOSE)]
+    return parts
+
+
+def _tool_arguments(call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    fn = call.get("function") or call
+    name = str(fn.get("name", ""))
+    args = fn.get("arguments")
+    if args is None or args == "":
+        return name, {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ValueError(f"tool call {name!r}: arguments are not valid JSON") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"tool call {name!r}: arguments must be a JSON object")
+    return name, args
+
+
+def _split_reasoning(message: dict[str, Any]) -> tuple[str, str]:
+    """``(reasoning, content)`` of a history assistant turn, as the templates derive them."""
+    content = content_text(message)
+    rc = message.get("reasoning_content")
+    if isinstance(rc, str):
+        return rc, content
+    if THINK_CLOSE in content:
+        before = content.split(THINK_CLOSE)[0].rstrip("\n")
+        reasoning = before.split(THINK_OPEN)[-1].lstrip("\n")
+        return reasoning, content.split(THINK_CLOSE)[-1].lstrip("\n")
+    return "", content
+
+
+def render_xml_prompt(request: ChatRequest, style: XmlStyle) -> Prompt:
+    """Render a request exactly as the official GLM-4.5/4.6/4.7 chat templates do."""
+    nl = "\n" if style.newlines else ""
+    p = Prompt()
+    p.add(_ctl("[gMASK]"), _ctl("<sop>"))
+    tools = request.tools_in_prompt
+    if tools:
+        p.add(_ctl("<|system|>"), "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+        for tool in tools:
+            p.add(dumps(_tool_object(tool)) + "\n")
+        p.add("</tools>\n\nFor each function call, output the function name and arguments within the following "
+              "XML format:\n")
+        p.add(*_call_example(nl))
+
+    messages = request.messages
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    no_think = not request.enable_thinking
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "user":
+            text = content_text(m)
+            p.add(_ctl("<|user|>"), nl + text)
+            if style.nothink_suffix and no_think and not text.endswith("/nothink"):
+                p.add("/nothink")
+        elif role == "assistant":
+            p.add(_ctl("<|assistant|>"))
+            reasoning, content = _split_reasoning(m)
+            keep = i > last_user or (style.honour_clear_thinking and not request.clear_thinking)
+            if keep and reasoning:
+                p.add(nl, _ctl(THINK_OPEN), reasoning.strip(), _ctl(THINK_CLOSE))
+            elif style.newlines:
+                p.add(nl, _ctl(THINK_OPEN), _ctl(THINK_CLOSE))
+            else:
+                p.add(_ctl(THINK_CLOSE))
+            if content.strip():
+                p.add(nl + content.strip())
+            for call in m.get("tool_calls") or []:
+                name, args = _tool_arguments(call)
+                p.add(nl, _ctl(CALL_OPEN), name + nl)
+                for k, v in args.items():
+                    p.add(_ctl(KEY_OPEN), str(k), _ctl(KEY_CLOSE), nl,
+                          _ctl(VALUE_OPEN), render_value(v), _ctl(VALUE_CLOSE), nl)
+                p.add(_ctl(CALL_CLOSE))
+        elif role == "tool":
+            if i == 0 or messages[i - 1].get("role") != "tool":
+                p.add(_ctl("<|observation|>"))
+            p.add(nl, _ctl(RESPONSE_OPEN), nl + content_text(m) + nl, _ctl(RESPONSE_CLOSE))
+        elif role in ("system", "developer"):
+            p.add(_ctl("<|system|>"), nl + content_text(m))
+    if request.add_generation_prompt:
+        p.add(_ctl("<|assistant|>"))
+        if style.newlines:
+            if no_think:
+                p.add("\n", _ctl(THINK_OPEN), _ctl(THINK_CLOSE))
+        else:
+            p.add(_ctl(THINK_CLOSE) if no_think else _ctl(THINK_OPEN))
+    return p
+
+
+def write_call(name: str, arguments: dict[str, Any], *, newlines: bool) -> str:
+    """A call as the model writes it (for tests and examples)."""
+    nl = "\n" if newlines else ""
+    out = [CALL_OPEN, name, nl]
+    for k, v in arguments.items():
+        out += [KEY_OPEN, k, KEY_CLOSE, nl, VALUE_OPEN, render_value(v), VALUE_CLOSE, nl]
+    out.append(CALL_CLOSE)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Markers:
+    """A set of literal markers searched with one regex; knows which tails to hold back."""
+
+    def __init__(self, *markers: str) -> None:
+        self.markers = markers
+        self.regex = re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
+        self.prefixes = {m[:k] for m in markers for k in range(1, len(m))}
+        self.max_hold = max(len(m) for m in markers) - 1
+
+    def held(self, text: str, start: int) -> int:
+        """Length of the longest tail of ``text[start:]`` that may still become a marker."""
+        for k in range(min(self.max_hold, len(text) - start), 0, -1):
+            if text[-k:] in self.prefixes:
+                return k
+        return 0
+
+
+_S_LEAD, _S_REASON, _S_TEXT, _S_NAME, _S_ARGS, _S_KEY, _S_AFTER_KEY, _S_STR, _S_RAW = range(9)
+
+_MARKERS = {
+    _S_REASON: _Markers(THINK_CLOSE, CALL_OPEN, "\n" + CALL_OPEN),
+    _S_TEXT: _Markers(CALL_OPEN, "\n" + CALL_OPEN),
+    _S_NAME: _Markers(KEY_OPEN, CALL_CLOSE, "\n", CALL_OPEN),
+    _S_ARGS: _Markers(KEY_OPEN, CALL_CLOSE),
+    _S_KEY: _Markers(KEY_CLOSE),
+    _S_AFTER_KEY: _Markers(VALUE_OPEN),
+    _S_STR: _Markers(VALUE_CLOSE),
+    _S_RAW: _Markers(VALUE_CLOSE),
+}
+_LEADS = (THINK_OPEN, "\n" + THINK_OPEN)
+
+Start = Literal["lead", "reasoning", "content"]
+
+
+class XmlCallParser(StreamParser):
+    """Incremental parser for GLM XML calls with ``<think>`` reasoning (see module doc)."""
+
+    def __init__(self, tools: Iterable[Tool], start: Start = "content") -> None:
+        self._tools = {t.name: t for t in tools}
+        self._state = {"lead": _S_LEAD, "reasoning": _S_REASON, "content": _S_TEXT}[start]
+        self._strip_nl = start == "content"  # prompt already closed the think block
+        self._buf = ""  # held-back tail (shorter than the longest marker)
+        self._acc: list[str] = []  # name / key / non-string value being collected
+        self._acc_len = 0
+        self._open = ""  # the exact marker text that opened the current call
+        self._return = _S_TEXT  # state to go back to after a call
+        self._index = 0  # index of the next / current call
+        self._tool: Tool | None = None
+        self._nargs = 0
+        self._key = ""
+        self._incomplete = False
+        self._done = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def incomplete_call(self) -> bool:
+        return self._incomplete
+
+    def feed(self, text: str) -> list[Event]:
+        if self._done:
+            raise RuntimeError("feed() after finish()")
+        out: list[Event] = []
+        if text:
+            self._run(self._buf + text, out)
+        return out
+
+    def finish(self) -> list[Event]:
+        out: list[Event] = []
+        if self._done:
+            return out
+        self._done = True
+        data, self._buf = self._buf, ""
+        if self._state == _S_LEAD:
+            self._state = _S_TEXT
+            self._strip_nl = True
+        if self._state in (_S_TEXT, _S_REASON):
+            self._emit_plain(data, out)
+        elif self._state == _S_NAME:
+            # Ended before the name was complete: not a call yet, so keep the text.
+            self._incomplete = True
+            self._state = self._return
+            self._emit_plain(self._open + "".join(self._acc) + data, out)
+        else:
+            self._incomplete = True
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _emit_plain(self, text: str, out: list[Event]) -> None:
+        """Text or reasoning, depending on where the parser is (or returns to)."""
+        if not text:
+            return
+        if self._state == _S_REASON:
+            out.append(ReasoningEvent(text))
+            return
+        if self._strip_nl:
+            self._strip_nl = False
+            if text.startswith("\n"):
+                text = text[1:]
+                if not text:
+                    return
+        out.append(TextEvent(text))
+
+    def _args(self, delta: str, out: list[Event]) -> None:
+        out.append(ToolCallArgs(self._index, delta))
+
+    def _collect(self, piece: str) -> None:
+        if piece:
+            self._acc.append(piece)
+            self._acc_len += len(piece)
+
+    def _take(self) -> str:
+        text = "".join(self._acc)
+        self._acc.clear()
+        self._acc_len = 0
+        return text
+
+    def _arg_prefix(self) -> str:
+        self._nargs += 1
+        return "{" if self._nargs == 1 else ", "
+
+    # ------------------------------------------------------------------ machine
+
+    def _run(self, data: str, out: list[Event]) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            state = self._state
+            if state == _S_LEAD:
+                rest = data[pos:]
+                for lead in _LEADS:
+                    if rest.startswith(lead):
+                        self._state = _S_REASON
+                        pos += len(lead)
+                        break
+                else:
+                    if any(lead.startswith(rest) for lead in _LEADS):
+                        self._buf = rest  # still may become the think opener
+                        return
+                    self._state = _S_TEXT
+                    self._strip_nl = True
+                continue
+            markers = _MARKERS[state]
+            m = markers.regex.search(data, pos)
+            if m is None:
+                hold = markers.held(data, pos)
+                end = n - hold
+                pos = self._segment(data, pos, end, out)
+                if self._state != state:  # a segment may end a state (name too long)
+                    continue
+                self._buf = data[end:]
+                return
+            start = m.start()
+            new_pos = self._segment(data, pos, start, out)
+            if self._state != state or new_pos != start:
+                pos = new_pos
+                continue
+            pos = m.end()
+            self._marker(m.group(0), out)
+        self._buf = ""
+
+    def _segment(self, data: str, pos: int, end: int, out: list[Event]) -> int:
+        """Handle plain text ``data[pos:end]`` in the current state; returns where the
+        caller should continue (``end`` unless the state changed part way)."""
+        if pos >= end:
+            return end
+        state = self._state
+        piece = data[pos:end]
+        if state in (_S_TEXT, _S_REASON):
+            self._emit_plain(piece, out)
+        elif state == _S_NAME:
+            room = MAX_NAME - self._acc_len
+            if len(piece) > room:
+                # No name is this long: the marker was text after all.
+                self._collect(piece[:room])
+                self._state = self._return
+                self._emit_plain(self._open + self._take(), out)
+                return pos + room
+            self._collect(piece)
+        elif state in (_S_KEY, _S_RAW):
+            self._collect(piece)
+        elif state == _S_STR:
+            self._args(dumps(piece)[1:-1], out)
+        # _S_ARGS / _S_AFTER_KEY: separators inside a call are dropped.
+        return end
+
+    def _marker(self, marker: str, out: list[Event]) -> None:
+        state = self._state
+        if state in (_S_TEXT, _S_REASON):
+            if marker == THINK_CLOSE:
+                self._state = _S_TEXT
+                self._strip_nl = True
+                return
+            # <tool_call> or \n<tool_call>; the leading-newline rule stays armed in case
+            # this turns out not to be a call (its text is then the first content).
+            self._return = state
+            self._open = marker
+            self._state = _S_NAME
+            return
+        if state == _S_NAME:
+            name = self._take()
+            tool = self._tools.get(name.strip())
+            if marker == CALL_OPEN or tool is None:
+                self._state = self._return
+                if marker == CALL_OPEN:  # a fresh opener: the earlier one was text
+                    self._emit_plain(self._open + name, out)
+                    self._open = marker
+                    self._state = _S_NAME
+                else:
+                    self._emit_plain(self._open + name + marker, out)
+                return
+            self._tool = tool
+            self._nargs = 0
+            self._strip_nl = False
+            out.append(ToolCallStart(self._index, tool.name))
+            if marker == KEY_OPEN:
+                self._state = _S_KEY
+            elif marker == CALL_CLOSE:
+                self._end_call(out)
+            else:
+                self._state = _S_ARGS
+            return
+        if state == _S_ARGS:
+            if marker == KEY_OPEN:
+                self._state = _S_KEY
+            else:
+                self._end_call(out)
+            return
+        if state == _S_KEY:
+            self._key = self._take().strip()
+            self._state = _S_AFTER_KEY
+            return
+        if state == _S_AFTER_KEY:
+            schema = property_schema(self._tool, self._key)
+            if is_string_schema(schema):
+                self._args(self._arg_prefix() + dumps(self._key) + ': "', out)
+                self._state = _S_STR
+            else:
+                self._state = _S_RAW
+            return
+        if state == _S_STR:
+            self._args('"', out)
+            self._state = _S_ARGS
+            return
+        if state == _S_RAW:
+            value = decode_value(self._take(), property_schema(self._tool, self._key))
+            self._args(self._arg_prefix() + dumps(self._key) + ": " + dumps(value), out)
+            self._state = _S_ARGS
+            return
+
+    def _end_call(self, out: list[Event]) -> None:
+        self._args("}" if self._nargs else "{}", out)
+        out.append(ToolCallEnd(self._index))
+        self._index += 1
+        self._tool = None
+        self._state = self._return
+
+
+# --------------------------------------------------------------------------- constraint
+
+Reasoning = Literal["open", "lead", "none"]
+"""Where a generation starts: inside ``<think>`` (GLM-4.7), before an optional
+``<think>`` block (GLM-4.5), or after the reasoning (thinking disabled)."""
+
+_REASONING_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE]
+_TEXT_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE]
+
+
+def constraint_key(request: ChatRequest, reasoning: Reasoning, newlines: bool) -> str | None:
+    """Canonical JSON describing the constraint a request needs (None: no constraint)."""
+    tools = request.tools_in_prompt
+    choice = request.tool_choice
+    if not tools or choice == "none":
+        return None
+    if choice not in ("auto", "required"):
+        if choice not in {t.name for t in tools}:
+            raise ValueError(f"tool_choice names {choice!r}, which is not among the declared tools")
+        mode, named = "named", choice
+    else:
+        mode, named = choice, None
+    params = []
+    for t in tools:
+        schema: Any = t.parameters if isinstance(t.parameters, dict) else True
+        if t.strict is False:
+            schema = True
+        params.append([t.name, schema])
+    key = {
+        "tools": params,
+        "mode": mode,
+        "named": named,
+        "parallel": bool(request.parallel_tool_calls),
+        "reasoning": reasoning,
+        "newlines": newlines,
+    }
+    # No sort_keys: glm_xml enforces the schema's declared property order, so the
+    # schema's key order is part of its meaning.
+    return json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=256)
+def structural_tag_for_key(key: str) -> str:
+    """Build (once per canonical key) the xgrammar structural tag JSON for a constraint."""
+    from xgrammar.structural_tag import (
+        AnyTextFormat,
+        ConstStringFormat,
+        JSONSchemaFormat,
+        OptionalFormat,
+        OrFormat,
+        SequenceFormat,
+        StructuralTag,
+        TagFormat,
+        TriggeredTagsFormat,
+    )
+
+    spec = json.loads(key)
+    tools = spec["tools"]
+    if spec["mode"] == "named":
+        tools = [t for t in tools if t[0] == spec["named"]]
+
+    def call_tag(name: str, schema: Any) -> TagFormat:
+        # glm_xml content tolerates whitespace between elements, so the same tag accepts
+        # GLM-4.5's "\n"-separated layout and GLM-4.7's compact one.
+        return TagFormat(
+            begin=CALL_OPEN + name,
+            content=JSONSchemaFormat(json_schema=schema, style="glm_xml"),
+            end=CALL_CLOSE,
+        )
+
+    tags = [call_tag(name, schema) for name, schema in tools]
+    single = not spec["parallel"]
+    if spec["mode"] == "auto":
+        suffix: Any = TriggeredTagsFormat(
+            triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, stop_after_first=single
+        )
+    elif spec["mode"] == "required":
+        suffix = TriggeredTagsFormat(
+            triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, at_least_one=True, stop_after_first=single
+        )
+    else:  # named: exactly one call of that tool
+        suffix = tags[0]
+    if spec["mode"] != "auto" and spec["newlines"]:
+        # A forced call must start the answer, but GLM-4.5 writes "\n" before it.
+        suffix = SequenceFormat(elements=[OptionalFormat(content=ConstStringFormat(value="\n")), suffix])
+
+    reasoning = spec["reasoning"]
+    think_body = AnyTextFormat(excludes=_REASONING_EXCLUDES)
+    if reasoning == "open":
+        fmt: Any = SequenceFormat(elements=[TagFormat(begin="", content=think_body, end=THINK_CLOSE), suffix])
+    elif reasoning == "lead":
+        block = OrFormat(elements=[
+            TagFormat(begin=THINK_OPEN, content=think_body, end=THINK_CLOSE),
+            TagFormat(begin="\n" + THINK_OPEN, content=think_body, end=THINK_CLOSE),
+        ])
+        fmt = SequenceFormat(elements=[OptionalFormat(content=block), suffix])
+    else:
+        fmt = suffix
+    return StructuralTag(format=fmt).model_dump_json(by_alias=True)
+
+
+def build_constraint(request: ChatRequest, reasoning: Reasoning, newlines: bool) -> Constraint | None:
+    """The structural-tag constraint for a request's ``tool_choice`` (cached per tool set)."""
+    key = constraint_key(request, reasoning, newlines)
+    if key is None:
+        return None
+    return Constraint(structural_tag=structural_tag_for_key(key))
+
+
+__all__ = [
+    "CONTROL_TOKENS",
+    "STOP",
+    "XmlCallParser",
+    "XmlStyle",
+    "build_constraint",
+    "constraint_key",
+    "decode_value",
+    "is_string_schema",
+    "render_value",
+    "render_xml_prompt",
+    "structural_tag_for_key",
+    "write_call",
+]
