@@ -121,8 +121,9 @@ def _tools(req: ChatCompletionRequest) -> list[Tool]:
 
 
 def _tool_choice(req: ChatCompletionRequest, tools: list[Tool]) -> str:
-    choice: Any = req.tool_choice if req.tools else req.function_call
-    param = "tool_choice" if req.tools else "function_call"
+    legacy = bool(req.functions) or (req.function_call is not None and req.tool_choice is None)
+    choice: Any = req.function_call if legacy else req.tool_choice
+    param = "function_call" if legacy else "tool_choice"
     if choice is None:
         return "auto" if tools else "none"
     if isinstance(choice, str):

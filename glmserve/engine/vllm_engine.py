@@ -190,6 +190,7 @@ class VLLMEngine(Engine):
 
 def _token_id(hf: Any, token: str) -> int | None:
     tid = hf.convert_tokens_to_ids(token)
-    if tid is None or tid == getattr(hf, "unk_token_id", None):
+    # an unknown token maps to unk, whose id may be a real token's (SmolLM2: 0 is <|endoftext|>)
+    if tid is None or hf.convert_ids_to_tokens(int(tid)) != token:
         return None
     return int(tid)

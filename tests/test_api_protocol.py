@@ -1,0 +1,285 @@
+"""Protocol tests over real HTTP with the real ``openai`` client, against a scripted engine.
+
+Fast and deterministic: the scripted engine replays exact model outputs (in chosen
+delta sizes), so these tests pin the OpenAI wire shapes.  The same paths run on vLLM
+in the ``test_e2e_*`` files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from glmserve.api.app import Settings, create_app
+from glmserve.engine.scripted import ScriptedEngine
+from glmserve.formats import get_format
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "天气",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                                                    "days": {"type": "integer"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "search", "parameters": {"type": "object",
+                                                                     "properties": {"q": {"type": "string"}}}}},
+]
+
+
+def pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+class Scripted:
+    """A uvicorn server in a thread around a ScriptedEngine."""
+
+    def __init__(self, fmt: str, output: str = "", size: int = 1, settings: Settings | None = None,
+                 delay: float = 0.0) -> None:
+        self.output = output
+        self.size = size
+        self.engine = ScriptedEngine(lambda prompt, params: pieces(self.output, self.size), model_name="m",
+                                     delay=delay)
+        self.app = create_app(self.engine, get_format(fmt), settings or Settings())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def glm4():
+    s = Scripted("glm4")
+    yield s
+    s.stop()
+
+
+def ask(s: Scripted, output: str, size: int = 1, **kw):
+    s.output, s.size = output, size
+    body = {"model": "m", "messages": [{"role": "user", "content": "北京天气？"}], "tools": TOOLS, **kw}
+    return s.client().chat.completions.create(**body)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+def test_streamed_call_matches_non_streamed(glm4, size):
+    out = 'get_weather\n{"city": "北京", "days": 2}'
+    full = ask(glm4, out, size)
+    assert isinstance(full, ChatCompletion)
+    assert full.choices[0].finish_reason == "tool_calls"
+    (call,) = full.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert call.function.arguments == '{"city": "北京", "days": 2}'  # exactly as written, Chinese unescaped
+    chunks = list(ask(glm4, out, size, stream=True))
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    tool_deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    first = tool_deltas[0]
+    assert first.id and first.type == "function" and first.function.name == "get_weather"
+    assert first.function.arguments == "" and first.index == 0
+    assert all(tc.id is None for tc in tool_deltas[1:])  # one stable id, sent once
+    assert "".join(tc.function.arguments or "" for tc in tool_deltas) == call.function.arguments
+    if size == 1:
+        assert len(tool_deltas) > 5  # really token by token
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_raw_sse_chinese_not_escaped(glm4):
+    glm4.output, glm4.size = 'get_weather\n{"city": "北京"}', 4
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": True}
+    raw = httpx.post(glm4.base_url + "/chat/completions", json=body).text
+    assert "北京" in raw and "\\u5317" not in raw
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_two_calls_and_text(glm4):
+    out = 'get_weather\n{"city": "北京"}<|assistant|>search\n{"q": "上海"}'
+    r = ask(glm4, out, 2)
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather", "search"]
+    assert len({c.id for c in calls}) == 2
+    chunks = list(ask(glm4, out, 2, stream=True))
+    idx = {tc.index for c in chunks for tc in (c.choices[0].delta.tool_calls or [])}
+    assert idx == {0, 1}
+
+
+def test_text_streams_immediately_with_tools(glm4):
+    out = "\n你好，我是一个助手。" * 3
+    chunks = list(ask(glm4, out, 1, stream=True))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(texts) >= len(out) - 5  # not held back to the end
+    assert "".join(texts) == out[1:]
+    r = ask(glm4, out, 1)
+    assert r.choices[0].message.content == out[1:] and r.choices[0].finish_reason == "stop"
+
+
+def test_undeclared_tool_is_text(glm4):
+    out = 'delete_everything\n{"now": true}'
+    r = ask(glm4, out)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content == out
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(glm4, out, 3, stream=True))
+    assert streamed == out
+
+
+def test_cut_off_call_is_length_and_not_a_call(glm4):
+    glm4.engine.max_model_len = 4096
+    out = 'get_weather\n{"city": "北京", "da'
+    r = ask(glm4, out)
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls is None
+
+
+def test_legacy_functions(glm4):
+    glm4.output, glm4.size = 'get_weather\n{"city": "北京"}', 2
+    c = glm4.client()
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                  functions=[t["function"] for t in TOOLS], function_call={"name": "get_weather"})
+    assert r.choices[0].finish_reason == "function_call"
+    assert r.choices[0].message.function_call.name == "get_weather"
+    assert json.loads(r.choices[0].message.function_call.arguments) == {"city": "北京"}
+
+
+def test_n_choices_and_usage(glm4):
+    glm4.output, glm4.size = "\nhello there", 2
+    c = glm4.client()
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert all(ch.message.content == "hello there" for ch in r.choices)
+    assert r.usage.completion_tokens == 3 * 6
+    chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    per = {0: "", 1: ""}
+    for ch in chunks:
+        for choice in ch.choices:
+            per[choice.index] += choice.delta.content or ""
+    assert per == {0: "hello there", 1: "hello there"}
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_history_renders_tool_results(glm4):
+    glm4.output = "\nok"
+    c = glm4.client()
+    c.chat.completions.create(model="m", tools=TOOLS, messages=[
+        {"role": "user", "content": "北京天气怎么样？"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴"},
+    ])
+    assert glm4.engine.last_prompt.endswith('<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>')
+
+
+def test_tool_choice_none_hides_tools(glm4):
+    glm4.output = "\nok"
+    glm4.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                                          tool_choice="none")
+    assert "get_weather" not in glm4.engine.last_prompt
+    assert glm4.engine.last_params.constraint is None
+
+
+def test_required_sets_a_constraint(glm4):
+    glm4.output = 'get_weather\n{"city": "x"}'
+    ask(glm4, glm4.output, tool_choice="required")
+    c = glm4.engine.last_params.constraint
+    assert c is not None and (c.grammar or c.structural_tag)
+    assert "get_weather" in (c.grammar or c.structural_tag)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": TOOLS + TOOLS[:1]}, "tools[2].function.name"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop"),
+])
+def test_bad_requests(glm4, body, param):
+    r = httpx.post(glm4.base_url + "/chat/completions", json={"model": "m", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_auth_and_admission():
+    s = Scripted("glm4", output="\n" + "x" * 50, size=1, delay=0.02,
+                 settings=Settings(api_keys=["k1", "k2"], max_concurrent_requests=2))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert httpx.get(s.base_url + "/models").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{s.port}/health").status_code == 200  # open
+        assert [m.id for m in s.client("k2").models.list()] == ["m"]
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as h:
+                reqs = [h.post(s.base_url + "/chat/completions", headers={"Authorization": "Bearer k1"},
+                               json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) for _ in range(6)]
+                rs = await asyncio.gather(*reqs)
+                for r in rs:
+                    if r.status_code == 429:
+                        assert r.headers["retry-after"] == "1"
+                        assert r.json()["error"]["type"] == "rate_limit_error"
+                return [r.status_code for r in rs]
+
+        codes = asyncio.run(burst())
+        assert codes.count(200) >= 2 and set(codes) <= {200, 429} and 429 in codes
+    finally:
+        s.stop()
+
+
+def test_disconnect_aborts_engine_request():
+    s = Scripted("glm4", output="\n" + "y" * 400, size=1, delay=0.01)
+    try:
+        with httpx.stream("POST", s.base_url + "/chat/completions",
+                          json={"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    break
+        deadline = time.monotonic() + 5
+        while s.engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.engine.running == 0
+        assert s.engine.aborted  # the engine request was aborted, not left to run
+    finally:
+        s.stop()
+
+
+def test_dead_engine_gives_503():
+    s = Scripted("glm4", output="\nhi")
+    try:
+        s.engine.dead = True
+        assert httpx.get(f"http://127.0.0.1:{s.port}/health").status_code == 503
+        r = httpx.post(s.base_url + "/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        s.stop()
+
+
+def test_metrics_endpoint(glm4):
+    ask(glm4, 'get_weather\n{"city": "北京"}')
+    text = httpx.get(glm4.base_url.replace("/v1", "/metrics")).text
+    for name in ("glmserve_requests_total", "glmserve_completion_tokens_total", "glmserve_time_to_first_token_seconds",
+                 "glmserve_tool_calls_total", "glmserve_requests_running", "glmserve_constraint_build_seconds",
+                 "glmserve_tool_call_parse_failures_total"):
+        assert name in text
+    assert 'glmserve_tool_calls_total{tool="get_weather"}' in text
