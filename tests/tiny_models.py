@@ -1,0 +1,227 @@
+"""Tiny random-weight GLM-architecture models for the tests.
+
+``build_tiny(kind)`` returns a checkpoint directory that vLLM (and transformers) can load in
+seconds on a CPU: 2 layers, hidden size 128, head_dim 64 (CPU attention rejects 16), bf16,
+fixed seed. The tokenizer is the embedded default model's (SmolLM2, see
+``glmserve.models.default_model_dir``) with GLM's tokens added, so token ids differ from the
+real GLM models -- code under test must look ids up from the tokenizer, never hard-code them.
+
+Kinds:
+- ``glm4``       GlmForCausalLM   (glm-4-9b-chat-hf layout), GLM special tokens.
+- ``glm4-0414``  Glm4ForCausalLM  (GLM-4-0414 layout), GLM special tokens.
+- ``glm45``      Glm4ForCausalLM  with the GLM special tokens and GLM-4.5's non-special added
+                 tokens (<think>, <tool_call>, <arg_key>, ...). The real GLM-4.5 is a MoE
+                 (Glm4MoeForCausalLM); the format does not depend on that.
+
+Directories live in ``<glmserve cache>/tiny/<kind>`` (``$GLMSERVE_CACHE`` or
+``~/.cache/glmserve``), are written atomically under a file lock, and are rebuilt only when
+missing or when BUILDER_VERSION changes.
+
+    python tests/tiny_models.py          # build all kinds, print their directories
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from glmserve.models import (
+    cache_dir,
+    default_model_dir,
+    file_lock,
+    install_atomically,
+    make_readable,
+    read_marker,
+    write_marker,
+)
+
+# Bump whenever the builder's output changes; existing directories are then rebuilt.
+BUILDER_VERSION = 2
+SEED = 1234
+
+# Added with special=True (skipped when decoding with skip_special_tokens).
+GLM_SPECIAL_TOKENS = [
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|endoftext|>",
+]
+# GLM-4.5's added tokens that are NOT special (kept when decoding).
+GLM45_PLAIN_TOKENS = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_response>",
+    "</tool_response>",
+]
+EOS_TOKEN = "<|endoftext|>"
+# generation_config.eos_token_id, in this order (as the real models list them).
+STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+
+# A minimal GLM-style chat template so tools that expect one (apply_chat_template) work.
+# Tools and metadata are ignored: glmserve renders real prompts itself (glmserve.formats).
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] if m['content'] is string else '' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+KINDS = {
+    "glm4": {"arch": "GlmForCausalLM", "plain_tokens": False},
+    "glm4-0414": {"arch": "Glm4ForCausalLM", "plain_tokens": False},
+    "glm45": {"arch": "Glm4ForCausalLM", "plain_tokens": True},
+}
+
+
+def tiny_dir(kind: str) -> Path:
+    return cache_dir() / "tiny" / kind
+
+
+def _spec(kind: str) -> dict:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {sorted(KINDS)}") from None
+
+
+def _is_current(directory: Path, kind: str) -> bool:
+    info = read_marker(directory)
+    return bool(
+        info
+        and info.get("builder_version") == BUILDER_VERSION
+        and info.get("kind") == kind
+        and (directory / "config.json").is_file()
+    )
+
+
+def build_tiny(kind: str) -> Path:
+    """Directory of the tiny model ``kind``, building it if missing or out of date."""
+    _spec(kind)
+    final = tiny_dir(kind)
+    if _is_current(final, kind):
+        return final
+    base = default_model_dir()  # tokenizer source; converts the default model on first use
+    with file_lock(final.parent / f".{kind}.lock"):
+        if _is_current(final, kind):
+            return final
+        _build(kind, base, final)
+    return final
+
+
+def build_all() -> dict[str, Path]:
+    return {kind: build_tiny(kind) for kind in KINDS}
+
+
+def _build(kind: str, base: Path, final: Path) -> None:
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t0 = time.monotonic()
+    spec = _spec(kind)
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in GLM_SPECIAL_TOKENS],
+        special_tokens=True,
+    )
+    if spec["plain_tokens"]:
+        tok.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t in GLM45_PLAIN_TOKENS],
+            special_tokens=False,
+        )
+    tok.eos_token = EOS_TOKEN
+    tok.pad_token = EOS_TOKEN
+    tok.bos_token = None  # GLM prompts start with [gMASK]<sop>, written by the template
+    tok.chat_template = CHAT_TEMPLATE
+
+    def tid(t: str) -> int:
+        i = tok.convert_tokens_to_ids(t)
+        assert isinstance(i, int) and tok.convert_ids_to_tokens(i) == t, (t, i)
+        return i
+
+    for t in GLM_SPECIAL_TOKENS + (GLM45_PLAIN_TOKENS if spec["plain_tokens"] else []):
+        enc = tok.encode(t, add_special_tokens=False)
+        assert enc == [tid(t)], (t, enc)
+
+    eos_id = tid(EOS_TOKEN)
+    stop_ids = [tid(t) for t in STOP_TOKENS]
+    vocab_size = -(-len(tok) // 64) * 64
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        pad_token_id=eos_id,
+        eos_token_id=stop_ids,
+        bos_token_id=None,
+        dtype="bfloat16",
+    )
+    if spec["arch"] == "GlmForCausalLM":
+        from transformers import GlmConfig as Config, GlmForCausalLM as Model
+    else:
+        from transformers import Glm4Config as Config, Glm4ForCausalLM as Model
+    config = Config(**common)
+    config.architectures = [spec["arch"]]
+
+    torch.manual_seed(SEED)
+    model = Model(config).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_ids, pad_token_id=eos_id, bos_token_id=None
+    )
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.tmp-", dir=final.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_marker(
+            tmp,
+            {
+                "builder_version": BUILDER_VERSION,
+                "kind": kind,
+                "architecture": spec["arch"],
+                "seed": SEED,
+                "tokenizer_source": str(base),
+                "vocab_size": vocab_size,
+                "len_tokenizer": len(tok),
+                "seconds": round(time.monotonic() - t0, 2),
+            },
+        )
+        install_atomically(make_readable(tmp), final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+if __name__ == "__main__":
+    for k in KINDS:
+        t = time.monotonic()
+        d = build_tiny(k)
+        print(f"{k}\t{d}\t({time.monotonic() - t:.1f} s)")
+    sys.exit(0)
