@@ -16,7 +16,7 @@ from xgrammar.testing import _is_grammar_accept_string as accepts
 from glmserve.formats import get_format
 from glmserve.formats.base import ChatRequest, Tool, ToolCallArgs
 from glmserve.formats.message import MessageBuilder
-from glmserve.formats.xmlcall import is_string_schema, property_schema, render_value, structural_tag_for_key, write_call
+from glmserve.formats.xmlcall import is_string_schema, property_schema, render_value, grammar_for_key, structural_tag_for_key, write_call
 
 DATA = Path(__file__).parent / "data" / "bfcl"
 FAMILIES = {"glm45": "glm4.5/4.6", "glm47": "glm4.7"}
@@ -100,9 +100,9 @@ def test_bfcl_constraint_accepts_ground_truth(fmt: str, case: dict[str, Any]) ->
     choices = ["auto", "required"] + ([case["calls"][0][0]] if len(case["calls"]) == 1 else [])
     for choice in choices:
         c = f.constraint(chat_request(case, tool_choice=choice))
-        assert c is not None and c.structural_tag
-        assert accepts(xgr.Grammar.from_structural_tag(c.structural_tag), out), choice
-    single = xgr.Grammar.from_structural_tag(f.constraint(chat_request(case, parallel_tool_calls=False)).structural_tag)
+        assert c is not None and c.grammar
+        assert accepts(xgr.Grammar.from_ebnf(c.grammar), out), choice
+    single = xgr.Grammar.from_ebnf(f.constraint(chat_request(case, parallel_tool_calls=False)).grammar)
     assert accepts(single, out) == (len(case["calls"]) == 1)
 
 
@@ -114,18 +114,19 @@ def test_constraint_build_time(capsys: pytest.CaptureFixture[str]) -> None:
         f = get_format(fmt)
         req = chat_request(case, tool_choice="required")
         structural_tag_for_key.cache_clear()
+        grammar_for_key.cache_clear()
         t0 = time.perf_counter()
-        tag = f.constraint(req).structural_tag
+        tag = f.constraint(req).grammar
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(100):
-            assert f.constraint(req).structural_tag == tag
+            assert f.constraint(req).grammar == tag
         cached = (time.perf_counter() - t0) / 100
         t0 = time.perf_counter()
-        xgr.Grammar.from_structural_tag(tag)
+        xgr.Grammar.from_ebnf(tag)
         compile_s = time.perf_counter() - t0
         report.append(f"{fmt}: {len(req.tools)} tools cold={cold * 1e3:.2f}ms cached={cached * 1e6:.1f}us "
-                      f"(xgrammar Grammar.from_structural_tag {compile_s * 1e3:.2f}ms)")
+                      f"(xgrammar Grammar.from_ebnf {compile_s * 1e3:.2f}ms)")
         assert cached < cold and cold < 2.0
     with capsys.disabled():
         print("\n" + "\n".join(report))

@@ -25,7 +25,7 @@ from glmserve.formats.base import (
     ToolCallStart,
 )
 from glmserve.formats.message import MessageBuilder, merge_events
-from glmserve.formats.xmlcall import CONTROL_TOKENS, structural_tag_for_key, write_call
+from glmserve.formats.xmlcall import CONTROL_TOKENS, grammar_for_key, write_call
 
 DATA = Path(__file__).parent / "data"
 FMT = get_format("glm45")
@@ -342,8 +342,8 @@ def test_feed_is_linear_in_new_text() -> None:
 
 def _grammar(req: ChatRequest) -> xgr.Grammar:
     c = FMT.constraint(req)
-    assert c is not None and c.structural_tag
-    return xgr.Grammar.from_structural_tag(c.structural_tag)
+    assert c is not None and c.grammar
+    return xgr.Grammar.from_ebnf(c.grammar)  # as vLLM loads it
 
 
 CALL = "\n" + W("get_weather", {"city": "北京", "days": 2}, newlines=True)
@@ -384,7 +384,31 @@ def test_constraint_thinking_disabled() -> None:
 
 
 def test_constraint_is_cached() -> None:
-    structural_tag_for_key.cache_clear()
+    grammar_for_key.cache_clear()
     a = FMT.constraint(request(tool_choice="required"))
     b = FMT.constraint(request(tool_choice="required"))
-    assert a == b and structural_tag_for_key.cache_info().hits >= 1
+    assert a == b and grammar_for_key.cache_info().hits >= 1
+
+
+def test_constraint_bounds_whitespace_inside_a_call() -> None:
+    """Unbounded whitespace let a weak model fill max_tokens with "\\r" inside a call (seen on vLLM)."""
+    g = _grammar(request(enable_thinking=False, tool_choice="required"))
+    assert accepts(g, CALL)
+    padded = CALL.replace("<arg_key>", "\r\r\r\r<arg_key>", 1)
+    assert not accepts(g, padded)
+
+
+def test_constrained_string_values_are_stripped_plain_ones_kept_raw() -> None:
+    """glm_xml lets whitespace pad enum/pattern values; plain strings are raw text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "unit": {"type": "string", "enum": ["c", "f"]}, "note": {"type": "string"}}}}}]
+    req = request(tools=[Tool.from_openai(t) for t in tools], enable_thinking=False)
+    out = ("<tool_call>f\n<arg_key>unit</arg_key>\n<arg_value> c\r</arg_value>\n"
+           "<arg_key>note</arg_key>\n<arg_value> 北京 </arg_value>\n</tool_call>")
+    for size in (1, 3, len(out)):
+        p = FMT.parser(req)
+        b = MessageBuilder()
+        for i in range(0, len(out), size):
+            b.add(p.feed(out[i:i + size]))
+        b.add(p.finish())
+        assert json.loads(b.calls[0].arguments) == {"unit": "c", "note": " 北京 "}

@@ -274,8 +274,8 @@ def test_no_text_lost_without_declared_tools(frags: list[str]) -> None:
 
 def _grammar(req: ChatRequest) -> xgr.Grammar:
     c = FMT.constraint(req)
-    assert c is not None and c.structural_tag
-    return xgr.Grammar.from_structural_tag(c.structural_tag)
+    assert c is not None and c.grammar
+    return xgr.Grammar.from_ebnf(c.grammar)  # as vLLM loads it
 
 
 CALL = W("get_weather", {"city": "北京", "days": 2})

@@ -196,6 +196,14 @@ def create_app(
                     {"completion_tokens": result["usage"]["completion_tokens"]})
         return JSONResponse(result)
 
+    @app.post("/tokenize")
+    async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
+        """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
+        check_model(body.model)
+        prompt = fmt.render(chat.to_chat_request(body))
+        ids = engine.encode_parts(prompt.parts)
+        return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [

@@ -299,6 +299,7 @@ class ChatService:
         builders = [MessageBuilder() for _ in range(p.params.n)]
         reasons: list[str | None] = [None] * p.params.n
         logprobs: list[list[Any]] = [[] for _ in range(p.params.n)]
+        raws = [""] * p.params.n if log.isEnabledFor(logging.DEBUG) else []
         completion_tokens = 0
         t0 = time.perf_counter()
         first = True
@@ -307,12 +308,17 @@ class ChatService:
                 self.metrics.ttft.observe(time.perf_counter() - t0)
                 first = False
             completion_tokens += d.num_tokens
+            if raws:
+                raws[d.index] += d.text
             builders[d.index].add(parsers[d.index].feed(d.text))
             if d.logprobs:
                 logprobs[d.index].extend(d.logprobs)
             if d.finish_reason is not None:
                 builders[d.index].add(parsers[d.index].finish())
                 reasons[d.index] = d.finish_reason
+        if log.isEnabledFor(logging.DEBUG):
+            for i, raw in enumerate(raws):
+                log.debug("request %s choice %d raw output: %r", p.request_id, i, raw)
         choices = []
         for i, (parser, builder) in enumerate(zip(parsers, builders)):
             reason = self._finish_reason(reasons[i], parser, builder, p.legacy_functions)

@@ -34,9 +34,13 @@ Parser decisions (deliberate, tested):
   opening marker, the name and everything after it), never as a call.  A name longer
   than :data:`MAX_NAME` characters, or a second ``<tool_call>`` before the name ended,
   also means "not a call".
-* **Values.** A value whose schema is a string type streams as JSON-escaped pieces the
-  moment it arrives, raw and unstripped (the template writes it raw, so rendering and
-  parsing round-trip exactly).  Any other value (number, boolean, object, array,
+* **Values.** A value whose schema is a plain string (``{"type": "string"}`` with no enum,
+  pattern, length or format) streams as JSON-escaped pieces the moment it arrives, raw
+  and unstripped (the template writes it raw, so rendering and parsing round-trip
+  exactly).  A constrained string (enum, pattern...) is held until ``</arg_value>`` and
+  stripped: xgrammar's ``glm_xml`` style lets whitespace pad such values, and without
+  the strip ``" c\r"`` for an enum ``["c", "f"]`` escaped the schema (seen on vLLM).
+  Any other value (number, boolean, object, array,
   untyped, or an argument missing from the schema) is held until ``</arg_value>`` and
   decoded: ``json.loads`` of the stripped text, else ``ast.literal_eval`` (Python
   literals such as ``True``/``None``/``'x'``), else the raw text as a JSON string.
@@ -161,6 +165,20 @@ def is_string_schema(schema: Any) -> bool:
     return False
 
 
+_STRING_LIMITS = ("enum", "const", "pattern", "minLength", "maxLength", "format")
+
+
+def is_free_string_schema(schema: Any) -> bool:
+    """A plain string property: the constraint lets its value be any raw text, so it streams
+    as it arrives.  Any other string (enum, pattern, length...) is constrained like a typed
+    value, with whitespace allowed around it, so it is read whole and stripped."""
+    return (
+        isinstance(schema, dict)
+        and schema.get("type") == "string"
+        and not any(k in schema for k in _STRING_LIMITS)
+    )
+
+
 def property_schema(tool: Tool | None, key: str) -> Any:
     """The schema of one argument of a tool (None when unknown)."""
     if tool is None or not isinstance(tool.parameters, dict):
@@ -173,7 +191,7 @@ def decode_value(raw: str, schema: Any) -> Any:
     """A non-string value's text to a Python value, falling back deterministically:
     JSON, then a Python literal, then the raw text itself."""
     if is_string_schema(schema):
-        return raw
+        return raw if is_free_string_schema(schema) else raw.strip()
     text = raw.strip()
     try:
         return json.loads(text)
@@ -564,7 +582,7 @@ class XmlCallParser(StreamParser):
             return
         if state == _S_AFTER_KEY:
             schema = property_schema(self._tool, self._key)
-            if is_string_schema(schema):
+            if is_free_string_schema(schema):
                 self._args(self._arg_prefix() + dumps(self._key) + ': "', out)
                 self._state = _S_STR
             else:
@@ -651,10 +669,11 @@ def structural_tag_for_key(key: str) -> str:
 
     def call_tag(name: str, schema: Any) -> TagFormat:
         # glm_xml content tolerates whitespace between elements, so the same tag accepts
-        # GLM-4.5's "\n"-separated layout and GLM-4.7's compact one.
+        # GLM-4.5's "\n"-separated layout and GLM-4.7's compact one.  The run is bounded:
+        # unbounded, a weak model fills max_tokens with "\r\n" (seen on vLLM).
         return TagFormat(
             begin=CALL_OPEN + name,
-            content=JSONSchemaFormat(json_schema=schema, style="glm_xml"),
+            content=JSONSchemaFormat(json_schema=schema, style="glm_xml", max_whitespace_cnt=1),
             end=CALL_CLOSE,
         )
 
@@ -689,12 +708,30 @@ def structural_tag_for_key(key: str) -> str:
     return StructuralTag(format=fmt).model_dump_json(by_alias=True)
 
 
+_ANY_WS = "[ \\n\\r\\t]*"
+_BOUNDED_WS = "[ \\n\\r\\t]{0, 2}"
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_for_key(key: str) -> str:
+    """The structural tag as EBNF with whitespace runs bounded.
+
+    ``glm_xml`` allows any run of whitespace between and around elements (it ignores
+    ``max_whitespace_cnt``); on vLLM a weak model then wrote ``\\r`` until max_tokens
+    inside a forced call.  Two characters cover GLM-4.5's ``\\n`` layout.
+    """
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_structural_tag(structural_tag_for_key(key)))
+    return ebnf.replace(_ANY_WS, _BOUNDED_WS)
+
+
 def build_constraint(request: ChatRequest, reasoning: Reasoning, newlines: bool) -> Constraint | None:
-    """The structural-tag constraint for a request's ``tool_choice`` (cached per tool set)."""
+    """The constraint for a request's ``tool_choice`` (cached per tool set)."""
     key = constraint_key(request, reasoning, newlines)
     if key is None:
         return None
-    return Constraint(structural_tag=structural_tag_for_key(key))
+    return Constraint(grammar=grammar_for_key(key))
 
 
 __all__ = [
@@ -706,6 +743,7 @@ __all__ = [
     "constraint_key",
     "decode_value",
     "is_string_schema",
+    "grammar_for_key",
     "render_value",
     "render_xml_prompt",
     "structural_tag_for_key",
