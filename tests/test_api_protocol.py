@@ -283,3 +283,30 @@ def test_metrics_endpoint(glm4):
                  "glmserve_tool_call_parse_failures_total"):
         assert name in text
     assert 'glmserve_tool_calls_total{tool="get_weather"}' in text
+
+
+def test_unusable_schemas_are_client_errors_not_crashes():
+    """A dangling $ref or a regex xgrammar cannot compile is the request's fault: 400 or a working fallback."""
+    s = Scripted("glm45", output='<tool_call>f<arg_key>a</arg_key><arg_value>x</arg_value></tool_call>')
+    try:
+        bad = [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]
+        r = httpx.post(s.base_url + "/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad, "tool_choice": "required"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+        r = httpx.post(s.base_url + "/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {
+                    "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
+    finally:
+        s.stop()
+
+
+def test_dangling_ref_with_fallback_constraint_does_not_crash(glm4):
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]
+    glm4.output, glm4.size = 'f\n{"a": 1}', 3
+    r = httpx.post(glm4.base_url + "/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad})
+    assert r.status_code in (200, 400), r.text

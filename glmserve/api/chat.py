@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+from referencing.exceptions import Unresolvable
 
 from glmserve.api.errors import APIError
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
@@ -158,6 +159,13 @@ def _response_format_constraint(req: ChatCompletionRequest) -> Constraint | None
     except jsonschema.SchemaError as exc:
         raise APIError(400, f"response_format.json_schema.schema is not a valid JSON schema: {exc.message}",
                        param="response_format.json_schema.schema") from None
+    try:
+        import xgrammar
+
+        xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except (ValueError, RuntimeError) as exc:
+        raise APIError(400, f"response_format.json_schema.schema cannot be used for decoding: {exc}",
+                       param="response_format.json_schema.schema") from None
     return Constraint(json=schema)
 
 
@@ -226,7 +234,11 @@ class ChatService:
                 param="max_tokens" if req.max_tokens else "max_completion_tokens", code="context_length_exceeded",
             )
         t0 = time.perf_counter()
-        constraint = self.fmt.constraint(chat) if chat.tools and chat.tool_choice != "none" else None
+        try:
+            constraint = self.fmt.constraint(chat) if chat.tools and chat.tool_choice != "none" else None
+        except (ValueError, RuntimeError) as exc:  # xgrammar refuses a schema it cannot compile
+            raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
+                           param="tools") from None
         self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
         if constraint is None:
             constraint = _response_format_constraint(req)
@@ -276,7 +288,7 @@ class ChatService:
             if v is not None:
                 v.validate(args)
             return True
-        except (ValueError, jsonschema.ValidationError) as exc:
+        except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
             return False
