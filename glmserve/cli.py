@@ -112,8 +112,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     if args.chat_format:
         fmt_name, reason = args.chat_format, "set by --chat-format"
     else:
-        local = args.model if os.path.isdir(args.model) else None
-        fmt_name, reason = detect_format(local, engine.vocab())
+        fmt_name, reason = detect_format(args.model, engine.vocab(), engine.architectures(), engine.chat_template())
     fmt = get_format(fmt_name)
     log.info("chat format %s: %s", fmt_name, reason)
     settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,

@@ -57,6 +57,13 @@ class VLLMEngine(Engine):
     def vocab(self) -> set[str]:
         return set(self._hf.get_added_vocab().keys())
 
+    def architectures(self) -> list[str]:
+        return list(getattr(self._llm.model_config.hf_config, "architectures", None) or [])
+
+    def chat_template(self) -> str | None:
+        t = getattr(self._hf, "chat_template", None)
+        return t if isinstance(t, str) else None
+
     def _encode_plain(self, text: str) -> list[int]:
         """Plain text: no added token (special or not) may be formed from it."""
         if not text:

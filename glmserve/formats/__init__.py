@@ -32,15 +32,22 @@ def get_format(name: str) -> ChatFormat:
     return getattr(importlib.import_module(module), cls)()
 
 
-def detect_format(model_dir: str | Path | None, vocab: set[str] | None = None) -> tuple[str, str]:
+def detect_format(
+    model_dir: str | Path | None,
+    vocab: set[str] | None = None,
+    architectures: list[str] | None = None,
+    chat_template: str | None = None,
+) -> tuple[str, str]:
     """Pick a format from a model's config and tokenizer; returns ``(name, reason)``.
 
-    The chat template shipped with the model is the best witness of its family, so its
-    markers are checked first; the architecture is the fallback.
+    ``model_dir`` may also be a Hugging Face id (then only its name is used, with the
+    ``architectures`` and ``chat_template`` the engine loaded).  The chat template shipped
+    with the model is the best witness of its family, so its markers are checked first;
+    the architecture is the fallback.
     """
-    cfg: dict[str, Any] = {}
-    template = ""
-    if model_dir is not None:
+    cfg: dict[str, Any] = {"architectures": architectures} if architectures else {}
+    template = chat_template or ""
+    if model_dir is not None and Path(model_dir).is_dir():
         d = Path(model_dir)
         for fname in ("config.json",):
             if (d / fname).is_file():
