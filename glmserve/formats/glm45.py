@@ -15,38 +15,15 @@ newlines between elements) and an optional leading think block.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Prompt, StreamParser
-from glmserve.formats.xmlcall import (
-    CONTROL_TOKENS,
-    STOP,
-    XmlCallParser,
-    XmlStyle,
-    build_constraint,
-    render_xml_prompt,
-)
-
-STYLE = XmlStyle(newlines=True, nothink_suffix=True, honour_clear_thinking=False)
+from glmserve.formats.xmlcall import XmlFormat, XmlStyle
 
 
-class GLM45Format(ChatFormat):
+class GLM45Format(XmlFormat):
     """GLM-4.5 / GLM-4.6 (``<tool_call>name\\n<arg_key>..`` with newlines)."""
 
     name: ClassVar[str] = "glm45"
     description: ClassVar[str] = "GLM-4.5/4.6: XML tool calls with newlines, <think> reasoning"
-    stop: ClassVar[tuple[str, ...]] = STOP
-    skip_special_tokens: ClassVar[bool] = False
-
-    def render(self, request: ChatRequest) -> Prompt:
-        return render_xml_prompt(request, STYLE)
-
-    def parser(self, request: ChatRequest) -> StreamParser:
-        start = "lead" if request.enable_thinking else "content"
-        return XmlCallParser(request.tools_in_prompt, start=start)
-
-    def constraint(self, request: ChatRequest) -> Constraint | None:
-        return build_constraint(request, "lead" if request.enable_thinking else "none", newlines=True)
-
-    def control_tokens(self) -> tuple[str, ...]:
-        return CONTROL_TOKENS
+    style: ClassVar[XmlStyle] = XmlStyle(newlines=True, nothink_suffix=True, honour_clear_thinking=False)
+    thinking: ClassVar[Literal["lead", "open"]] = "lead"

@@ -12,38 +12,15 @@ reasoning; the parser and the constraint both start there.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Prompt, StreamParser
-from glmserve.formats.xmlcall import (
-    CONTROL_TOKENS,
-    STOP,
-    XmlCallParser,
-    XmlStyle,
-    build_constraint,
-    render_xml_prompt,
-)
-
-STYLE = XmlStyle(newlines=False, nothink_suffix=False, honour_clear_thinking=True)
+from glmserve.formats.xmlcall import XmlFormat, XmlStyle
 
 
-class GLM47Format(ChatFormat):
+class GLM47Format(XmlFormat):
     """GLM-4.7 (``<tool_call>name<arg_key>..`` without newlines)."""
 
     name: ClassVar[str] = "glm47"
     description: ClassVar[str] = "GLM-4.7: compact XML tool calls, <think> reasoning, clear_thinking"
-    stop: ClassVar[tuple[str, ...]] = STOP
-    skip_special_tokens: ClassVar[bool] = False
-
-    def render(self, request: ChatRequest) -> Prompt:
-        return render_xml_prompt(request, STYLE)
-
-    def parser(self, request: ChatRequest) -> StreamParser:
-        start = "reasoning" if request.enable_thinking else "content"
-        return XmlCallParser(request.tools_in_prompt, start=start)
-
-    def constraint(self, request: ChatRequest) -> Constraint | None:
-        return build_constraint(request, "open" if request.enable_thinking else "none", newlines=False)
-
-    def control_tokens(self) -> tuple[str, ...]:
-        return CONTROL_TOKENS
+    style: ClassVar[XmlStyle] = XmlStyle(newlines=False, nothink_suffix=False, honour_clear_thinking=True)
+    thinking: ClassVar[Literal["lead", "open"]] = "open"

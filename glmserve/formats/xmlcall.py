@@ -79,9 +79,10 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 from glmserve.formats.base import (
+    ChatFormat,
     ChatRequest,
     Constraint,
     Control,
@@ -734,10 +735,38 @@ def build_constraint(request: ChatRequest, reasoning: Reasoning, newlines: bool)
     return Constraint(grammar=grammar_for_key(key))
 
 
+class XmlFormat(ChatFormat):
+    """What the XML families share; a family sets its style and where thinking starts."""
+
+    style: ClassVar[XmlStyle]
+    thinking: ClassVar[Literal["lead", "open"]]
+    """``lead``: output may open with a ``<think>`` block (GLM-4.5); ``open``: the prompt
+    ends inside ``<think>``, so output starts as reasoning (GLM-4.7)."""
+    stop: ClassVar[tuple[str, ...]] = STOP
+    skip_special_tokens: ClassVar[bool] = False
+
+    def render(self, request: ChatRequest) -> Prompt:
+        return render_xml_prompt(request, self.style)
+
+    def parser(self, request: ChatRequest) -> StreamParser:
+        start: Start = "content"
+        if request.enable_thinking:
+            start = "lead" if self.thinking == "lead" else "reasoning"
+        return XmlCallParser(request.tools_in_prompt, start=start)
+
+    def constraint(self, request: ChatRequest) -> Constraint | None:
+        return build_constraint(request, self.thinking if request.enable_thinking else "none",
+                                newlines=self.style.newlines)
+
+    def control_tokens(self) -> tuple[str, ...]:
+        return CONTROL_TOKENS
+
+
 __all__ = [
     "CONTROL_TOKENS",
     "STOP",
     "XmlCallParser",
+    "XmlFormat",
     "XmlStyle",
     "build_constraint",
     "constraint_key",
