@@ -1,0 +1,248 @@
+"""Fast checks of the benchmark code (no servers): statistics, ratios, report, JSON, plot, parser cost."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from glmserve import bench
+from glmserve.bench import RequestResult, compute_ratios, format_report, percentile, summarize_level, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_parser_cost():
+    spec = importlib.util.spec_from_file_location("parser_cost", ROOT / "bench" / "parser_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_percentile_matches_linear_interpolation():
+    xs = list(range(1, 101))  # 1..100
+    assert percentile(xs, 50) == pytest.approx(50.5)
+    assert percentile(xs, 99) == pytest.approx(99.01)
+    assert percentile(xs, 0) == 1 and percentile(xs, 100) == 100
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None
+    assert percentile([2.0, None, 1.0, float("nan")], 50) == pytest.approx(1.5)
+    assert percentile([5, 1, 3], 50) == 3  # order does not matter
+
+
+def test_ratio_handles_missing_and_zero():
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, None) is None and bench.ratio(1.0, 0) is None
+
+
+def _synthetic(n: int, ttft: float, itl: float, tokens: int, t0: float = 0.0, fail: int = 0) -> list[RequestResult]:
+    out = []
+    for i in range(n):
+        start = t0 + i * 0.01
+        first = start + ttft * (1 + i / n)
+        last = first + itl * (tokens - 1)
+        out.append(RequestResult(ok=True, start=start, end=last + 0.001, ttft=first - start, itl=itl, first_chunk=first,
+                                 last_chunk=last, content_chunks=tokens, prompt_tokens=130, completion_tokens=tokens,
+                                 finish_reason="length"))
+    for i in range(fail):
+        out.append(RequestResult(ok=False, start=t0, end=t0 + 1, error="HTTP 500: boom"))
+    return out
+
+
+def test_summarize_level_figures():
+    rs = _synthetic(10, ttft=0.1, itl=0.02, tokens=64, fail=1)
+    s = summarize_level(rs, wall_s=4.0, concurrency=8)
+    assert s["requests"] == 11 and s["ok"] == 10 and s["errors"] == 1
+    assert s["error_samples"] == ["HTTP 500: boom"]
+    assert s["output_tokens"] == 640
+    assert s["throughput_tok_s"] == pytest.approx(160.0)
+    assert s["requests_per_s"] == pytest.approx(2.5)
+    assert s["ttft_s"]["p50"] == pytest.approx(percentile([r.ttft for r in rs if r.ok], 50))
+    assert 0.1 <= s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] <= 0.2
+    assert s["itl_s"]["p50"] == pytest.approx(0.02)
+    assert s["completion_tokens_mean"] == 64 and s["completion_tokens_min"] == 64
+    assert s["prompt_tokens_p50"] == 130
+    assert s["finish_reasons"] == {"length": 10}
+    assert len(s["per_request"]) == 11
+
+
+def _report():
+    servers = {}
+    for name, scale in (("glmserve", 1.0), ("vllm", 1.25)):
+        wl = {}
+        for w in ("plain", "tools"):
+            wl[w] = {str(c): summarize_level(_synthetic(max(4, c), ttft=0.1 * scale, itl=0.02 * scale, tokens=64),
+                                              wall_s=2.0 * scale, concurrency=c) for c in (1, 8)}
+        servers[name] = {"started_by_bench": True, "workloads": wl}
+    report = {"kind": "serving", "model_name": "Tiny/Model", "machine": bench.machine_info(),
+              "settings": {"prompt_tokens": 128, "output_tokens": 64}, "servers": servers, "notes": []}
+    report["ratios"] = compute_ratios(servers)
+    return report
+
+
+def test_ratios_are_glmserve_over_vllm():
+    r = _report()["ratios"]
+    assert set(r) == {"plain", "tools"} and set(r["plain"]) == {"1", "8"}
+    assert r["plain"]["8"]["throughput"] == pytest.approx(1.25)  # glmserve served the same tokens in less time
+    assert r["plain"]["8"]["ttft_p50"] == pytest.approx(0.8)
+    assert r["tools"]["1"]["itl_p50"] == pytest.approx(0.8)
+
+
+def test_ratios_skip_missing_server_or_level():
+    rep = _report()
+    assert compute_ratios({"glmserve": rep["servers"]["glmserve"]}) == {}
+    v = json.loads(json.dumps(rep["servers"]["vllm"]))
+    del v["workloads"]["tools"]
+    del v["workloads"]["plain"]["8"]
+    assert compute_ratios({"glmserve": rep["servers"]["glmserve"], "vllm": v}) == {"plain": {"1": pytest.approx(
+        rep["ratios"]["plain"]["1"])}}
+
+
+def test_report_table_and_json_writer(tmp_path):
+    rep = _report()
+    text = format_report(rep)
+    assert "glmserve" in text and "vllm" in text and "1.25x" in text and "0.80x" in text
+    path = write_results(rep, tmp_path / "results", "Tiny/Model", stamp="20250101-000000")
+    assert path.name == "20250101-000000-Tiny_Model.json"
+    back = json.loads(path.read_text())
+    assert back["ratios"]["plain"]["8"]["throughput"] == pytest.approx(1.25)
+    assert back["machine"]["cpu_count"] >= 1 and "platform" in back["machine"] and "vllm" in back["machine"]
+    png = bench.plot_results(back, path.with_suffix(".png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for action in bench.build_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in out
+        assert action.help, action.option_strings
+
+
+def test_argument_validation():
+    p = bench.build_parser()
+    a = p.parse_args(["--concurrency", "1,4", "--workloads", "tools", "--servers", "vllm"])
+    assert a.concurrency == [1, 4] and a.workloads == ["tools"] and a.servers == ["vllm"]
+    assert bench.requests_for(1, a) == 4 and bench.requests_for(8, a) == 16
+    for bad in (["--concurrency", "0"], ["--workloads", "x"], ["--servers", "sglang"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def test_non_loopback_urls_are_refused():
+    assert bench.main(["--glmserve-url", "http://example.com:8000", "--servers", "glmserve"]) == 2
+
+
+def test_what_each_server_gets_in_the_tools_workload():
+    assert bench.tools_for("glmserve", "plain", "auto") == {}
+    assert bench.tools_for("glmserve", "tools", "none")["tool_choice"] == "auto"
+    assert bench.tools_for("vllm", "tools", "auto")["tool_choice"] == "auto"
+    assert bench.tools_for("vllm", "tools", "none")["tool_choice"] == "none"
+    assert bench.tools_for("vllm", "tools", "omit") == {}
+    p = bench.make_payload("m", "hello", 7, 64, 0.0, bench.tools_for("vllm", "tools", "auto"))
+    assert p["ignore_eos"] is True and p["max_tokens"] == 64 and p["stream"] is True
+    assert p["stream_options"] == {"include_usage": True} and p["messages"][0]["content"].startswith("[r7] ")
+
+
+def test_prompt_text_hits_the_token_target():
+    count = lambda s: len(s.split())  # noqa: E731  (a word "tokenizer")
+    text = bench.build_prompt_text(60, count)
+    assert count(text) == 60 and text.startswith(bench.PROMPT_HEAD)
+
+
+def test_server_commands_share_engine_settings():
+    a = bench.build_parser().parse_args([])
+    a.served_name = "m"
+    g = bench.server_command("glmserve", a, "/models/x", 1234)
+    v = bench.server_command("vllm", a, "/models/x", 1235)
+    for flag in ("--max-model-len", "--dtype", "--gpu-memory-utilization", "--enforce-eager", "--served-model-name"):
+        assert flag in g and flag in v
+    assert g[g.index("--max-model-len") + 1] == v[v.index("--max-model-len") + 1] == "2048"
+    assert "vllm.entrypoints.openai.api_server" in v and "--tool-call-parser" in v
+    assert bench.server_env(a)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+# --------------------------------------------------------------------------- client against a fake SSE server
+
+
+def test_one_request_measures_a_stream():
+    httpx = pytest.importorskip("httpx")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+        chunks += [{"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]} for i in range(5)]
+        chunks += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+                   {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            return await bench.one_request(c, "http://127.0.0.1:1", {}, timeout=10)
+
+    r = asyncio.run(go())
+    assert r.ok and r.content_chunks == 5 and r.completion_tokens == 5 and r.prompt_tokens == 12
+    assert r.finish_reason == "length" and r.ttft is not None and r.ttft >= 0 and r.itl is not None
+    assert r.e2e >= r.ttft
+
+
+def test_one_request_records_http_errors():
+    httpx = pytest.importorskip("httpx")
+
+    async def go():
+        t = httpx.MockTransport(lambda req: httpx.Response(400, json={"error": {"message": "bad"}}))
+        async with httpx.AsyncClient(transport=t) as c:
+            return await bench.one_request(c, "http://127.0.0.1:1", {}, timeout=10)
+
+    r = asyncio.run(go())
+    assert not r.ok and r.error.startswith("HTTP 400") and r.ttft is None
+
+
+# --------------------------------------------------------------------------- parser cost
+
+
+@pytest.fixture(scope="module")
+def parser_cost():
+    return _load_parser_cost()
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"])
+def test_parser_cost_per_delta_does_not_grow(parser_cost, fmt):
+    """Per-delta time from 1K to 32K characters stays within 5x (it should be flat; quadratic parsers grow ~30x)."""
+    small = min((parser_cost.time_glmserve(fmt, 1_000) for _ in range(3)), key=lambda r: r["mean_us"])
+    big = min((parser_cost.time_glmserve(fmt, 32_000) for _ in range(2)), key=lambda r: r["mean_us"])
+    assert small["correct"] and big["correct"], "the parser did not return the arguments that were written"
+    assert big["mean_us"] <= 5 * small["mean_us"], (small["mean_us"], big["mean_us"])
+
+
+def test_parser_cost_report_and_files(parser_cost, tmp_path):
+    rep = parser_cost.run(["glm4", "glm45"], [500, 2_000], repeat=1, with_vllm=False)
+    assert set(rep["results"]) == {"glm4", "glm45"}
+    assert all(r["correct"] for per in rep["results"].values() for r in per.values())
+    assert set(rep["growth"]) == {"glm4", "glm45"} and math.isfinite(rep["growth"]["glm4"]["mean_ratio"])
+    assert "glm45" in parser_cost.format_table(rep)
+    jpath, ppath = parser_cost.write(rep, tmp_path)
+    assert json.loads(jpath.read_text())["settings"]["sizes"] == [500, 2_000]
+    assert ppath.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parser_cost_vllm_is_bounded(parser_cost):
+    if parser_cost.vllm_parser_available() is None:
+        pytest.skip("this vLLM has no GLM-4.5 tool parser")
+    t0 = time.perf_counter()
+    r = parser_cost.time_vllm(2_000, budget_s=0.0)  # a zero budget stops it at the first check
+    assert r["skipped"] and r["deltas_timed"] < r["deltas"] and "budget" in r["note"]
+    assert time.perf_counter() - t0 < 30
+    full = parser_cost.time_vllm(1_000, budget_s=60)
+    assert full["correct"] and not full["skipped"]
