@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -124,6 +125,12 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     server = uvicorn.Server(config)
     log.info("serving %s as %s on http://%s:%d (context %d tokens)", args.model, ", ".join(served), args.host,
              args.port, engine.max_model_len)
+    # After draining, uvicorn restores the handlers it found and raises the signal that
+    # stopped it again; with the default handlers a clean SIGTERM shutdown would end in
+    # "killed by SIGTERM" (exit status -15 / 143) instead of 0.  Handlers that do nothing
+    # make that re-raise a no-op; while serving, uvicorn's own handlers are in place.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     await server.serve()
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -12,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import glmserve
 from glmserve.api.chat import ArgumentHook, ChatService
 from glmserve.api.completions import CompletionService
 from glmserve.api.errors import APIError, error_body, error_response, install_handlers
 from glmserve.api.schemas import ChatCompletionRequest, CompletionRequest
-from glmserve.engine.base import Engine, EngineUnavailable
+from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatFormat
 from glmserve.metrics import Metrics
 
@@ -35,6 +36,8 @@ class Settings:
     max_messages: int = 2048
     max_tools: int = 256
     max_schema_bytes: int = 256 * 1024
+    max_schema_depth: int = 64
+    """Nesting (objects and arrays) allowed in a tool or response_format schema."""
     served_model_names: list[str] = field(default_factory=list)
     argument_hook: ArgumentHook | None = None
     json_logs: bool = False
@@ -92,7 +95,7 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
-        if path.startswith("/v1") and keys:
+        if (path.startswith("/v1") or path == "/tokenize") and keys:
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             ok = scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in keys)
@@ -103,6 +106,17 @@ def create_app(
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             return error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
                                   code="request_too_large")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            # A chunked body announces no length: count it as it arrives instead.
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_body_bytes:
+                    return error_response(413, f"request body exceeds the limit of {settings.max_body_bytes} bytes",
+                                          code="request_too_large")
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # replayed to the route, as Request.body() would have cached it
         response = await call_next(request)
         if path.startswith("/v1"):
             metrics.requests.labels(path, str(response.status_code)).inc()
@@ -113,6 +127,14 @@ def create_app(
             raise APIError(400, f"the model {model!r} is not served here; available: {', '.join(names)}",
                            param="model", code="model_not_found")
 
+    def check_schema_size(schema: Any, param: str) -> None:
+        depth = _depth(schema)
+        if depth > settings.max_schema_depth:
+            raise APIError(400, f"{param} is nested {depth} levels deep; at most {settings.max_schema_depth} are allowed",
+                           param=param)
+        if len(json.dumps(schema)) > settings.max_schema_bytes:
+            raise APIError(400, f"{param} is larger than {settings.max_schema_bytes} bytes", param=param)
+
     def check_limits(req: ChatCompletionRequest) -> None:
         if len(req.messages) > settings.max_messages:
             raise APIError(400, f"at most {settings.max_messages} messages per request", param="messages")
@@ -121,9 +143,11 @@ def create_app(
             raise APIError(400, f"at most {settings.max_tools} tools per request", param="tools")
         for i, t in enumerate(tools):
             params = t.function.parameters if hasattr(t, "function") else t.parameters
-            if params is not None and len(json.dumps(params)) > settings.max_schema_bytes:
-                raise APIError(400, f"tools[{i}] has a schema larger than {settings.max_schema_bytes} bytes",
-                               param=f"tools[{i}].function.parameters")
+            if params is not None:
+                check_schema_size(params, f"tools[{i}].function.parameters" if req.tools else f"functions[{i}].parameters")
+        rf = req.response_format
+        if rf is not None and rf.json_schema is not None and rf.json_schema.schema_ is not None:
+            check_schema_size(rf.json_schema.schema_, "response_format.json_schema.schema")
 
     def log_request(kind: str, rid: str, prompt_tokens: int, t0: float, status: int, extra: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
@@ -142,6 +166,9 @@ def create_app(
         except EngineUnavailable as exc:
             yield "data: " + json.dumps(error_body(503, f"the engine is unavailable: {exc}", code="engine_unavailable")) + "\n\n"
             yield "data: [DONE]\n\n"
+        except EngineRequestError as exc:
+            yield "data: " + json.dumps(error_body(400, str(exc), exc.param)) + "\n\n"
+            yield "data: [DONE]\n\n"
         except Exception as exc:  # headers are gone: report in-band
             log.exception("stream %s failed", rid)
             yield "data: " + json.dumps(error_body(500, f"internal error: {type(exc).__name__}")) + "\n\n"
@@ -149,8 +176,8 @@ def create_app(
         finally:
             on_done()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    @app.post("/v1/chat/completions", responses=_STREAMS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
         check_model(body.model)
         check_limits(body)
@@ -166,16 +193,20 @@ def create_app(
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            result = await chat.complete(prepared)
+            result = await _unless_disconnected(request, chat.complete(prepared))
         finally:
             admission.release()
+        if result is None:  # the client went away; its engine request was aborted
+            await engine.abort(prepared.request_id)
+            log_request("chat", prepared.request_id, len(prepared.prompt_ids), t0, 499, {"disconnected": True})
+            return Response(status_code=499)
         calls = [c["function"]["name"] for ch in result["choices"] for c in ch["message"].get("tool_calls") or []]
         log_request("chat", prepared.request_id, len(prepared.prompt_ids), t0, 200,
                     {"completion_tokens": result["usage"]["completion_tokens"], "tools": calls})
         return JSONResponse(result)
 
-    @app.post("/v1/completions")
-    async def text_completions(body: CompletionRequest) -> Response:
+    @app.post("/v1/completions", responses=_STREAMS)
+    async def text_completions(body: CompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
         check_model(body.model)
         prepared = completions.prepare(body)
@@ -189,9 +220,13 @@ def create_app(
             return StreamingResponse(sse(completions.stream(prepared), prepared.request_id, done),
                                      media_type="text/event-stream")
         try:
-            result = await completions.complete(prepared)
+            result = await _unless_disconnected(request, completions.complete(prepared))
         finally:
             admission.release()
+        if result is None:
+            await engine.abort(prepared.request_id)
+            log_request("completion", prepared.request_id, sum(map(len, prepared.prompts)), t0, 499, {"disconnected": True})
+            return Response(status_code=499)
         log_request("completion", prepared.request_id, result["usage"]["prompt_tokens"], t0, 200,
                     {"completion_tokens": result["usage"]["completion_tokens"]})
         return JSONResponse(result)
@@ -200,7 +235,8 @@ def create_app(
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
         check_model(body.model)
-        prompt = fmt.render(chat.to_chat_request(body))
+        check_limits(body)
+        prompt = chat.render(chat.to_chat_request(body))
         ids = engine.encode_parts(prompt.parts)
         return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
@@ -234,12 +270,61 @@ def create_app(
             vllm_version = None
         return {"version": glmserve.__version__, "vllm": vllm_version, "chat_format": fmt.name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         metrics.waiting.set(max(0, admission.in_flight - engine.running))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+_STREAMS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the completion (JSON), or server-sent events with stream=true",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of JSON containers, without recursion."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, dict):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in value)
+    return deepest
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it (which aborts its engine
+    request) and return None.  A non-streamed request would otherwise keep generating,
+    up to max_tokens, for nobody."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # cannot listen: never report a disconnect
+            await asyncio.Event().wait()
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watch.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and watch.done() and not watch.cancelled():
+            return None
+        raise
 
 
 def _has_dist(name: str) -> bool:

@@ -25,6 +25,7 @@ from glmserve.formats.base import (
     ChatRequest,
     Constraint,
     Event,
+    Prompt,
     ReasoningEvent,
     StreamParser,
     TextEvent,
@@ -211,9 +212,17 @@ class ChatService:
             clear_thinking=clear,
         )
 
+    def render(self, chat: ChatRequest) -> Prompt:
+        """The format's prompt; a history the format cannot write (an XML family's tool call
+        whose arguments are not a JSON object...) is the client's error."""
+        try:
+            return self.fmt.render(chat)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         chat = self.to_chat_request(req)
-        prompt = self.fmt.render(chat)
+        prompt = self.render(chat)
         prompt_ids = self.engine.encode_parts(prompt.parts)
         room = self.engine.max_model_len - len(prompt_ids)
         if room <= 0:
@@ -231,7 +240,8 @@ class ChatService:
                 400,
                 f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this model's context of "
                 f"{self.engine.max_model_len} tokens (at most {room} can be generated)",
-                param="max_tokens" if req.max_tokens else "max_completion_tokens", code="context_length_exceeded",
+                param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                code="context_length_exceeded",
             )
         t0 = time.perf_counter()
         try:

@@ -48,6 +48,12 @@ class CompletionService:
             prompts, texts = [list(x) for x in raw], [""] * len(raw)  # type: ignore[union-attr]
         if len(prompts) > 64:
             raise APIError(400, "at most 64 prompts per request", param="prompt")
+        vocab = getattr(self.engine, "vocab_size", None)
+        for ids in prompts:
+            bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is out of vocabulary"
+                               + (f" (0 to {vocab - 1})" if vocab is not None else ""), param="prompt")
         longest = max(len(p) for p in prompts)
         if longest == 0:
             raise APIError(400, "prompt must not be empty", param="prompt")

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from glmserve.engine.base import EngineUnavailable
+from glmserve.engine.base import EngineRequestError, EngineUnavailable
 
 log = logging.getLogger("glmserve.api")
 
@@ -92,14 +92,90 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
     first = errors[0]
     param = _loc_to_param(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", "body"
+    if kind == "invalid_unicode":  # raised before field validation; the path is in the context
+        param = str(first.get("ctx", {}).get("param", param))
+    elif param == "body" and kind in ("model_attributes_type", "model_type", "dict_type", "missing"):
+        return "the request body must be a JSON object (sent with Content-Type: application/json)", "body"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return f"{param}: {msg}", param
 
 
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_ERRORS = {
+    "400": "invalid request (the message and param name the problem)",
+    "401": "missing or invalid API key",
+    "404": "no such model",
+    "413": "request body larger than --max-body-bytes",
+    "429": "too many requests in flight; retry after Retry-After seconds",
+    "500": "internal error",
+    "503": "the engine is unavailable",
+}
+
+
+def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
+    codes = ["500"]
+    if "requestBody" in op or op.get("parameters"):
+        codes.append("400")
+    if "requestBody" in op:
+        codes.append("413")
+    if path.startswith("/v1"):
+        codes.append("401")
+    if "{model_id}" in path:
+        codes.append("404")
+    if path in ("/v1/chat/completions", "/v1/completions"):
+        codes += ["429", "503"]
+    if path == "/health":
+        codes.append("503")
+    return sorted(codes)
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the server really answers: OpenAI-shaped
+    errors (400 for validation, never FastAPI's 422) with the codes each route can give."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = original()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            schemas["ErrorResponse"] = ERROR_SCHEMA
+            body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+            for path, ops in doc.get("paths", {}).items():
+                for op in ops.values():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for code in _error_codes(path, op):
+                        responses.setdefault(code, {"description": _ERRORS[code], "content": body})
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_handlers(app: FastAPI) -> None:
+    document_errors(app)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -125,6 +201,15 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineUnavailable)
     async def _dead(_: Request, exc: EngineUnavailable) -> JSONResponse:
         return error_response(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+
+    @app.exception_handler(EngineRequestError)
+    async def _rejected(_: Request, exc: EngineRequestError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Only input nested beyond reason gets here (schemas, extra fields): a client error.
+        return error_response(400, "the request is nested too deeply", "body")
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

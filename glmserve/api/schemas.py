@@ -8,11 +8,38 @@ accepted and ignored, as OpenAI-compatible clients send extras freely.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_invalid_unicode(data: Any) -> str | None:
+    """The path (``messages[0].content``) of the first string in ``data`` holding a lone
+    UTF-16 surrogate (JSON allows ``"\\ud800"``; no tokenizer or UTF-8 encoder does), or None.
+    Iterative, so a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            items = []
+            for k, v in value.items():
+                key = str(k)
+                if _SURROGATE.search(key):
+                    return (path or "body") + " (a key)"
+                items.append((v, f"{path}.{key}" if path else key))
+            stack.extend(reversed(items))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 class _Loose(BaseModel):
@@ -93,11 +120,22 @@ class SamplingFields(_Loose):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as vLLM takes it
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_invalid_unicode(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
+                {"param": where},
+            )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -131,13 +169,20 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
-        if self.tools and self.functions:
+    # Field validators (not a model validator) so that the 400 names the field.
+    @field_validator("functions")
+    @classmethod
+    def _not_both(cls, v: Any, info: ValidationInfo) -> Any:
+        if v and info.data.get("tools"):
             raise ValueError("give either tools or the legacy functions, not both")
-        if self.top_logprobs is not None and not self.logprobs:
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs=true")
-        return self
+        return v
 
 
 class CompletionRequest(SamplingFields):

@@ -19,6 +19,14 @@ class EngineUnavailable(RuntimeError):
     """The engine is dead or shutting down: requests fail fast with 503."""
 
 
+class EngineRequestError(ValueError):
+    """The engine rejected a request as invalid (a token id out of vocabulary...): 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class GenerateParams:
     max_tokens: int

@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from glmserve.engine.base import Delta, Engine, EngineUnavailable, GenerateParams, TokenLogprob
+from glmserve.engine.base import Delta, Engine, EngineRequestError, EngineUnavailable, GenerateParams, TokenLogprob
 from glmserve.formats.base import Control
 
 log = logging.getLogger("glmserve.engine")
@@ -44,6 +44,8 @@ class VLLMEngine(Engine):
         self._tok = self._llm.get_tokenizer()
         hf = getattr(self._tok, "tokenizer", self._tok)
         self._hf = hf
+        # token ids a raw prompt may hold (as vLLM's own check: tokenizer or model, the larger)
+        self.vocab_size = max(len(hf), int(self._llm.model_config.get_vocab_size()))
         added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
         self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
         self._running: set[str] = set()
@@ -135,6 +137,7 @@ class VLLMEngine(Engine):
         )
 
     async def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -154,6 +157,8 @@ class VLLMEngine(Engine):
         except EngineDeadError as exc:
             self._dead = str(exc) or "engine died"
             raise EngineUnavailable(self._dead) from exc
+        except VLLMClientError as exc:  # vLLM's verdict that the request is bad (4xx), not a server fault
+            raise EngineRequestError(exc.args[0] if exc.args else str(exc), getattr(exc, "parameter", None)) from exc
         finally:
             self._running.discard(request_id)
 

@@ -33,7 +33,8 @@ Parser decisions (deliberate, tested):
 * **Undeclared names.** ``<tool_call>unknown...`` is returned verbatim as text (the
   opening marker, the name and everything after it), never as a call.  A name longer
   than :data:`MAX_NAME` characters, or a second ``<tool_call>`` before the name ended,
-  also means "not a call".
+  also means "not a call", and so does a ``</think>`` before the name ended (inside
+  reasoning it then still ends the reasoning).
 * **Values.** A value whose schema is a plain string (``{"type": "string"}`` with no enum,
   pattern, length or format) streams as JSON-escaped pieces the moment it arrives, raw
   and unstripped (the template writes it raw, so rendering and parsing round-trip
@@ -370,7 +371,7 @@ _S_LEAD, _S_REASON, _S_TEXT, _S_NAME, _S_ARGS, _S_KEY, _S_AFTER_KEY, _S_STR, _S_
 _MARKERS = {
     _S_REASON: _Markers(THINK_CLOSE, CALL_OPEN, "\n" + CALL_OPEN),
     _S_TEXT: _Markers(CALL_OPEN, "\n" + CALL_OPEN),
-    _S_NAME: _Markers(KEY_OPEN, CALL_CLOSE, "\n", CALL_OPEN),
+    _S_NAME: _Markers(KEY_OPEN, CALL_CLOSE, "\n", CALL_OPEN, THINK_CLOSE),
     _S_ARGS: _Markers(KEY_OPEN, CALL_CLOSE),
     _S_KEY: _Markers(KEY_CLOSE),
     _S_AFTER_KEY: _Markers(VALUE_OPEN),
@@ -550,6 +551,17 @@ class XmlCallParser(StreamParser):
             return
         if state == _S_NAME:
             name = self._take()
+            if marker == THINK_CLOSE:
+                # No name holds "</think>": the opener was text, and the "</think>" means
+                # what it means where the parser returns (the end of reasoning, or text).
+                self._state = self._return
+                self._emit_plain(self._open + name, out)
+                if self._state == _S_REASON:
+                    self._state = _S_TEXT
+                    self._strip_nl = True
+                else:
+                    self._emit_plain(marker, out)
+                return
             tool = self._tools.get(name.strip())
             if marker == CALL_OPEN or tool is None:
                 self._state = self._return
