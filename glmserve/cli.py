@@ -78,6 +78,13 @@ def serve(argv: list[str]) -> int:
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
     args.log_level = level  # vLLM's own --log-level, shared with glmserve's logs
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.json_logs:
+        # request records are whole JSON lines, not prefixed by the text log format
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        req_log = logging.getLogger("glmserve.requests")
+        req_log.addHandler(handler)
+        req_log.propagate = False
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 

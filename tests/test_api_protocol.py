@@ -310,3 +310,25 @@ def test_dangling_ref_with_fallback_constraint_does_not_crash(glm4):
     r = httpx.post(glm4.base_url + "/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad})
     assert r.status_code in (200, 400), r.text
+
+
+def test_ignore_eos_drops_format_stop_tokens_and_thinking_flags(glm4):
+    """Benchmarks send ignore_eos: the format's end-of-turn ids must not stop them either."""
+    glm4.output = "\nok"
+    c = glm4.client()
+    c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert "<|observation|>" in glm4.engine.last_params.stop  # the scripted vocabulary has no ids: strings
+    c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stop=["END"],
+                              extra_body={"ignore_eos": True})
+    p = glm4.engine.last_params
+    assert p.ignore_eos and p.stop_token_ids == [] and p.stop == ["END"]
+
+
+def test_thinking_switch_accepts_string_false():
+    s = Scripted("glm47", output="</think>ok")
+    try:
+        s.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": "false"}})
+        assert s.engine.last_prompt.endswith("<|assistant|></think>")
+    finally:
+        s.stop()

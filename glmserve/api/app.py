@@ -187,7 +187,9 @@ def create_app(
         if prepared.stream:
             def done() -> None:
                 admission.release()
-                log_request("chat", prepared.request_id, len(prepared.prompt_ids), t0, 200, {"stream": True})
+                log_request("chat", prepared.request_id, len(prepared.prompt_ids), t0, 200,
+                            {"stream": True, "completion_tokens": prepared.completion_tokens,
+                             "tools": prepared.tool_names})
 
             return StreamingResponse(sse(chat.stream(prepared), prepared.request_id, done),
                                      media_type="text/event-stream",

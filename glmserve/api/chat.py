@@ -140,10 +140,17 @@ def _tool_choice(req: ChatCompletionRequest, tools: list[Tool]) -> str:
 
 def _thinking(req: ChatCompletionRequest) -> tuple[bool, bool]:
     kw = req.chat_template_kwargs or {}
-    enable = kw.get("enable_thinking", kw.get("thinking", True))
+    enable = _flag(kw.get("enable_thinking", kw.get("thinking", True)))
     if req.reasoning_effort is not None:
         enable = req.reasoning_effort.lower() not in ("none", "off", "disabled")
-    return bool(enable), bool(kw.get("clear_thinking", True))
+    return enable, _flag(kw.get("clear_thinking", True))
+
+
+def _flag(value: Any) -> bool:
+    """Template switches as clients send them: true/false, or strings like "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
 
 
 def _response_format_constraint(req: ChatCompletionRequest) -> Constraint | None:
@@ -183,6 +190,9 @@ class PreparedChat:
     legacy_functions: bool
     logprobs: bool
     validators: dict[str, Any] = field(default_factory=dict)
+    completion_tokens: int = 0
+    """Filled in as a stream runs, for the request log."""
+    tool_names: list[str] = field(default_factory=list)
 
 
 class ChatService:
@@ -258,8 +268,9 @@ class ChatService:
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
-            stop=self._stop_strs + req.stop_list(),
-            stop_token_ids=list(self._stop_ids),
+            stop=([] if req.ignore_eos else self._stop_strs) + req.stop_list(),
+            # ignore_eos (benchmarks) must also run past the format's end-of-turn tokens
+            stop_token_ids=[] if req.ignore_eos else list(self._stop_ids),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             n=req.n,
@@ -406,6 +417,7 @@ class ChatService:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                     first = False
                 completion_tokens += d.num_tokens
+                p.completion_tokens = completion_tokens
                 events = parsers[d.index].feed(d.text)
                 if d.finish_reason is not None:
                     events += parsers[d.index].finish()
@@ -425,6 +437,7 @@ class ChatService:
                         if c.complete:
                             self._check_call(p, c.name, c.arguments)
                             self.metrics.tool_calls.labels(c.name).inc()
+                            p.tool_names.append(c.name)
                     yield chunk(d.index, {}, finish=reason)
             if p.include_usage:
                 body = {
