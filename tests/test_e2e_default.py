@@ -124,6 +124,18 @@ def test_completions(default_server):
     assert [ch.index for ch in two.choices] == [0, 1]
 
 
+def test_completions_logprobs(default_server):
+    c = default_server.client()
+    r = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    s = list(c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logprobs=2, stream=True))
+    assert [t for ch in s if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == lp.tokens
+
+
 def test_tools_hermes_required_and_named(default_server):
     """The embedded default gets the same tool features (Hermes style)."""
     c = default_server.client()

@@ -78,6 +78,7 @@ class CompletionService:
             frequency_penalty=req.frequency_penalty,
             n=req.n,
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
         )
         return PreparedCompletion(
             request_id=f"cmpl-{uuid.uuid4().hex}",
@@ -97,13 +98,16 @@ class CompletionService:
         for k, ids in enumerate(p.prompts):
             texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
             reasons: list[str | None] = [None] * p.params.n
+            lps: list[dict[str, list[Any]] | None] = [None] * p.params.n
             async for d in self.engine.generate(ids, p.params, f"{p.request_id}-{k}"):
+                if p.params.logprobs is not None:
+                    lps[d.index] = _extend_logprobs(lps[d.index], d.logprobs or [], len(texts[d.index]))
                 texts[d.index] += d.text
                 completion_tokens += d.num_tokens
                 if d.finish_reason is not None:
                     reasons[d.index] = d.finish_reason
             for i in range(p.params.n):
-                choices.append({"index": k * p.params.n + i, "text": texts[i], "logprobs": None,
+                choices.append({"index": k * p.params.n + i, "text": texts[i], "logprobs": lps[i],
                                 "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"})
         prompt_tokens = sum(len(x) for x in p.prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -119,10 +123,10 @@ class CompletionService:
         completion_tokens = 0
         n = p.params.n
 
-        def chunk(index: int, text: str, finish: str | None) -> str:
+        def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
             body: dict[str, Any] = {
                 "id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                 "system_fingerprint": None,
             }
             if p.include_usage:
@@ -136,10 +140,15 @@ class CompletionService:
                 if p.echo:
                     for i in range(n):
                         yield chunk(k * n + i, p.prompt_texts[k], None)
+                offsets = [len(p.prompt_texts[k]) if p.echo else 0] * n
                 async for d in self.engine.generate(ids, p.params, rid):
                     completion_tokens += d.num_tokens
-                    if d.text or d.finish_reason:
-                        yield chunk(k * n + d.index, d.text, d.finish_reason)
+                    lp = None
+                    if p.params.logprobs is not None and d.logprobs:
+                        lp = _extend_logprobs(None, d.logprobs, offsets[d.index])
+                    offsets[d.index] += len(d.text)
+                    if d.text or d.finish_reason or lp:
+                        yield chunk(k * n + d.index, d.text, d.finish_reason, lp)
                     if d.finish_reason is not None:
                         done += 1
             finally:
@@ -152,3 +161,15 @@ class CompletionService:
                                              "total_tokens": prompt_tokens + completion_tokens}}
             yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _extend_logprobs(acc: dict[str, list[Any]] | None, new: list[Any], offset: int) -> dict[str, list[Any]]:
+    """The legacy completions logprobs shape, extended by one delta's tokens."""
+    out = acc or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for x in new:
+        out["tokens"].append(x.token)
+        out["token_logprobs"].append(x.logprob)
+        out["top_logprobs"].append({t: lp for t, lp in x.top})
+        out["text_offset"].append(offset)
+        offset += len(x.token)
+    return out
