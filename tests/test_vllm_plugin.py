@@ -24,7 +24,7 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import DATA, load_jsonl
+from conftest import load_jsonl
 
 pytest.importorskip("vllm")
 
