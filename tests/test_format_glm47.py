@@ -312,3 +312,14 @@ def test_constraint_none_and_thinking_disabled() -> None:
     assert not accepts(g, "r</think>" + CALL)
     with pytest.raises(ValueError):
         FMT.constraint(request(tool_choice="ghost"))
+
+
+def test_cut_off_marker_is_incomplete_only_for_a_declared_name() -> None:
+    """``<tool_call>get_wea`` at the end is a cut-off call only if a tool could be named so."""
+    for tools, want in ((TOOLS, True), ([], False)):
+        p = FMT.parser(request(tools=tools, enable_thinking=False))
+        b = MessageBuilder()
+        b.add(p.feed("hello <tool_call>get_wea"))
+        b.add(p.finish())
+        assert b.message()["content"] == "hello <tool_call>get_wea"
+        assert p.incomplete_call is want

@@ -428,8 +428,10 @@ class XmlCallParser(StreamParser):
         if self._state in (_S_TEXT, _S_REASON):
             self._emit_plain(data, out)
         elif self._state == _S_NAME:
-            # Ended before the name was complete: not a call yet, so keep the text.
-            self._incomplete = True
+            # Ended before the name was complete: not a call yet, so keep the text.  It was
+            # cut off only if it could still have become a declared tool's name.
+            partial = ("".join(self._acc) + data).strip()
+            self._incomplete = any(name.startswith(partial) for name in self._tools)
             self._state = self._return
             self._emit_plain(self._open + "".join(self._acc) + data, out)
         else:
