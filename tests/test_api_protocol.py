@@ -332,3 +332,18 @@ def test_thinking_switch_accepts_string_false():
         assert s.engine.last_prompt.endswith("<|assistant|></think>")
     finally:
         s.stop()
+
+
+def test_rejected_requests_give_their_admission_slot_back():
+    """Admission is taken before the prompt is built; a 400 must not leak the slot."""
+    s = Scripted("glm4", output="\nok", settings=Settings(max_concurrent_requests=1))
+    try:
+        for _ in range(3):
+            r = httpx.post(s.base_url + "/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7})
+            assert r.status_code == 400
+        r = s.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert r.choices[0].message.content == "ok"
+        assert s.app.state.admission.in_flight == 0
+    finally:
+        s.stop()

@@ -181,9 +181,13 @@ def create_app(
         t0 = time.perf_counter()
         check_model(body.model)
         check_limits(body)
-        prepared = chat.prepare(body)
         await engine.check_health()
-        admission.acquire()
+        admission.acquire()  # before rendering and tokenizing, so a flood is shed cheaply
+        try:
+            prepared = chat.prepare(body)
+        except BaseException:
+            admission.release()
+            raise
         if prepared.stream:
             def done() -> None:
                 admission.release()
@@ -211,9 +215,13 @@ def create_app(
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
         check_model(body.model)
-        prepared = completions.prepare(body)
         await engine.check_health()
         admission.acquire()
+        try:
+            prepared = completions.prepare(body)
+        except BaseException:
+            admission.release()
+            raise
         if prepared.stream:
             def done() -> None:
                 admission.release()
