@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# CI replays the same examples every run (a red CI should be a regression, not a new draw);
+# locally hypothesis explores fresh examples.  Tests' own max_examples/deadline still apply.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from servers import Server, start_server  # noqa: E402
 
