@@ -41,8 +41,8 @@ class VLLMEngine(Engine):
         self.model_name = served_model_name
         self.model_path = engine_args.model
         self.max_model_len = int(self._llm.model_config.max_model_len)
-        self._tok = self._llm.get_tokenizer()
-        hf = getattr(self._tok, "tokenizer", self._tok)
+        tok = self._llm.get_tokenizer()
+        hf = getattr(tok, "tokenizer", tok)
         self._hf = hf
         # token ids a raw prompt may hold (as vLLM's own check: tokenizer or model, the larger)
         self.vocab_size = max(len(hf), int(self._llm.model_config.get_vocab_size()))
