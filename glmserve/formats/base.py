@@ -29,6 +29,12 @@ class Control:
 
 PromptPart = Union[str, Control]
 
+# Markers several families write (Hermes-style call tags, reasoning tags).
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
 
 @dataclass
 class Prompt:
@@ -175,10 +181,12 @@ class StreamParser(ABC):
     def finish(self) -> list[Event]:
         """Flush at end of generation."""
 
+    _incomplete: bool = False
+
     @property
     def incomplete_call(self) -> bool:
         """True when output ended inside a tool call that was started but not closed."""
-        return False
+        return self._incomplete
 
 
 # --------------------------------------------------------------------------- constraints
@@ -188,14 +196,14 @@ class StreamParser(ABC):
 class Constraint:
     """A decoding constraint handed to vLLM's structured outputs (exactly one field set).
 
-    ``grammar`` is xgrammar/GBNF-style EBNF; ``structural_tag`` a JSON string in
-    xgrammar's structural-tag format; ``json`` a JSON schema.
+    ``grammar`` is xgrammar EBNF; ``json`` a JSON schema (``response_format``).
+    ``relaxed`` names the tools whose schema xgrammar could not compile, so their
+    arguments are only constrained to a JSON object (the API counts them in a metric).
     """
 
     grammar: str | None = None
-    structural_tag: str | None = None
     json: dict[str, Any] | None = None
-    regex: str | None = None
+    relaxed: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- format
@@ -206,8 +214,6 @@ class ChatFormat(ABC):
 
     name: ClassVar[str]
     """The ``--chat-format`` value."""
-
-    description: ClassVar[str] = ""
 
     stop: ClassVar[tuple[str, ...]] = ()
     """Strings that end a turn.  The engine looks each up in the tokenizer and stops on
