@@ -64,10 +64,11 @@ class UncompilableSchema(ValueError):
     ``param`` names the offending field for the API's 400 answer.
     """
 
-    def __init__(self, index: int, name: str, reason: str) -> None:
+    def __init__(self, index: int, name: str, error: str) -> None:
         self.index = index
         self.param = f"tools[{index}].function.parameters"
-        super().__init__(f"{self.param}: tool {name!r} is strict, but its schema cannot be enforced: {reason}")
+        self.reason = f"tool {name!r} is strict, but xgrammar cannot compile its schema: {error}"
+        super().__init__(f"{self.param}: {self.reason}")
 
 
 def canonical(obj: Any) -> str:
@@ -106,7 +107,7 @@ def json_schema_check(schema_json: str) -> str | None:
     try:
         schema_grammar(schema_json)
     except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors arrive as RuntimeError
-        return str(exc)
+        return str(exc).strip()
     return None
 
 

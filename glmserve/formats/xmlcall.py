@@ -653,7 +653,7 @@ def xml_schema_check(schema_json: str) -> str | None:
     try:
         grammar.compile_format(_call_tag("f", json.loads(schema_json)))
     except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors arrive as RuntimeError
-        return str(exc)
+        return str(exc).strip()
     return None
 
 
