@@ -93,8 +93,16 @@ def test_fallback_is_reported_only_for_constrained_tools(fmt: str) -> None:
     f = get_format(fmt)
     assert f.constraint(request(tool("bad", UNCOMPILABLE["lookbehind"], None), tool_choice="good")).relaxed == ()
     assert f.constraint(request(tool("bad", UNCOMPILABLE["lookbehind"], None), tool_choice="bad")).relaxed == ("bad",)
-    # strict: false opts out of schema enforcement: any object, nothing to report, no error.
-    c = f.constraint(request(tool("bad", UNCOMPILABLE["lookbehind"], False)))
-    assert c is not None and c.relaxed == ()
+    c = f.constraint(request(tool("bad", UNCOMPILABLE["lookbehind"], False)))  # strict: false is not strict
+    assert c is not None and c.relaxed == ("bad",)
     assert accepts(c.grammar, call(fmt, "bad", '{"a": "zzz"}'))
     assert f.constraint(request(tool("bad", UNCOMPILABLE["lookbehind"], True), tool_choice="none")) is None
+
+
+@pytest.mark.parametrize("strict", [False, None, True])
+@pytest.mark.parametrize("fmt", FAMILIES)
+def test_a_compilable_schema_is_enforced_whatever_strict_says(fmt: str, strict: bool | None) -> None:
+    c = get_format(fmt).constraint(request(tool("other", GOOD, strict)))
+    assert c is not None and c.relaxed == ()
+    assert accepts(c.grammar, call(fmt, "other", '{"n": 1}'))
+    assert not accepts(c.grammar, call(fmt, "other", '{"n": "one"}'))

@@ -6,8 +6,10 @@ A family turns a request into a constraint in three steps, two of them here:
    ``none`` / ``auto`` / ``required`` / a tool name), checks a named tool once, and
    decides each tool's argument schema by one rule for every family:
 
-   * ``strict: false`` or no ``parameters``: any JSON object (``null`` in the key);
-   * a schema the family's xgrammar style cannot compile: for a ``strict: true`` tool an
+   * no ``parameters``: any JSON object (``null`` in the key);
+   * a schema the family's xgrammar style compiles: that schema, whatever ``strict`` says
+     (arguments valid against the schema is what glmserve promises);
+   * a schema it cannot compile: for a ``strict: true`` tool an
      :class:`UncompilableSchema` (the API answers 400 naming the field), for any other
      tool any JSON object, with one warning per tool set and the tool's name listed in
      :attr:`Constraint.relaxed` so the API can count it.
@@ -120,7 +122,7 @@ def _tool_schemas(check: SchemaCheck, tools_json: str) -> tuple[tuple[Any, ...],
     schemas: list[Any] = []
     relaxed: list[str] = []
     for i, (name, params, strict) in enumerate(json.loads(tools_json)):
-        if strict is False or not isinstance(params, dict):
+        if not isinstance(params, dict):
             schemas.append(None)
             continue
         reason = check(canonical(params))

@@ -65,9 +65,9 @@ like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(struct
   "</tool_call>")``.  ``glm_xml`` tolerates whitespace between the elements, so the same
   tag serves GLM-4.5's newline layout and GLM-4.7's compact one.  Arguments follow the
   schema's declared property order (xgrammar's ``any_order=False`` default, which is what
-  lets it enforce ``required``); ``strict: false``, missing parameters or a schema
-  xgrammar cannot compile leave the arguments unconstrained (the shared rule of
-  :mod:`glmserve.formats.grammar`).
+  lets it enforce ``required``); missing parameters leave the arguments unconstrained,
+  and so does a schema xgrammar cannot compile unless the tool is ``strict`` (the shared
+  rule of :mod:`glmserve.formats.grammar`).
 * ``auto``: free text with optional calls; ``required``: the answer starts with a call
   (GLM-4.5: after an optional ``\n``), text may follow parallel calls; a named tool:
   exactly one call of it; ``parallel_tool_calls=False``: at most / exactly one call.
@@ -672,7 +672,7 @@ def structural_tag_for_key(key: str) -> str:
     )
 
     spec = json.loads(key)
-    # No schema (strict: false, none given, or one xgrammar cannot compile): any arguments.
+    # No schema (none given, or one xgrammar cannot compile): any arguments.
     tags = [_call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
     single = not spec["parallel"]
     if spec["choice"] == "auto":
