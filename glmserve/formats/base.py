@@ -173,9 +173,15 @@ class StreamParser(ABC):
       with ``finish_reason="length"`` or keeps it as text).
     """
 
-    @abstractmethod
     def feed(self, text: str) -> list[Event]:
         """Consume the next piece of output."""
+        out: list[Event] = []
+        self._process(text, out)
+        return out
+
+    def _process(self, text: str, out: list[Event]) -> None:
+        """Append the events of ``text`` to ``out`` (for parsers that keep the default ``feed``)."""
+        raise NotImplementedError
 
     @abstractmethod
     def finish(self) -> list[Event]:

@@ -208,11 +208,6 @@ class HermesParser(StreamParser):
         self.value_raw: list[str] = []
         self.tag = ""
 
-    def feed(self, text: str) -> list[Event]:
-        out: list[Event] = []
-        self._process(text, out)
-        return out
-
     def finish(self) -> list[Event]:
         out: list[Event] = []
         if self.state == _TEXT:

@@ -82,11 +82,6 @@ class GLMCallParser(StreamParser):
         self.scanner: ValueScanner | None = None
 
     # -- public
-    def feed(self, text: str) -> list[Event]:
-        out: list[Event] = []
-        self._process(text, out)
-        return out
-
     def finish(self) -> list[Event]:
         out: list[Event] = []
         if self.state == _REASONING:
