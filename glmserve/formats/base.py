@@ -238,7 +238,10 @@ class ChatFormat(ABC):
         """A fresh parser for one generation of this request."""
 
     def constraint(self, request: ChatRequest) -> Constraint | None:
-        """The decoding constraint for the request's ``tool_choice``; None for free text."""
+        """The decoding constraint for the request's ``tool_choice``; None for free text.
+
+        Raises :class:`glmserve.formats.grammar.UncompilableSchema` (a ``ValueError``) for
+        a ``strict`` tool whose schema xgrammar cannot compile."""
         return None
 
     def control_tokens(self) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ Every ``feed`` scans only the new text plus a held-back tail shorter than the lo
 marker; values and names are accumulated, never re-scanned.
 
 Constraint decisions (:func:`build_constraint`, an xgrammar 0.2.8 structural tag built
-like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(structural_tag=)``):
+like xgrammar's own ``glm_4_7`` tag, compiled to EBNF for ``StructuredOutputsParams(grammar=)``):
 
 * Reasoning stays free text (no control tokens inside, so no calls in reasoning while
   constrained); GLM-4.7 starts inside it, GLM-4.5 may open with ``<think>`` or
