@@ -28,6 +28,10 @@ class Metrics:
             "glmserve_constraint_build_seconds", "Time to build a decoding constraint for a request",
             buckets=(0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r,
         )
+        self.schema_fallbacks = Counter(
+            "glmserve_tool_schema_fallbacks", "Non-strict tools whose schema xgrammar cannot compile, "
+            "decoded as any JSON object (one per tool per request)", registry=r,
+        )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
 
     def render(self) -> bytes:

@@ -16,8 +16,8 @@ sees them.  ``glmserve/templates/glm4_tools.jinja`` (shipped in the package) ren
 as glmserve's ``glm4`` format does.
 
 What the plugin does, per request (it is a thin adapter: all parsing is glmserve's own
-:class:`glmserve.formats.jsoncall.GLMCallParser`, all grammar building
-:func:`glmserve.formats.grammar.glm_constraint`):
+:class:`glmserve.formats.jsoncall.GLMCallParser`, all grammar building its
+``GLMJsonFormat.constraint``):
 
 * ``adjust_request``: detokenize with special tokens kept (``<|assistant|>`` separates
   several calls, as in glmserve) and, for ``tool_choice`` ``required`` / a named tool /

@@ -201,8 +201,8 @@ def test_required_sets_a_constraint(glm4):
     glm4.output = 'get_weather\n{"city": "x"}'
     ask(glm4, glm4.output, tool_choice="required")
     c = glm4.engine.last_params.constraint
-    assert c is not None and (c.grammar or c.structural_tag)
-    assert "get_weather" in (c.grammar or c.structural_tag)
+    assert c is not None and c.grammar
+    assert "get_weather" in c.grammar
 
 
 @pytest.mark.parametrize("body, param", [
@@ -289,16 +289,57 @@ def test_unusable_schemas_are_client_errors_not_crashes():
     """A dangling $ref or a regex xgrammar cannot compile is the request's fault: 400 or a working fallback."""
     s = Scripted("glm45", output='<tool_call>f<arg_key>a</arg_key><arg_value>x</arg_value></tool_call>')
     try:
-        bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        bad = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
             "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]
         r = httpx.post(s.base_url + "/chat/completions", json={
             "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad, "tool_choice": "required"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
         r = httpx.post(s.base_url + "/chat/completions", json={
             "model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {
                 "type": "json_schema", "json_schema": {"name": "x", "schema": {
                     "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
+    finally:
+        s.stop()
+
+
+UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}
+CALL_OF_F = {
+    "chatml": '<tool_call>\n{"name": "f", "arguments": {"a": "x"}}\n</tool_call>',
+    "glm4": 'f\n{"a": "x"}',
+    "glm4-0414": 'f\n{"a": "x"}',
+    "glmz1": 'r</think>f\n{"a": "x"}',
+    "glm45": '<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>\n</tool_call>',
+    "glm47": '</think><tool_call>f<arg_key>a</arg_key><arg_value>x</arg_value></tool_call>',
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(CALL_OF_F))
+def test_uncompilable_schema_is_400_when_strict_else_any_object(fmt):
+    """Every family: a strict tool xgrammar cannot compile is the client's 400 naming the field;
+    a non-strict one is answered, its arguments decoded as any JSON object, and counted."""
+    s = Scripted(fmt, output=CALL_OF_F[fmt], size=3)
+    try:
+        url = s.base_url + "/chat/completions"
+        base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}
+        for strict in (True, False, None):
+            fn = {"name": "f", "parameters": UNCOMPILABLE} | ({} if strict is None else {"strict": strict})
+            r = httpx.post(url, json=base | {"tools": [TOOLS[1], {"type": "function", "function": fn}]})
+            if strict:
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert err["param"] == "tools[1].function.parameters" and "'f'" in err["message"]
+                assert err["type"] == "invalid_request_error"
+                continue
+            assert r.status_code == 200, r.text
+            call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+            assert call["name"] == "f" and json.loads(call["arguments"]) == {"a": "x"}
+            assert s.engine.last_params.constraint is not None and s.engine.last_params.constraint.grammar
+        r = httpx.post(url, json=base | {"functions": [{"name": "f", "strict": True, "parameters": UNCOMPILABLE}],
+                                         "tool_choice": None, "function_call": "auto"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "functions[0].parameters", r.text
+        metrics = httpx.get(s.base_url.replace("/v1", "/metrics")).text
+        assert "glmserve_tool_schema_fallbacks_total 2.0" in metrics  # strict: false and strict left out
     finally:
         s.stop()
 

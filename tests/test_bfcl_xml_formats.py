@@ -16,7 +16,8 @@ from xgrammar.testing import _is_grammar_accept_string as accepts
 from glmserve.formats import get_format
 from glmserve.formats.base import ChatRequest, Tool, ToolCallArgs
 from glmserve.formats.message import MessageBuilder
-from glmserve.formats.xmlcall import is_string_schema, property_schema, render_value, grammar_for_key, structural_tag_for_key, write_call
+from glmserve.formats.grammar import clear_caches
+from glmserve.formats.xmlcall import is_string_schema, property_schema, render_value, write_call
 
 DATA = Path(__file__).parent / "data" / "bfcl"
 FAMILIES = {"glm45": "glm4.5/4.6", "glm47": "glm4.7"}
@@ -113,8 +114,7 @@ def test_constraint_build_time(capsys: pytest.CaptureFixture[str]) -> None:
     for fmt in FAMILIES:
         f = get_format(fmt)
         req = chat_request(case, tool_choice="required")
-        structural_tag_for_key.cache_clear()
-        grammar_for_key.cache_clear()
+        clear_caches()
         t0 = time.perf_counter()
         tag = f.constraint(req).grammar
         cold = time.perf_counter() - t0

@@ -1,17 +1,16 @@
-"""GLM-4.5/4.6 format: golden prompts, parser golden cases, split invariance, constraints."""
+"""GLM-4.5/4.6 format: prompts, parser golden cases, properties, constraints.  Golden
+prompts and split invariance, shared with GLM-4.7, are in ``test_format_xml.py``."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any
 
-import pytest
 import xgrammar as xgr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string as accepts
+from xml_family import calls_of, parse_with, request, split
 
 from glmserve.formats import get_format
 from glmserve.formats.base import (
@@ -24,84 +23,18 @@ from glmserve.formats.base import (
     ToolCallEnd,
     ToolCallStart,
 )
-from glmserve.formats.message import MessageBuilder, merge_events
-from glmserve.formats.xmlcall import CONTROL_TOKENS, grammar_for_key, write_call
+from glmserve.formats.grammar import clear_caches
+from glmserve.formats.message import MessageBuilder
+from glmserve.formats.xmlcall import grammar_for_key, write_call
 
-DATA = Path(__file__).parent / "data"
 FMT = get_format("glm45")
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "查询城市天气",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
-TYPED = {
-    "type": "function",
-    "function": {
-        "name": "typed",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "n": {"type": "integer"},
-                "b": {"type": "boolean"},
-                "o": {"type": "object"},
-                "s": {"type": "string"},
-                "any": {},
-            },
-        },
-    },
-}
-NOARGS = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
-TOOLS = [Tool.from_openai(t) for t in (WEATHER, TYPED, NOARGS)]
-
-
-def request(messages: list[dict[str, Any]] | None = None, tools: list[Tool] | None = None, **kw: Any) -> ChatRequest:
-    return ChatRequest(messages=messages or [{"role": "user", "content": "hi"}], tools=TOOLS if tools is None else tools, **kw)
 
 
 def parse(text: str, req: ChatRequest | None = None, pieces: list[str] | None = None):
-    """Events (merged), message and incomplete flag for an output fed in pieces."""
-    p = FMT.parser(req or request())
-    events = []
-    for piece in pieces if pieces is not None else [text]:
-        events += p.feed(piece)
-    events += p.finish()
-    b = MessageBuilder()
-    b.add(events)
-    return merge_events(events), b.message(), p.incomplete_call
-
-
-def calls_of(msg: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg.get("tool_calls", [])]
+    return parse_with(FMT, text, req, pieces)
 
 
 # --------------------------------------------------------------------------- render
-
-
-def _golden() -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (DATA / "glm-prompts.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["family"] == "glm4.5/4.6"]
-
-
-@pytest.mark.parametrize("case", _golden(), ids=lambda c: c["case"])
-def test_golden_prompt(case: dict[str, Any]) -> None:
-    r = case["request"]
-    req = ChatRequest(messages=r["messages"], tools=[Tool.from_openai(t) for t in r.get("tools", [])])
-    prompt = FMT.render(req)
-    assert prompt.text == case["expected_prompt"]
-    assert all(p.token in CONTROL_TOKENS for p in prompt.parts if isinstance(p, Control))
-    # Template text never hides a control token inside a plain part (request content may).
-    request_text = json.dumps(r, ensure_ascii=False)
-    for part in prompt.parts:
-        if isinstance(part, str):
-            assert all(tok not in part or tok in request_text for tok in CONTROL_TOKENS)
 
 
 def test_user_text_spelling_control_tokens_stays_plain() -> None:
@@ -280,40 +213,10 @@ FRAGMENTS = [
 ]
 
 
-def _message_no_ids(msg: dict[str, Any]) -> dict[str, Any]:
-    msg = json.loads(json.dumps(msg))
-    for c in msg.get("tool_calls", []):
-        c.pop("id")
-    return msg
-
-
-def _split(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    out, prev = [], 0
-    for p in points + [len(text)]:
-        out.append(text[prev:p])
-        prev = p
-    return out
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40), st.lists(st.integers(0, 10_000), max_size=12),
-       st.booleans())
-def test_any_split_same_result(frags: list[str], cuts: list[int], thinking: bool) -> None:
-    text = "".join(frags)
-    req = request(enable_thinking=thinking)
-    whole = parse(text, req)
-    pieces = parse(text, req, _split(text, cuts))
-    chars = parse(text, req, list(text))
-    assert whole[0] == pieces[0] == chars[0]
-    assert _message_no_ids(whole[1]) == _message_no_ids(pieces[1]) == _message_no_ids(chars[1])
-    assert whole[2] == pieces[2] == chars[2]
-
-
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=200), st.lists(st.integers(0, 10_000), max_size=8))
 def test_arbitrary_text_never_raises(text: str, cuts: list[int]) -> None:
-    parse(text, request(), _split(text, cuts))
+    parse(text, request(), split(text, cuts))
 
 
 @settings(max_examples=150, deadline=None)
@@ -349,11 +252,6 @@ def _grammar(req: ChatRequest) -> xgr.Grammar:
 CALL = "\n" + W("get_weather", {"city": "北京", "days": 2}, newlines=True)
 
 
-def test_constraint_none_without_tools_or_choice_none() -> None:
-    assert FMT.constraint(request(tools=[])) is None
-    assert FMT.constraint(request(tool_choice="none")) is None
-
-
 def test_constraint_auto() -> None:
     g = _grammar(request())
     assert accepts(g, "\n<think>r</think>" + CALL)
@@ -384,7 +282,7 @@ def test_constraint_thinking_disabled() -> None:
 
 
 def test_constraint_is_cached() -> None:
-    grammar_for_key.cache_clear()
+    clear_caches()
     a = FMT.constraint(request(tool_choice="required"))
     b = FMT.constraint(request(tool_choice="required"))
     assert a == b and grammar_for_key.cache_info().hits >= 1

@@ -1,10 +1,10 @@
-"""GLM-4.7 format: golden prompts, clear_thinking, parser golden cases, split invariance,
-constraints (compared with xgrammar's own ``glm_4_7`` structural tag)."""
+"""GLM-4.7 format: clear_thinking, parser golden cases, constraints (compared with
+xgrammar's own ``glm_4_7`` structural tag).  Golden prompts and split invariance, shared
+with GLM-4.5, are in ``test_format_xml.py``."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,67 +12,25 @@ import xgrammar as xgr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string as accepts
+from xml_family import NOARGS, TOOLS, TYPED, WEATHER, calls_of, parse_with, request
 
 from glmserve.formats import get_format
 from glmserve.formats.base import (
     ChatRequest,
-    Control,
     ReasoningEvent,
     TextEvent,
-    Tool,
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
 )
-from glmserve.formats.message import MessageBuilder, merge_events
-from glmserve.formats.xmlcall import CONTROL_TOKENS, write_call
+from glmserve.formats.message import MessageBuilder
+from glmserve.formats.xmlcall import write_call
 
-DATA = Path(__file__).parent / "data"
 FMT = get_format("glm47")
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
-TYPED = {
-    "type": "function",
-    "function": {
-        "name": "typed",
-        "parameters": {
-            "type": "object",
-            "properties": {"n": {"type": "integer"}, "b": {"type": "boolean"}, "o": {"type": "object"},
-                           "s": {"type": "string"}, "u": {"type": ["string", "null"]}},
-        },
-    },
-}
-NOARGS = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
-TOOLS = [Tool.from_openai(t) for t in (WEATHER, TYPED, NOARGS)]
-
-
-def request(messages: list[dict[str, Any]] | None = None, tools: list[Tool] | None = None, **kw: Any) -> ChatRequest:
-    return ChatRequest(messages=messages or [{"role": "user", "content": "hi"}], tools=TOOLS if tools is None else tools, **kw)
 
 
 def parse(text: str, req: ChatRequest | None = None, pieces: list[str] | None = None):
-    p = FMT.parser(req or request())
-    events = []
-    for piece in pieces if pieces is not None else [text]:
-        events += p.feed(piece)
-    events += p.finish()
-    b = MessageBuilder()
-    b.add(events)
-    return merge_events(events), b.message(), p.incomplete_call
-
-
-def calls_of(msg: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg.get("tool_calls", [])]
+    return parse_with(FMT, text, req, pieces)
 
 
 def W(name: str, args: dict[str, Any]) -> str:
@@ -80,21 +38,6 @@ def W(name: str, args: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- render
-
-
-def _golden() -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (DATA / "glm-prompts.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["family"] == "glm4.7"]
-
-
-@pytest.mark.parametrize("case", _golden(), ids=lambda c: c["case"])
-def test_golden_prompt(case: dict[str, Any]) -> None:
-    r = case["request"]
-    req = ChatRequest(messages=r["messages"], tools=[Tool.from_openai(t) for t in r.get("tools", [])])
-    prompt = FMT.render(req)
-    assert prompt.text == case["expected_prompt"]
-    assert all(p.token in CONTROL_TOKENS for p in prompt.parts if isinstance(p, Control))
-    assert prompt.parts[-2:] == [Control("<|assistant|>"), Control("<think>")]
 
 
 HISTORY = [
@@ -221,37 +164,6 @@ FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", 
              "北京", "\n", " ", "<", "/", "x", "\\", "\""]
 
 
-def _split(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    out, prev = [], 0
-    for p in points + [len(text)]:
-        out.append(text[prev:p])
-        prev = p
-    return out
-
-
-def _no_ids(msg: dict[str, Any]) -> dict[str, Any]:
-    msg = json.loads(json.dumps(msg))
-    for c in msg.get("tool_calls", []):
-        c.pop("id")
-    return msg
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40), st.lists(st.integers(0, 10_000), max_size=12), st.booleans())
-def test_any_split_same_result(frags: list[str], cuts: list[int], thinking: bool) -> None:
-    text = "".join(frags)
-    req = request(enable_thinking=thinking)
-    results = [parse(text, req), parse(text, req, _split(text, cuts)), parse(text, req, list(text))]
-    assert results[0][0] == results[1][0] == results[2][0]
-    assert _no_ids(results[0][1]) == _no_ids(results[1][1]) == _no_ids(results[2][1])
-    assert results[0][2] == results[1][2] == results[2][2]
-    # arguments of completed calls are always valid JSON objects
-    for call in results[0][1].get("tool_calls", []):
-        if call["function"]["arguments"].endswith("}"):
-            assert isinstance(json.loads(call["function"]["arguments"]), dict)
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=300))
 def test_arbitrary_text_never_raises_and_plain_text_is_kept(text: str) -> None:
@@ -304,14 +216,10 @@ def test_constraint_matches_xgrammar_builtin_for_glm_4_7() -> None:
         assert accepts(ours, s) == accepts(theirs, s), s
 
 
-def test_constraint_none_and_thinking_disabled() -> None:
-    assert FMT.constraint(request(tool_choice="none")) is None
-    assert FMT.constraint(request(tools=[])) is None
+def test_constraint_thinking_disabled() -> None:
     g = _grammar(request(enable_thinking=False, tool_choice="required"))
     assert accepts(g, CALL)
     assert not accepts(g, "r</think>" + CALL)
-    with pytest.raises(ValueError):
-        FMT.constraint(request(tool_choice="ghost"))
 
 
 def test_cut_off_marker_is_incomplete_only_for_a_declared_name() -> None:

@@ -34,6 +34,7 @@ from glmserve.formats.base import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmserve.formats.grammar import UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.metrics import Metrics
 
@@ -256,10 +257,15 @@ class ChatService:
         t0 = time.perf_counter()
         try:
             constraint = self.fmt.constraint(chat) if chat.tools and chat.tool_choice != "none" else None
+        except UncompilableSchema as exc:  # a strict tool whose schema xgrammar cannot enforce
+            param = exc.param if req.tools else f"functions[{exc.index}].parameters"
+            raise APIError(400, f"{param}: {exc.reason}", param=param) from None
         except (ValueError, RuntimeError) as exc:  # xgrammar refuses a schema it cannot compile
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
         self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
+        if constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
+            self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
         if constraint is None:
             constraint = _response_format_constraint(req)
         top = req.top_logprobs if req.top_logprobs is not None else 0

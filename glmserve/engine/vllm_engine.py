@@ -116,9 +116,7 @@ class VLLMEngine(Engine):
         so = None
         c = p.constraint
         if c is not None:
-            so = StructuredOutputsParams(
-                json=c.json, grammar=c.grammar, structural_tag=c.structural_tag, regex=c.regex
-            )
+            so = StructuredOutputsParams(json=c.json, grammar=c.grammar)
         return SamplingParams(
             n=p.n,
             max_tokens=p.max_tokens,

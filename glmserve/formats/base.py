@@ -29,6 +29,12 @@ class Control:
 
 PromptPart = Union[str, Control]
 
+# Markers several families write (Hermes-style call tags, reasoning tags).
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
 
 @dataclass
 class Prompt:
@@ -167,18 +173,26 @@ class StreamParser(ABC):
       with ``finish_reason="length"`` or keeps it as text).
     """
 
-    @abstractmethod
     def feed(self, text: str) -> list[Event]:
         """Consume the next piece of output."""
+        out: list[Event] = []
+        self._process(text, out)
+        return out
+
+    def _process(self, text: str, out: list[Event]) -> None:
+        """Append the events of ``text`` to ``out`` (for parsers that keep the default ``feed``)."""
+        raise NotImplementedError
 
     @abstractmethod
     def finish(self) -> list[Event]:
         """Flush at end of generation."""
 
+    _incomplete: bool = False
+
     @property
     def incomplete_call(self) -> bool:
         """True when output ended inside a tool call that was started but not closed."""
-        return False
+        return self._incomplete
 
 
 # --------------------------------------------------------------------------- constraints
@@ -188,14 +202,14 @@ class StreamParser(ABC):
 class Constraint:
     """A decoding constraint handed to vLLM's structured outputs (exactly one field set).
 
-    ``grammar`` is xgrammar/GBNF-style EBNF; ``structural_tag`` a JSON string in
-    xgrammar's structural-tag format; ``json`` a JSON schema.
+    ``grammar`` is xgrammar EBNF; ``json`` a JSON schema (``response_format``).
+    ``relaxed`` names the tools whose schema xgrammar could not compile, so their
+    arguments are only constrained to a JSON object (the API counts them in a metric).
     """
 
     grammar: str | None = None
-    structural_tag: str | None = None
     json: dict[str, Any] | None = None
-    regex: str | None = None
+    relaxed: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- format
@@ -206,8 +220,6 @@ class ChatFormat(ABC):
 
     name: ClassVar[str]
     """The ``--chat-format`` value."""
-
-    description: ClassVar[str] = ""
 
     stop: ClassVar[tuple[str, ...]] = ()
     """Strings that end a turn.  The engine looks each up in the tokenizer and stops on
@@ -226,7 +238,10 @@ class ChatFormat(ABC):
         """A fresh parser for one generation of this request."""
 
     def constraint(self, request: ChatRequest) -> Constraint | None:
-        """The decoding constraint for the request's ``tool_choice``; None for free text."""
+        """The decoding constraint for the request's ``tool_choice``; None for free text.
+
+        Raises :class:`glmserve.formats.grammar.UncompilableSchema` (a ``ValueError``) for
+        a ``strict`` tool whose schema xgrammar cannot compile."""
         return None
 
     def control_tokens(self) -> tuple[str, ...]:

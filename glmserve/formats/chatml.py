@@ -28,7 +28,10 @@ from __future__ import annotations
 import json
 from typing import ClassVar, Iterable
 
+from glmserve.formats import grammar
 from glmserve.formats.base import (
+    CALL_CLOSE,
+    CALL_OPEN,
     ChatFormat,
     ChatRequest,
     Constraint,
@@ -41,12 +44,10 @@ from glmserve.formats.base import (
     ToolCallEnd,
     ToolCallStart,
 )
-from glmserve.formats.jsoncall import MarkerScanner, ValueScanner
+from glmserve.formats.scan import WS, MarkerScanner, ValueScanner
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-CALL_OPEN = "<tool_call>"
-CALL_CLOSE = "</tool_call>"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TOOLS_PREAMBLE = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -57,7 +58,6 @@ TOOLS_POSTAMBLE = (
     "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
-_WS = " \t\r\n"
 
 
 def _call_json(name: str, arguments: object) -> str:
@@ -75,7 +75,6 @@ def _call_json(name: str, arguments: object) -> str:
 
 class ChatMLFormat(ChatFormat):
     name = "chatml"
-    description = "ChatML (SmolLM2 default) with Hermes <tool_call> JSON calls"
     stop: ClassVar[tuple[str, ...]] = (IM_END, "<|endoftext|>")
     skip_special_tokens: ClassVar[bool] = True
 
@@ -132,12 +131,48 @@ class ChatMLFormat(ChatFormat):
         return HermesParser([t.name for t in request.tools_in_prompt])
 
     def constraint(self, request: ChatRequest) -> Constraint | None:
-        from glmserve.formats.grammar import chatml_constraint
-
-        return chatml_constraint(request)
+        return grammar.build(request, "chatml", grammar.json_schema_check, _build_chatml)
 
     def control_tokens(self) -> tuple[str, ...]:
         return (IM_START, IM_END)
+
+
+# --------------------------------------------------------------------------- constraint
+#
+# ``C = "<tool_call>\n{\"name\": \"N\", \"arguments\": " args "}\n</tool_call>"``;
+# required: ``C ("\n" C)*`` (``C`` when ``parallel_tool_calls`` is false); named: exactly
+# that call; auto: free text with triggered tags on ``<tool_call>``.
+
+CALL_END = "}\n" + CALL_CLOSE
+
+
+def call_begin(name: str) -> str:
+    """What a Hermes call of ``name`` writes before its arguments object."""
+    return CALL_OPEN + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
+@grammar.cached(maxsize=256)
+def _build_chatml(key: str) -> str:
+    from xgrammar import structural_tag as st
+
+    spec = json.loads(key)
+    tags = [
+        st.TagFormat(
+            begin=call_begin(name),
+            content=st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params))),
+            end=CALL_END,
+        )
+        for name, params in spec["tools"]
+    ]
+    if spec["choice"] == "auto":
+        return grammar.compile_format(
+            st.TriggeredTagsFormat(triggers=[CALL_OPEN], tags=tags, stop_after_first=not spec["parallel"])
+        )
+    one = grammar.one_of(tags)
+    if spec["choice"] == "named" or not spec["parallel"]:
+        return grammar.compile_format(one)
+    more = st.StarFormat(content=st.SequenceFormat(elements=[st.ConstStringFormat(value="\n"), one]))
+    return grammar.compile_format(st.SequenceFormat(elements=[one, more]))
 
 
 # --------------------------------------------------------------------------- parser
@@ -157,7 +192,6 @@ class HermesParser(StreamParser):
         self.ws = ""  # held layout whitespace
         self.marker = MarkerScanner(CALL_OPEN)
         self.index = -1
-        self._incomplete = False
         self._reset_obj()
 
     def _reset_obj(self) -> None:
@@ -173,15 +207,6 @@ class HermesParser(StreamParser):
         self.scanner: ValueScanner | None = None
         self.value_raw: list[str] = []
         self.tag = ""
-
-    @property
-    def incomplete_call(self) -> bool:
-        return self._incomplete
-
-    def feed(self, text: str) -> list[Event]:
-        out: list[Event] = []
-        self._process(text, out)
-        return out
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
@@ -223,7 +248,7 @@ class HermesParser(StreamParser):
 
     @staticmethod
     def _final_args(raw: str) -> str:
-        s = raw.strip(_WS)
+        s = raw.strip(WS)
         if s.startswith('"'):
             try:
                 inner = json.loads(s)
@@ -247,7 +272,7 @@ class HermesParser(StreamParser):
         n = len(s)
         while pos < n:
             if self.state == _LEADWS:
-                while pos < n and s[pos] in _WS:
+                while pos < n and s[pos] in WS:
                     self.ws += s[pos]
                     pos += 1
                 if pos >= n:
@@ -283,7 +308,7 @@ class HermesParser(StreamParser):
             return end
         if o == _O_CLOSE_TAG:
             self.tag += c
-            stripped = self.tag.lstrip(_WS)
+            stripped = self.tag.lstrip(WS)
             if CALL_CLOSE.startswith(stripped) or not stripped:
                 if stripped == CALL_CLOSE:
                     self._reset_obj()
@@ -314,7 +339,7 @@ class HermesParser(StreamParser):
             else:
                 self.key += c
             return pos + 1
-        if c in _WS:
+        if c in WS:
             return pos + 1
         if o == _O_OPEN:
             if c == "{":

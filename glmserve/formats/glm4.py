@@ -18,7 +18,6 @@ PREAMBLE = (
 
 class GLM4Format(GLMJsonFormat):
     name = "glm4"
-    description = "glm-4-9b-chat: name\\n{json} tool calls, tools in a ChatGLM system block"
 
     def render(self, request: ChatRequest) -> Prompt:
         p = Prompt()

@@ -24,6 +24,5 @@ class GLM45Format(XmlFormat):
     """GLM-4.5 / GLM-4.6 (``<tool_call>name\\n<arg_key>..`` with newlines)."""
 
     name: ClassVar[str] = "glm45"
-    description: ClassVar[str] = "GLM-4.5/4.6: XML tool calls with newlines, <think> reasoning"
     style: ClassVar[XmlStyle] = XmlStyle(newlines=True, nothink_suffix=True, honour_clear_thinking=False)
     thinking: ClassVar[Literal["lead", "open"]] = "lead"

@@ -21,6 +21,5 @@ class GLM47Format(XmlFormat):
     """GLM-4.7 (``<tool_call>name<arg_key>..`` without newlines)."""
 
     name: ClassVar[str] = "glm47"
-    description: ClassVar[str] = "GLM-4.7: compact XML tool calls, <think> reasoning, clear_thinking"
     style: ClassVar[XmlStyle] = XmlStyle(newlines=False, nothink_suffix=False, honour_clear_thinking=True)
     thinking: ClassVar[Literal["lead", "open"]] = "open"

@@ -16,7 +16,6 @@ META_SEP = " "
 
 class GLM40414Format(GLMJsonFormat):
     name = "glm4-0414"
-    description = "GLM-4-0414: name\\n{json} tool calls, tools from the request"
     strip_reasoning = False
 
     def render(self, request: ChatRequest) -> Prompt:

@@ -9,21 +9,18 @@ reasoning block: reasoning up to ``</think>``, then the answer or calls as GLM-4
 
 from __future__ import annotations
 
-from glmserve.formats.base import ChatRequest, Control, Prompt
+from glmserve.formats.base import THINK_OPEN, ChatRequest, Control, Prompt
 from glmserve.formats.glm4_0414 import GLM40414Format
-
-THINK_TOKEN = "<think>"
 
 
 class GLMZ1Format(GLM40414Format):
     name = "glmz1"
-    description = "GLM-Z1: GLM-4-0414 layout with a <think> reasoning block"
     strip_reasoning = True
     reasoning = True
 
     def _generation_prompt(self, p: Prompt, request: ChatRequest) -> None:
         if request.add_generation_prompt:
-            p.add(Control("<|assistant|>"), "\n", Control(THINK_TOKEN))
+            p.add(Control("<|assistant|>"), "\n", Control(THINK_OPEN))
 
     def control_tokens(self) -> tuple[str, ...]:
-        return super().control_tokens() + (THINK_TOKEN,)
+        return super().control_tokens() + (THINK_OPEN,)

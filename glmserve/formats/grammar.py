@@ -1,28 +1,29 @@
-"""JSON schema -> xgrammar pieces, and the tool_choice constraints of the JSON-call formats.
+"""The xgrammar kit every family's decoding constraint is built with.
 
-Each tool's ``parameters`` becomes an xgrammar grammar with no free whitespace
-(``any_whitespace=False``: ``", "`` / ``": "`` separators, GLM's own style).  The call
-syntax around it is composed with xgrammar structural-tag *formats* (sequence, or, plus,
-const strings, any text) and compiled to one EBNF text with
-``Grammar.from_structural_tag``; xgrammar renames the rules of every embedded grammar, and
-the EBNF is what vLLM gets (``StructuredOutputsParams(grammar=...)``).  A JSON part is
-never a ``json_schema`` format, because vLLM ignores ``disable_any_whitespace`` there.
+A family turns a request into a constraint in three steps, two of them here:
 
-Built constraints are cached per canonical JSON of (format, tools, tool_choice,
-parallel_tool_calls): ``functools.lru_cache`` on that key.
+1. :func:`constraint_key` reads ``tool_choice`` (already normalised by the API to
+   ``none`` / ``auto`` / ``required`` / a tool name), checks a named tool once, and
+   decides each tool's argument schema by one rule for every family:
 
-Shapes (``C`` = one call of any allowed tool, ``C+`` = one or more run together):
+   * no ``parameters``: any JSON object (``null`` in the key);
+   * a schema the family's xgrammar style compiles: that schema, whatever ``strict`` says
+     (arguments valid against the schema is what glmserve promises);
+   * a schema it cannot compile: for a ``strict: true`` tool an
+     :class:`UncompilableSchema` (the API answers 400 naming the field), for any other
+     tool any JSON object, with one warning per tool set and the tool's name listed in
+     :attr:`Constraint.relaxed` so the API can count it.
 
-* GLM-4 / GLM-4-0414: ``C = name "\\n" args``; required ``C+`` (``C`` when
-  ``parallel_tool_calls`` is false); named: exactly that call; auto: ``"\\n" any-text | C+``.
-  Calls run together without ``<|assistant|>`` (special tokens are never generated under
-  a grammar); the parser accepts that.  A declared built-in (``python``,
-  ``simple_browser``, ``cogview`` with no ``parameters``) may also take a raw text body,
-  as the last call only.
-* GLM-Z1: ``any-text-without-</think> "</think>"``, up to two ``\\n``, then the
-  GLM-4-0414 shape (the auto text branch without the leading ``\\n``).
-* ChatML/Hermes: ``C = "<tool_call>\\n{\\"name\\": \\"N\\", \\"arguments\\": " args "}\\n</tool_call>"``;
-  required ``C ("\\n" C)*``; auto: free text with triggered tags on ``<tool_call>``.
+   The key is canonical JSON (no ``sort_keys``: xgrammar follows the order of
+   ``properties``, so order is meaningful), so equal requests share one built grammar.
+2. The family builds its grammar from the key, in a function wrapped with :func:`cached`.
+3. :func:`clear_caches` forgets every built grammar and compile check at once (tests
+   measure cold build time with it).
+
+Schemas become grammars with no free whitespace (``any_whitespace=False``: ``", "`` /
+``": "`` separators, GLM's own style).  Call syntax around them is composed with xgrammar
+structural-tag formats and compiled to one EBNF text (:func:`compile_format`), which is
+what vLLM gets (``StructuredOutputsParams(grammar=...)``).
 """
 
 from __future__ import annotations
@@ -30,17 +31,59 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from glmserve.formats.base import ChatRequest, Constraint
 
 log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
-BUILTIN_TOOLS = frozenset({"python", "simple_browser", "cogview"})
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_CACHES: list[Any] = []
 
 
-def _normalise_schema(schema: Any) -> dict[str, Any]:
+def cached(maxsize: int) -> Callable[[_F], _F]:
+    """``functools.lru_cache`` registered with :func:`clear_caches`."""
+
+    def wrap(fn: _F) -> _F:
+        wrapped = lru_cache(maxsize=maxsize)(fn)
+        _CACHES.append(wrapped)
+        return wrapped  # type: ignore[return-value]
+
+    return wrap
+
+
+def clear_caches() -> None:
+    """Forget every built grammar and schema check (tests measure cold build time with it)."""
+    for fn in _CACHES:
+        fn.cache_clear()
+
+
+class UncompilableSchema(ValueError):
+    """A ``strict: true`` tool whose parameters xgrammar cannot compile.
+
+    ``param`` names the offending field for the API's 400 answer.
+    """
+
+    def __init__(self, index: int, name: str, error: str) -> None:
+        self.index = index
+        self.param = f"tools[{index}].function.parameters"
+        self.reason = f"tool {name!r} is strict, but xgrammar cannot compile its schema: {error}"
+        super().__init__(f"{self.param}: {self.reason}")
+
+
+def canonical(obj: Any) -> str:
+    """Compact JSON keeping key order (xgrammar follows the order of ``properties``)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+SchemaCheck = Callable[[str], "str | None"]
+"""A family's compile check: canonical schema JSON -> None, or why xgrammar refuses it.
+Wrap it with :func:`cached` so each schema is compiled once."""
+
+
+def normalise_schema(schema: Any) -> dict[str, Any]:
     """No schema, or an object schema naming no properties, means any object."""
     if not isinstance(schema, dict) or not schema:
         return dict(ANY_OBJECT)
@@ -49,156 +92,108 @@ def _normalise_schema(schema: Any) -> dict[str, Any]:
     return schema
 
 
-@lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def schema_grammar(schema_json: str) -> str:
-    """EBNF of the arguments object for one schema (canonical JSON text), no free whitespace."""
+    """EBNF of the arguments object for one schema (canonical JSON), no free whitespace.
+
+    Raises ``RuntimeError`` / ``ValueError`` when xgrammar cannot compile it."""
     import xgrammar as xg
 
-    schema = _normalise_schema(json.loads(schema_json))
+    schema = normalise_schema(json.loads(schema_json))
+    return str(xg.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+
+
+@cached(maxsize=1024)
+def json_schema_check(schema_json: str) -> str | None:
+    """The compile check of the families whose arguments are plain JSON objects."""
     try:
-        return str(xg.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
-    except Exception as exc:  # unsupported schema feature: fall back to any object
-        log.warning("JSON schema not supported by xgrammar (%s); allowing any object", exc)
-        return str(xg.Grammar.from_json_schema(ANY_OBJECT, any_whitespace=False))
+        schema_grammar(schema_json)
+    except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors arrive as RuntimeError
+        return str(exc).strip()
+    return None
 
 
-def _canonical(obj: Any) -> str:
-    # No sort_keys: xgrammar follows the order of "properties", so order is meaningful.
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+@cached(maxsize=256)
+def _tool_schemas(check: SchemaCheck, tools_json: str) -> tuple[tuple[Any, ...], tuple[str, ...], tuple[int, str, str] | None]:
+    """Each tool's schema under the rule of the module docstring: ``(schemas, relaxed, refused)``.
+
+    ``refused`` is the first strict tool that does not compile ``(index, name, reason)``;
+    it is returned, not raised, so the verdict is cached too."""
+    schemas: list[Any] = []
+    relaxed: list[str] = []
+    for i, (name, params, strict) in enumerate(json.loads(tools_json)):
+        if not isinstance(params, dict):
+            schemas.append(None)
+            continue
+        reason = check(canonical(params))
+        if reason is None:
+            schemas.append(params)
+        elif strict:
+            return (), (), (i, name, reason)
+        else:
+            schemas.append(None)
+            relaxed.append(name)
+            log.warning("tool %r: xgrammar cannot compile its parameters (%s); its arguments are only "
+                        "constrained to a JSON object", name, reason)
+    return tuple(schemas), tuple(relaxed), None
 
 
-def _key(request: ChatRequest, fmt: str) -> str | None:
-    """Canonical cache key, or None when decoding is free."""
+def constraint_key(request: ChatRequest, family: str, check: SchemaCheck, **extra: Any) -> tuple[str, tuple[str, ...]] | None:
+    """``(canonical key, relaxed tool names)`` of the constraint a request needs, or None
+    when decoding is free.
+
+    The key is ``{"family", "tools": [[name, schema or null]...], "choice": "auto" |
+    "required" | "named", "parallel", **extra}``; for a named choice ``tools`` holds only
+    that tool.  Raises ``ValueError`` for a name that is not declared and
+    :class:`UncompilableSchema` for a strict tool xgrammar cannot compile.
+    """
     tools = request.tools_in_prompt
-    if request.tool_choice == "none" or not tools:
-        return None
     choice = request.tool_choice
-    if choice not in ("auto", "required"):
-        if choice not in {t.name for t in tools}:
-            raise ValueError(f"tool_choice names {choice!r}, which is not a declared tool")
-        tools = [t for t in tools if t.name == choice]
+    if choice == "none" or not tools:
+        return None
+    named = choice not in ("auto", "required")
+    if named and choice not in {t.name for t in tools}:
+        raise ValueError(f"tool_choice names {choice!r}, which is not among the declared tools")
+    schemas, relaxed, refused = _tool_schemas(check, canonical([[t.name, t.parameters, t.strict] for t in tools]))
+    if refused is not None:
+        raise UncompilableSchema(*refused)
+    listed = [[t.name, s] for t, s in zip(tools, schemas) if not named or t.name == choice]
+    if named:
+        relaxed = tuple(n for n in relaxed if n == choice)
     spec = {
-        "fmt": fmt,
-        "tools": [[t.name, t.parameters] for t in tools],
-        "choice": "auto" if choice == "auto" else "one" if choice != "required" else "required",
+        "family": family,
+        "tools": listed,
+        "choice": "named" if named else choice,
         "parallel": bool(request.parallel_tool_calls),
+        **extra,
     }
-    return _canonical(spec)
+    return canonical(spec), relaxed
 
 
-def _compile(fmt_obj: Any) -> str:
+def build(request: ChatRequest, family: str, check: SchemaCheck, grammar_for_key: Callable[[str], str],
+          **extra: Any) -> Constraint | None:
+    """The constraint for a request: key, then the family's cached grammar for it."""
+    found = constraint_key(request, family, check, **extra)
+    if found is None:
+        return None
+    key, relaxed = found
+    return Constraint(grammar=grammar_for_key(key), relaxed=relaxed)
+
+
+def compile_format(fmt_obj: Any) -> str:
+    """A structural-tag format object compiled to EBNF."""
     import xgrammar as xg
     from xgrammar import structural_tag as st
 
     return str(xg.Grammar.from_structural_tag(st.StructuralTag(format=fmt_obj)))
 
 
-# --------------------------------------------------------------------------- GLM
-
-
-def glm_constraint(request: ChatRequest, reasoning: bool = False) -> Constraint | None:
-    key = _key(request, "glmz1" if reasoning else "glm")
-    return None if key is None else Constraint(grammar=_build_glm(key))
-
-
-@lru_cache(maxsize=256)
-def _build_glm(key: str) -> str:
-    from xgrammar import structural_tag as st
-
-    spec = json.loads(key)
-    reasoning = spec["fmt"] == "glmz1"
-    json_calls = []
-    raw_calls = []
-    for name, params in spec["tools"]:
-        json_calls.append(
-            st.SequenceFormat(
-                elements=[
-                    st.ConstStringFormat(value=name + "\n"),
-                    st.GrammarFormat(grammar=schema_grammar(_canonical(params))),
-                ]
-            )
-        )
-        if name in BUILTIN_TOOLS and not params:
-            raw_calls.append(
-                st.SequenceFormat(elements=[st.ConstStringFormat(value=name + "\n"), st.AnyTextFormat()])
-            )
-    one = _or(json_calls + raw_calls)
-    if spec["choice"] == "one" or not spec["parallel"]:
-        calls = one
-    elif raw_calls:
-        calls = st.SequenceFormat(elements=[st.StarFormat(content=_or(json_calls)), one])
-    else:
-        calls = st.PlusFormat(content=_or(json_calls))
-    if spec["choice"] == "auto":
-        text = st.AnyTextFormat() if reasoning else st.SequenceFormat(
-            elements=[st.ConstStringFormat(value="\n"), st.AnyTextFormat()]
-        )
-        body = st.OrFormat(elements=[text, calls])
-    else:
-        body = calls
-    if reasoning:
-        body = st.SequenceFormat(
-            elements=[
-                st.AnyTextFormat(excludes=["</think>"]),
-                st.ConstStringFormat(value="</think>"),
-                # up to two newlines of layout, which the parser drops
-                st.OptionalFormat(content=st.ConstStringFormat(value="\n")),
-                st.OptionalFormat(content=st.ConstStringFormat(value="\n")),
-                body,
-            ]
-        )
-    return _compile(body)
-
-
-def _or(items: list[Any]) -> Any:
+def one_of(items: list[Any]) -> Any:
+    """The format of exactly one of ``items``."""
     from xgrammar import structural_tag as st
 
     return items[0] if len(items) == 1 else st.OrFormat(elements=items)
 
 
-# --------------------------------------------------------------------------- ChatML / Hermes
-
-HERMES_OPEN = "<tool_call>"
-
-
-def hermes_call_begin(name: str) -> str:
-    return HERMES_OPEN + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
-
-
-HERMES_CALL_END = "}\n</tool_call>"
-
-
-def chatml_constraint(request: ChatRequest) -> Constraint | None:
-    key = _key(request, "chatml")
-    return None if key is None else Constraint(grammar=_build_chatml(key))
-
-
-@lru_cache(maxsize=256)
-def _build_chatml(key: str) -> str:
-    from xgrammar import structural_tag as st
-
-    spec = json.loads(key)
-    tags = [
-        st.TagFormat(
-            begin=hermes_call_begin(name),
-            content=st.GrammarFormat(grammar=schema_grammar(_canonical(params))),
-            end=HERMES_CALL_END,
-        )
-        for name, params in spec["tools"]
-    ]
-    if spec["choice"] == "auto":
-        return _compile(
-            st.TriggeredTagsFormat(triggers=[HERMES_OPEN], tags=tags, stop_after_first=not spec["parallel"])
-        )
-    one = _or(tags)
-    if spec["choice"] == "one" or not spec["parallel"]:
-        return _compile(one)
-    more = st.StarFormat(content=st.SequenceFormat(elements=[st.ConstStringFormat(value="\n"), one]))
-    return _compile(st.SequenceFormat(elements=[one, more]))
-
-
-def clear_caches() -> None:
-    """Forget built constraints (tests measure cold build time with it)."""
-    schema_grammar.cache_clear()
-    _build_glm.cache_clear()
-    _build_chatml.cache_clear()
+__all__ = ["ANY_OBJECT", "UncompilableSchema", "build", "cached", "canonical", "clear_caches", "compile_format",
+           "constraint_key", "json_schema_check", "normalise_schema", "one_of", "schema_grammar"]

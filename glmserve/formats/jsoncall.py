@@ -3,23 +3,22 @@
 These models write a tool call as ``{name}\\n{json object}``; several calls follow each
 other separated by ``<|assistant|>`` (or run together when special tokens are skipped),
 and a plain answer starts with ``\\n`` (the empty metadata line).  This module holds the
-incremental scanners, the streaming parser for that layout and the ``ChatFormat`` base
+streaming parser for that layout, its decoding constraint and the ``ChatFormat`` base
 that the three GLM JSON formats share.
 
 Parser decisions (deterministic, independent of how the output is split):
 
 * A *segment* starts at the beginning of the output, after ``<|assistant|>``, and after
-  a call's closing ``}``.  At a segment start up to :data:`MAX_LEAD_WS` whitespace
+  a call's closing ``}``.  At a segment start up to :data:`MAX_LEADWS` whitespace
   characters, a declared name, up to :data:`MAX_NAME_SPACES` spaces (GLM-4-0414 history
-  writes ``name \\n``), ``\\n``, up to :data:`MAX_LEAD_WS` whitespace and ``{`` make a
+  writes ``name \\n``), ``\\n``, up to :data:`MAX_LEADWS` whitespace and ``{`` make a
   call.  Anything else makes the segment text, with one leading ``\\n`` (the empty
   metadata line) removed.  Whitespace-only text at a segment start that is followed by
   nothing is dropped.
 * A call's arguments are the model's own JSON text from ``{`` to the matching ``}``,
   streamed as it arrives (strings, escapes and depth are tracked incrementally).  When the
   object closes, ``ToolCallEnd`` is emitted; if the closed text fails ``json.loads`` the
-  call is still reported with the model's text as arguments and its index is listed in
-  :attr:`GLMCallParser.invalid_calls` (the API layer decides what to do with it).
+  call is still reported with the model's text as arguments (the API layer checks it).
 * Output that ends inside a call's object: no ``ToolCallEnd``, ``incomplete_call`` is True.
 * Built-in tools (``python``, ``simple_browser``, ``cogview``) declared under that name:
   when the body after ``name\\n`` does not start with ``{`` it is raw text up to the next
@@ -34,10 +33,11 @@ Parser decisions (deterministic, independent of how the output is split):
 from __future__ import annotations
 
 import json
-import re
-from typing import ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
+from glmserve.formats import grammar
 from glmserve.formats.base import (
+    THINK_CLOSE,
     ChatFormat,
     ChatRequest,
     Constraint,
@@ -49,151 +49,14 @@ from glmserve.formats.base import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmserve.formats.scan import WS, MarkerScanner, ValueScanner
 
 ASSISTANT = "<|assistant|>"
-THINK_END = "</think>"
 BUILTIN_TOOLS = frozenset({"python", "simple_browser", "cogview"})
 BUILTIN_ARG_KEY = "input"
 """Key of the JSON object that wraps a built-in tool's raw (non-JSON) body."""
-MAX_LEAD_WS = 4
+MAX_LEADWS = 4
 MAX_NAME_SPACES = 4
-_WS = " \t\r\n"
-
-# --------------------------------------------------------------------------- scanners
-
-_STR_SPECIAL = re.compile(r'["\\]')
-_STRUCT = re.compile(r'["{}\[\]]')
-_ATOM_END = re.compile(r'[,}\]\s]')
-
-
-class ValueScanner:
-    """Finds where one JSON value ends, fed in pieces, in O(new text).
-
-    Call :meth:`feed` with the first piece positioned at the value's first character.
-    It only tracks strings, escapes and nesting; it does not validate.
-    """
-
-    __slots__ = ("kind", "depth", "in_str", "esc", "done")
-
-    def __init__(self) -> None:
-        self.kind: str | None = None  # "c" container, "s" string, "a" atom
-        self.depth = 0
-        self.in_str = False
-        self.esc = False
-        self.done = False
-
-    def feed(self, s: str, pos: int = 0) -> int:
-        """Index in ``s`` just past the value's end, or -1 when it has not ended yet."""
-        n = len(s)
-        i = pos
-        if i >= n:
-            return -1
-        if self.kind is None:
-            c = s[i]
-            if c in "{[":
-                self.kind, self.depth = "c", 1
-                i += 1
-            elif c == '"':
-                self.kind, self.in_str = "s", True
-                i += 1
-            else:
-                self.kind = "a"
-        if self.kind == "a":
-            m = _ATOM_END.search(s, i)
-            if m:
-                self.done = True
-                return m.start()
-            return -1
-        while i < n:
-            if self.esc:
-                self.esc = False
-                i += 1
-                continue
-            if self.in_str:
-                m = _STR_SPECIAL.search(s, i)
-                if not m:
-                    return -1
-                i = m.start()
-                if s[i] == "\\":
-                    self.esc = True
-                    i += 1
-                    continue
-                self.in_str = False
-                i += 1
-                if self.kind == "s":
-                    self.done = True
-                    return i
-                continue
-            m = _STRUCT.search(s, i)
-            if not m:
-                return -1
-            i = m.start()
-            c = s[i]
-            i += 1
-            if c == '"':
-                self.in_str = True
-            elif c in "{[":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                if self.depth == 0:
-                    self.done = True
-                    return i
-        return -1
-
-
-def partial_suffix(s: str, marker: str) -> int:
-    """Length of the longest suffix of ``s`` that is a proper prefix of ``marker``."""
-    for k in range(min(len(marker) - 1, len(s)), 0, -1):
-        if marker.startswith(s[-k:]):
-            return k
-    return 0
-
-
-class MarkerScanner:
-    """Finds a marker in streamed text, holding back only a possible partial marker."""
-
-    __slots__ = ("marker", "held")
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-        self.held = ""
-
-    def scan(self, s: str, pos: int) -> tuple[str, int, bool]:
-        """Returns ``(text before the marker or safe to emit, new position, found)``.
-
-        When found, the position is just past the marker.  When not found, all of ``s``
-        from ``pos`` is consumed (part of it may now be held).
-        """
-        m = self.marker
-        L = len(m)
-        emitted = ""
-        if self.held:
-            held = self.held
-            t = held + s[pos : pos + L]
-            i = t.find(m)
-            if 0 <= i < len(held):
-                self.held = ""
-                return held[:i], pos + i + L - len(held), True
-            if len(s) - pos < L:
-                k = partial_suffix(t, m)
-                self.held = t[len(t) - k :] if k else ""
-                return t[: len(t) - k], len(s), False
-            self.held = ""
-            emitted = held
-        i = s.find(m, pos)
-        if i >= 0:
-            return emitted + s[pos:i], i + L, True
-        tail = s[max(pos, len(s) - L + 1) :]
-        k = partial_suffix(tail, m)
-        end = len(s) - k
-        self.held = s[end:]
-        return emitted + s[pos:end], len(s), False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
-
 
 # --------------------------------------------------------------------------- GLM parser
 
@@ -210,23 +73,15 @@ class GLMCallParser(StreamParser):
     def __init__(self, tool_names: Iterable[str], builtins: Iterable[str] = (), reasoning: bool = False) -> None:
         self.names: list[str] = sorted(set(tool_names), key=len, reverse=True)
         self.builtins = frozenset(builtins) & frozenset(self.names)
-        self.max_pending = (max((len(n) for n in self.names), default=0) + 2 * MAX_LEAD_WS + MAX_NAME_SPACES + 2)
+        self.max_pending = (max((len(n) for n in self.names), default=0) + 2 * MAX_LEADWS + MAX_NAME_SPACES + 2)
         self.state = _REASONING if reasoning else _SEG
         self.after_think = False  # at the segment right after </think>
         self.pending = ""
-        self.marker = MarkerScanner(THINK_END if reasoning else ASSISTANT)
+        self.marker = MarkerScanner(THINK_CLOSE if reasoning else ASSISTANT)
         self.index = -1
         self.scanner: ValueScanner | None = None
-        self.args: list[str] = []
-        self.invalid_calls: list[int] = []
-        self._incomplete = False
 
     # -- public
-    def feed(self, text: str) -> list[Event]:
-        out: list[Event] = []
-        self._process(text, out)
-        return out
-
     def finish(self) -> list[Event]:
         out: list[Event] = []
         if self.state == _REASONING:
@@ -234,7 +89,7 @@ class GLMCallParser(StreamParser):
         elif self.state == _SEG:
             p = self.pending
             self.pending = ""
-            if p.strip(_WS):
+            if p.strip(WS):
                 self.state = _TEXT
                 self._process(p[1:] if p.startswith("\n") else p, out)
                 self._emit(out, TextEvent(self.marker.flush()))
@@ -246,10 +101,6 @@ class GLMCallParser(StreamParser):
             self._emit(out, ToolCallArgs(self.index, _builtin_escape(self.marker.flush()) + '"}'))
             out.append(ToolCallEnd(self.index))
         return out
-
-    @property
-    def incomplete_call(self) -> bool:
-        return self._incomplete
 
     # -- internals
     @staticmethod
@@ -288,7 +139,6 @@ class GLMCallParser(StreamParser):
                 assert self.scanner is not None
                 end = self.scanner.feed(s, pos)
                 piece = s[pos:] if end < 0 else s[pos:end]
-                self.args.append(piece)
                 self._emit(out, ToolCallArgs(self.index, piece))
                 if end < 0:
                     pos = n
@@ -298,7 +148,7 @@ class GLMCallParser(StreamParser):
             else:  # _SEG: classify a bounded amount of text
                 if self.after_think:
                     # GLM-Z1: whitespace right after </think> is layout, not content.
-                    while pos < n and s[pos] in _WS:
+                    while pos < n and s[pos] in WS:
                         pos += 1
                     if pos >= n:
                         break
@@ -308,13 +158,7 @@ class GLMCallParser(StreamParser):
                 self._classify(out)
 
     def _close_call(self, out: list[Event]) -> None:
-        text = "".join(self.args)
-        try:
-            json.loads(text)
-        except ValueError:
-            self.invalid_calls.append(self.index)
         out.append(ToolCallEnd(self.index))
-        self.args = []
         self.scanner = None
         self.state = _SEG
 
@@ -336,7 +180,6 @@ class GLMCallParser(StreamParser):
         if kind == "call":
             self.state = _CALL
             self.scanner = ValueScanner()
-            self.args = []
             self._process(p[start:], out)  # the "{"
         else:  # builtin raw body
             self.state = _BUILTIN
@@ -347,9 +190,9 @@ class GLMCallParser(StreamParser):
     def _verdict(self, p: str) -> tuple[str, str, int] | None:
         """None: undecided; else (kind, name, offset where the body starts)."""
         lead = 0
-        while lead < len(p) and p[lead] in _WS:
+        while lead < len(p) and p[lead] in WS:
             lead += 1
-        if lead > MAX_LEAD_WS:
+        if lead > MAX_LEADWS:
             return ("text", "", 0)
         if lead == len(p):
             return None
@@ -377,22 +220,83 @@ class GLMCallParser(StreamParser):
             j += 1
             body = j
             ws = 0
-            while j < len(rest) and rest[j] in _WS:
+            while j < len(rest) and rest[j] in WS:
                 j += 1
                 ws += 1
             if j == len(rest):
-                if ws <= MAX_LEAD_WS:
+                if ws <= MAX_LEADWS:
                     undecided = True
                 elif name in self.builtins:
                     return ("builtin", name, lead + body)
                 continue
-            if rest[j] == "{" and ws <= MAX_LEAD_WS:
+            if rest[j] == "{" and ws <= MAX_LEADWS:
                 return ("call", name, lead + j)
             if name in self.builtins:
                 return ("builtin", name, lead + body)
         if undecided and len(p) <= self.max_pending:
             return None
         return ("text", "", 0)
+
+
+# --------------------------------------------------------------------------- constraint
+#
+# ``C`` = one call of any allowed tool: ``name "\n" args`` (args: the tool's schema as a
+# grammar with no free whitespace).  required: ``C+`` (``C`` when ``parallel_tool_calls``
+# is false); named: exactly that call; auto: ``"\n" any-text | C+``.  Calls run together
+# without ``<|assistant|>`` (special tokens are never generated under a grammar); the
+# parser accepts that.  A declared built-in with no ``parameters`` may also take a raw text
+# body, as the last call only.  GLM-Z1: ``any-text-without-</think> "</think>"``, up to two
+# ``\n``, then the same shape (the auto text branch without the leading ``\n``).
+
+
+@grammar.cached(maxsize=256)
+def _build_glm(key: str) -> str:
+    from xgrammar import structural_tag as st
+
+    spec = json.loads(key)
+    reasoning = spec["family"] == "glmz1"
+    json_calls = []
+    raw_calls = []
+    for name, params in spec["tools"]:
+        json_calls.append(
+            st.SequenceFormat(
+                elements=[
+                    st.ConstStringFormat(value=name + "\n"),
+                    st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params))),
+                ]
+            )
+        )
+        if name in BUILTIN_TOOLS and not params:
+            raw_calls.append(
+                st.SequenceFormat(elements=[st.ConstStringFormat(value=name + "\n"), st.AnyTextFormat()])
+            )
+    one = grammar.one_of(json_calls + raw_calls)
+    calls: Any
+    if spec["choice"] == "named" or not spec["parallel"]:
+        calls = one
+    elif raw_calls:
+        calls = st.SequenceFormat(elements=[st.StarFormat(content=grammar.one_of(json_calls)), one])
+    else:
+        calls = st.PlusFormat(content=grammar.one_of(json_calls))
+    if spec["choice"] == "auto":
+        text = st.AnyTextFormat() if reasoning else st.SequenceFormat(
+            elements=[st.ConstStringFormat(value="\n"), st.AnyTextFormat()]
+        )
+        body: Any = st.OrFormat(elements=[text, calls])
+    else:
+        body = calls
+    if reasoning:
+        body = st.SequenceFormat(
+            elements=[
+                st.AnyTextFormat(excludes=[THINK_CLOSE]),
+                st.ConstStringFormat(value=THINK_CLOSE),
+                # up to two newlines of layout, which the parser drops
+                st.OptionalFormat(content=st.ConstStringFormat(value="\n")),
+                st.OptionalFormat(content=st.ConstStringFormat(value="\n")),
+                body,
+            ]
+        )
+    return grammar.compile_format(body)
 
 
 # --------------------------------------------------------------------------- format base
@@ -413,9 +317,7 @@ class GLMJsonFormat(ChatFormat):
         return GLMCallParser(names, builtins, reasoning=self.reasoning)
 
     def constraint(self, request: ChatRequest) -> Constraint | None:
-        from glmserve.formats.grammar import glm_constraint
-
-        return glm_constraint(request, reasoning=self.reasoning)
+        return grammar.build(request, "glmz1" if self.reasoning else "glm", grammar.json_schema_check, _build_glm)
 
     def control_tokens(self) -> tuple[str, ...]:
         return ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>")

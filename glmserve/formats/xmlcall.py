@@ -56,7 +56,7 @@ Every ``feed`` scans only the new text plus a held-back tail shorter than the lo
 marker; values and names are accumulated, never re-scanned.
 
 Constraint decisions (:func:`build_constraint`, an xgrammar 0.2.8 structural tag built
-like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(structural_tag=)``):
+like xgrammar's own ``glm_4_7`` tag, compiled to EBNF for ``StructuredOutputsParams(grammar=)``):
 
 * Reasoning stays free text (no control tokens inside, so no calls in reasoning while
   constrained); GLM-4.7 starts inside it, GLM-4.5 may open with ``<think>`` or
@@ -65,8 +65,9 @@ like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(struct
   "</tool_call>")``.  ``glm_xml`` tolerates whitespace between the elements, so the same
   tag serves GLM-4.5's newline layout and GLM-4.7's compact one.  Arguments follow the
   schema's declared property order (xgrammar's ``any_order=False`` default, which is what
-  lets it enforce ``required``); ``strict: false`` or missing parameters leave the
-  arguments unconstrained.
+  lets it enforce ``required``); missing parameters leave the arguments unconstrained,
+  and so does a schema xgrammar cannot compile unless the tool is ``strict`` (the shared
+  rule of :mod:`glmserve.formats.grammar`).
 * ``auto``: free text with optional calls; ``required``: the answer starts with a call
   (GLM-4.5: after an optional ``\n``), text may follow parallel calls; a named tool:
   exactly one call of it; ``parallel_tool_calls=False``: at most / exactly one call.
@@ -76,13 +77,17 @@ like xgrammar's own ``glm_4_7`` tag, to pass as ``StructuredOutputsParams(struct
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal
 
+from glmserve.formats import grammar
 from glmserve.formats.base import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
     ChatFormat,
     ChatRequest,
     Constraint,
@@ -102,10 +107,6 @@ from glmserve.formats.base import (
 
 # --------------------------------------------------------------------------- markers
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-CALL_OPEN = "<tool_call>"
-CALL_CLOSE = "</tool_call>"
 KEY_OPEN = "<arg_key>"
 KEY_CLOSE = "</arg_key>"
 VALUE_OPEN = "<arg_value>"
@@ -631,44 +632,37 @@ _REASONING_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, KEY_OPEN,
 _TEXT_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE]
 
 
-def constraint_key(request: ChatRequest, reasoning: Reasoning, newlines: bool) -> str | None:
-    """Canonical JSON describing the constraint a request needs (None: no constraint)."""
-    tools = request.tools_in_prompt
-    choice = request.tool_choice
-    if not tools or choice == "none":
-        return None
-    if choice not in ("auto", "required"):
-        if choice not in {t.name for t in tools}:
-            raise ValueError(f"tool_choice names {choice!r}, which is not among the declared tools")
-        mode, named = "named", choice
-    else:
-        mode, named = choice, None
-    params = []
-    for t in tools:
-        schema: Any = t.parameters if isinstance(t.parameters, dict) else True
-        if t.strict is False:
-            schema = True
-        params.append([t.name, schema])
-    key = {
-        "tools": params,
-        "mode": mode,
-        "named": named,
-        "parallel": bool(request.parallel_tool_calls),
-        "reasoning": reasoning,
-        "newlines": newlines,
-    }
-    # No sort_keys: glm_xml enforces the schema's declared property order, so the
-    # schema's key order is part of its meaning.
-    return json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+def _call_tag(name: str, schema: Any) -> Any:
+    """``<tool_call>NAME`` + arguments in xgrammar's ``glm_xml`` style + ``</tool_call>``.
+
+    glm_xml content tolerates whitespace between elements, so the same tag accepts
+    GLM-4.5's "\\n"-separated layout and GLM-4.7's compact one.  The run is bounded:
+    unbounded, a weak model fills max_tokens with "\\r\\n" (seen on vLLM)."""
+    from xgrammar.structural_tag import JSONSchemaFormat, TagFormat
+
+    return TagFormat(
+        begin=CALL_OPEN + name,
+        content=JSONSchemaFormat(json_schema=schema, style="glm_xml", max_whitespace_cnt=1),
+        end=CALL_CLOSE,
+    )
 
 
-@functools.lru_cache(maxsize=256)
+@grammar.cached(maxsize=1024)
+def xml_schema_check(schema_json: str) -> str | None:
+    """Why xgrammar cannot compile one tool's schema in the ``glm_xml`` style (None: it can)."""
+    try:
+        grammar.compile_format(_call_tag("f", json.loads(schema_json)))
+    except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors arrive as RuntimeError
+        return str(exc).strip()
+    return None
+
+
+@grammar.cached(maxsize=256)
 def structural_tag_for_key(key: str) -> str:
     """Build (once per canonical key) the xgrammar structural tag JSON for a constraint."""
     from xgrammar.structural_tag import (
         AnyTextFormat,
         ConstStringFormat,
-        JSONSchemaFormat,
         OptionalFormat,
         OrFormat,
         SequenceFormat,
@@ -678,33 +672,20 @@ def structural_tag_for_key(key: str) -> str:
     )
 
     spec = json.loads(key)
-    tools = spec["tools"]
-    if spec["mode"] == "named":
-        tools = [t for t in tools if t[0] == spec["named"]]
-
-    def call_tag(name: str, schema: Any) -> TagFormat:
-        # glm_xml content tolerates whitespace between elements, so the same tag accepts
-        # GLM-4.5's "\n"-separated layout and GLM-4.7's compact one.  The run is bounded:
-        # unbounded, a weak model fills max_tokens with "\r\n" (seen on vLLM).
-        return TagFormat(
-            begin=CALL_OPEN + name,
-            content=JSONSchemaFormat(json_schema=schema, style="glm_xml", max_whitespace_cnt=1),
-            end=CALL_CLOSE,
-        )
-
-    tags = [call_tag(name, schema) for name, schema in tools]
+    # No schema (none given, or one xgrammar cannot compile): any arguments.
+    tags = [_call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
     single = not spec["parallel"]
-    if spec["mode"] == "auto":
+    if spec["choice"] == "auto":
         suffix: Any = TriggeredTagsFormat(
             triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, stop_after_first=single
         )
-    elif spec["mode"] == "required":
+    elif spec["choice"] == "required":
         suffix = TriggeredTagsFormat(
             triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, at_least_one=True, stop_after_first=single
         )
     else:  # named: exactly one call of that tool
         suffix = tags[0]
-    if spec["mode"] != "auto" and spec["newlines"]:
+    if spec["choice"] != "auto" and spec["newlines"]:
         # A forced call must start the answer, but GLM-4.5 writes "\n" before it.
         suffix = SequenceFormat(elements=[OptionalFormat(content=ConstStringFormat(value="\n")), suffix])
 
@@ -727,7 +708,7 @@ _ANY_WS = "[ \\n\\r\\t]*"
 _BOUNDED_WS = "[ \\n\\r\\t]{0, 2}"
 
 
-@functools.lru_cache(maxsize=256)
+@grammar.cached(maxsize=256)
 def grammar_for_key(key: str) -> str:
     """The structural tag as EBNF with whitespace runs bounded.
 
@@ -743,10 +724,7 @@ def grammar_for_key(key: str) -> str:
 
 def build_constraint(request: ChatRequest, reasoning: Reasoning, newlines: bool) -> Constraint | None:
     """The constraint for a request's ``tool_choice`` (cached per tool set)."""
-    key = constraint_key(request, reasoning, newlines)
-    if key is None:
-        return None
-    return Constraint(grammar=grammar_for_key(key))
+    return grammar.build(request, "xml", xml_schema_check, grammar_for_key, reasoning=reasoning, newlines=newlines)
 
 
 class XmlFormat(ChatFormat):
@@ -783,7 +761,6 @@ __all__ = [
     "XmlFormat",
     "XmlStyle",
     "build_constraint",
-    "constraint_key",
     "decode_value",
     "is_string_schema",
     "grammar_for_key",
