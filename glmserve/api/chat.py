@@ -61,7 +61,7 @@ def _flatten_content(msg: ChatMessage, i: int, joiner: str = "\n") -> str | None
         elif kind in _MEDIA_PARTS:
             raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part, but this model accepts text only",
                            param=f"messages[{i}].content")
-        elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("tool_name", part.get("name")), str):
+        elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("name", part.get("tool_name")), str):
             continue  # see _tool_references
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
@@ -72,7 +72,7 @@ def _tool_references(msg: ChatMessage) -> list[str] | None:
     """The tool names of a tool result made of ``tool_reference`` parts (GLM-5.1+), or None."""
     if not isinstance(msg.content, list) or not msg.content or msg.content[0].get("type") != "tool_reference":
         return None
-    return [p.get("tool_name", p.get("name")) for p in msg.content if p.get("type") == "tool_reference"]
+    return [p.get("name", p.get("tool_name")) for p in msg.content if p.get("type") == "tool_reference"]
 
 
 def _normalise_messages(req: ChatCompletionRequest, joiner: str = "\n") -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ Both families write calls as::
 GLM-4.5/4.6 put a newline after the name and after every ``</arg_key>`` /
 ``</arg_value>`` (``newlines=True``); GLM-4.7 writes none.  String values are raw text
 (no quotes, no escaping); every other value is JSON.  This module holds what the two
-families share: prompt rendering (:func:`render_xml_prompt`), the incremental parser
+families share: prompt rendering (:class:`XmlRenderer`, whose hooks the GLM-5.x families
+``glm51`` / ``glm53`` override), the incremental parser
 (:class:`XmlCallParser`) and the decoding constraint (:func:`build_constraint`).
 
 Parser decisions (deliberate, tested):
