@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-FORMAT_CHOICES = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"]
+FORMAT_CHOICES = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47", "glm51", "glm53"]
 
 log = logging.getLogger("glmserve")
 
@@ -145,17 +145,20 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
 # --------------------------------------------------------------------------- render / parse
 
 
-def _request_from_json(obj: dict[str, Any]) -> Any:
+def _request_from_json(obj: dict[str, Any], fmt: Any) -> Any:
     """Map a JSON chat request onto a format request with the server's own rules."""
     from glmserve.api.chat import ChatService
     from glmserve.api.schemas import ChatCompletionRequest
 
     req = ChatCompletionRequest.model_validate(obj)
-    return ChatService.to_chat_request(_NoEngine(), req)  # type: ignore[arg-type]
+    return ChatService.to_chat_request(_NoEngine(fmt), req)  # type: ignore[arg-type]
 
 
 class _NoEngine:
-    """``to_chat_request`` needs nothing from the engine."""
+    """``to_chat_request`` needs nothing from the engine, only the format (glm5: content joiner)."""
+
+    def __init__(self, fmt: Any) -> None:
+        self.fmt = fmt
 
 
 def render(argv: list[str]) -> int:
@@ -168,12 +171,13 @@ def render(argv: list[str]) -> int:
     from glmserve.formats import get_format
     from glmserve.formats.base import Control
 
+    fmt = get_format(a.chat_format)
     try:
-        chat = _request_from_json(json.load(sys.stdin))
+        chat = _request_from_json(json.load(sys.stdin), fmt)
     except (APIError, ValueError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    prompt = get_format(a.chat_format).render(chat)
+    prompt = fmt.render(chat)
     if a.parts:
         for part in prompt.parts:
             print(json.dumps({"control": part.token} if isinstance(part, Control) else {"text": part}, ensure_ascii=False))

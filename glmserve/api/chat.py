@@ -47,7 +47,10 @@ ArgumentHook = Callable[[str, str], str]
 # --------------------------------------------------------------------------- request mapping
 
 
-def _flatten_content(msg: ChatMessage, i: int) -> str | None:
+_MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "audio_url", "input_audio", "file")
+
+
+def _flatten_content(msg: ChatMessage, i: int, joiner: str = "\n") -> str | None:
     content = msg.content
     if content is None or isinstance(content, str):
         return content
@@ -56,18 +59,28 @@ def _flatten_content(msg: ChatMessage, i: int) -> str | None:
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "input_audio", "file", "video_url"):
-            raise APIError(400, f"messages[{i}].content[{j}]: this model accepts text only", param=f"messages[{i}].content")
+        elif kind in _MEDIA_PARTS:
+            raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part, but this model accepts text only",
+                           param=f"messages[{i}].content")
+        elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("name", part.get("tool_name")), str):
+            continue  # see _tool_references
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
-    return "\n".join(texts)
+    return joiner.join(texts)
 
 
-def _normalise_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def _tool_references(msg: ChatMessage) -> list[str] | None:
+    """The tool names of a tool result made of ``tool_reference`` parts (GLM-5.1+), or None."""
+    if not isinstance(msg.content, list) or not msg.content or msg.content[0].get("type") != "tool_reference":
+        return None
+    return [p.get("name", p.get("tool_name")) for p in msg.content if p.get("type") == "tool_reference"]
+
+
+def _normalise_messages(req: ChatCompletionRequest, joiner: str = "\n") -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
         role = m.role
-        content = _flatten_content(m, i)
+        content = _flatten_content(m, i, joiner)
         d: dict[str, Any] = {"role": role, "content": content}
         if role == "developer":
             d["role"] = "system"
@@ -93,6 +106,9 @@ def _normalise_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             d["tool_call_id"] = m.tool_call_id
             if m.name:
                 d["name"] = m.name
+            refs = _tool_references(m)  # glm5: tool_reference results
+            if refs is not None:
+                d["tool_references"] = refs
         out.append(d)
     return out
 
@@ -139,12 +155,23 @@ def _tool_choice(req: ChatCompletionRequest, tools: list[Tool]) -> str:
     return name
 
 
-def _thinking(req: ChatCompletionRequest) -> tuple[bool, bool]:
+def _thinking(req: ChatCompletionRequest) -> tuple[bool, bool | None]:
     kw = req.chat_template_kwargs or {}
     enable = _flag(kw.get("enable_thinking", kw.get("thinking", True)))
-    if req.reasoning_effort is not None:
-        enable = req.reasoning_effort.lower() not in ("none", "off", "disabled")
-    return enable, _flag(kw.get("clear_thinking", True))
+    # either switch turns thinking off; GLM-5.3 writes the effort itself (see to_chat_request)
+    effort = _reasoning_effort(req)
+    if effort is not None and effort.lower() in ("none", "off", "disabled"):
+        enable = False
+    clear = kw.get("clear_thinking")  # glm5: None = the family's default
+    return enable, None if clear is None else _flag(clear)
+
+
+def _reasoning_effort(req: ChatCompletionRequest) -> str | None:
+    """``reasoning_effort`` as sent (top level, else ``chat_template_kwargs``)."""
+    effort = req.reasoning_effort
+    if effort is None:
+        effort = (req.chat_template_kwargs or {}).get("reasoning_effort")
+    return effort if isinstance(effort, str) else None
 
 
 def _flag(value: Any) -> bool:
@@ -215,12 +242,13 @@ class ChatService:
         tools = _tools(req)
         enable, clear = _thinking(req)
         return ChatRequest(
-            messages=_normalise_messages(req),
+            messages=_normalise_messages(req, self.fmt.content_joiner),
             tools=tools,
             tool_choice=_tool_choice(req, tools),
             parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
             enable_thinking=enable,
             clear_thinking=clear,
+            reasoning_effort=_reasoning_effort(req),  # glm5
         )
 
     def render(self, chat: ChatRequest) -> Prompt:

@@ -106,7 +106,13 @@ class ChatRequest:
 
     ``messages`` are OpenAI message dicts whose ``content`` has been flattened to a
     string (or None); assistant ``tool_calls`` keep the OpenAI shape with
-    ``function.arguments`` as a JSON string.
+    ``function.arguments`` as a JSON string.  A tool message whose content parts start
+    with ``tool_reference`` parts also carries ``tool_references`` (the referenced tool
+    names, which GLM-5.1+ answer with those tools' definitions).
+
+    ``clear_thinking`` None means the family's default (GLM-4.7 / 5.1 drop reasoning of
+    turns before the last user message, GLM-5.3 keeps it).  ``reasoning_effort`` is the
+    Chat Completions field as sent (GLM-5.3 writes it as its ``Reasoning Effort`` line).
     """
 
     messages: list[dict[str, Any]]
@@ -114,8 +120,9 @@ class ChatRequest:
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool = True
     enable_thinking: bool = True
-    clear_thinking: bool = True
+    clear_thinking: bool | None = None
     add_generation_prompt: bool = True
+    reasoning_effort: str | None = None
 
     @property
     def tools_in_prompt(self) -> list[Tool]:
@@ -228,6 +235,10 @@ class ChatFormat(ABC):
     skip_special_tokens: ClassVar[bool] = False
     """Whether detokenization drops special tokens.  Formats whose call markers are
     (non-special) added tokens keep them and strip them in the parser."""
+
+    content_joiner: ClassVar[str] = "\n"
+    """How the text parts of a message's content are joined (the GLM XML templates
+    concatenate them; vLLM joins string-content templates' parts with newlines)."""
 
     @abstractmethod
     def render(self, request: ChatRequest) -> Prompt:

@@ -1,4 +1,7 @@
-"""GLM-4.7 (and 4.7-Flash): compact XML tool calls, ``<think>`` reasoning.
+"""GLM-4.7 (and 4.7-Flash, and GLM-5): compact XML tool calls, ``<think>`` reasoning.
+
+GLM-5's official template renders exactly as GLM-4.7's (checked against both templates in
+``tests/test_format_glm5.py``), so this family serves it.
 
 The prompt is the official GLM-4.7 ``chat_template.jinja`` reproduced exactly (see
 :func:`glmserve.formats.xmlcall.render_xml_prompt`): no newlines after role tokens or

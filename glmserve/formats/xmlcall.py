@@ -7,7 +7,8 @@ Both families write calls as::
 GLM-4.5/4.6 put a newline after the name and after every ``</arg_key>`` /
 ``</arg_value>`` (``newlines=True``); GLM-4.7 writes none.  String values are raw text
 (no quotes, no escaping); every other value is JSON.  This module holds what the two
-families share: prompt rendering (:func:`render_xml_prompt`), the incremental parser
+families share: prompt rendering (:class:`XmlRenderer`, whose hooks the GLM-5.x families
+``glm51`` / ``glm53`` override), the incremental parser
 (:class:`XmlCallParser`) and the decoding constraint (:func:`build_constraint`).
 
 Parser decisions (deliberate, tested):
@@ -277,64 +278,119 @@ def _split_reasoning(message: dict[str, Any]) -> tuple[str, str]:
     return "", content
 
 
-def render_xml_prompt(request: ChatRequest, style: XmlStyle) -> Prompt:
-    """Render a request exactly as the official GLM-4.5/4.6/4.7 chat templates do."""
-    nl = "\n" if style.newlines else ""
-    p = Prompt()
-    p.add(_ctl("[gMASK]"), _ctl("<sop>"))
-    tools = request.tools_in_prompt
-    if tools:
-        p.add(_ctl("<|system|>"), "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
-        for tool in tools:
-            p.add(dumps(_tool_object(tool)) + "\n")
-        p.add("</tools>\n\nFor each function call, output the function name and arguments within the following "
-              "XML format:\n")
-        p.add(*_call_example(nl))
+class XmlRenderer:
+    """Renders a request exactly as the official GLM-4.5/4.6/4.7 chat templates do.
 
-    messages = request.messages
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-    no_think = not request.enable_thinking
-    for i, m in enumerate(messages):
-        role = m.get("role")
-        if role == "user":
-            text = content_text(m)
-            p.add(_ctl("<|user|>"), nl + text)
-            if style.nothink_suffix and no_think and not text.endswith("/nothink"):
-                p.add("/nothink")
-        elif role == "assistant":
-            p.add(_ctl("<|assistant|>"))
-            reasoning, content = _split_reasoning(m)
-            keep = i > last_user or (style.honour_clear_thinking and not request.clear_thinking)
-            if keep and reasoning:
-                p.add(nl, _ctl(THINK_OPEN), reasoning.strip(), _ctl(THINK_CLOSE))
-            elif style.newlines:
-                p.add(nl, _ctl(THINK_OPEN), _ctl(THINK_CLOSE))
-            else:
-                p.add(_ctl(THINK_CLOSE))
-            if content.strip():
-                p.add(nl + content.strip())
-            for call in m.get("tool_calls") or []:
-                name, args = _tool_arguments(call)
-                p.add(nl, _ctl(CALL_OPEN), name + nl)
-                for k, v in args.items():
-                    p.add(_ctl(KEY_OPEN), str(k), _ctl(KEY_CLOSE), nl,
-                          _ctl(VALUE_OPEN), render_value(v), _ctl(VALUE_CLOSE), nl)
-                p.add(_ctl(CALL_CLOSE))
-        elif role == "tool":
-            if i == 0 or messages[i - 1].get("role") != "tool":
-                p.add(_ctl("<|observation|>"))
+    The GLM-5.x families (``glm51``, ``glm53``) subclass it and override the hooks where
+    their templates differ: the preamble, how a tool is printed, the think block of a
+    history turn, a run of tool results, and the generation prompt.
+    """
+
+    def __init__(self, style: XmlStyle) -> None:
+        self.style = style
+        self.nl = "\n" if style.newlines else ""
+
+    # ------------------------------------------------------------------ hooks
+
+    def preamble(self, p: Prompt, request: ChatRequest) -> None:
+        p.add(_ctl("[gMASK]"), _ctl("<sop>"))
+
+    def tool_line(self, tool: Tool) -> str | None:
+        """How one tool is printed in ``<tools>`` (None: left out)."""
+        return dumps(_tool_object(tool))
+
+    def assistant_head(self, p: Prompt, request: ChatRequest, messages: list[dict[str, Any]], i: int,
+                       last_user: int) -> str:
+        """Write a history turn's think block; returns the turn's visible content."""
+        nl = self.nl
+        reasoning, content = _split_reasoning(messages[i])
+        keep = i > last_user or (self.style.honour_clear_thinking and request.clear_thinking is False)
+        if keep and reasoning:
+            p.add(nl, _ctl(THINK_OPEN), reasoning.strip(), _ctl(THINK_CLOSE))
+        elif self.style.newlines:
+            p.add(nl, _ctl(THINK_OPEN), _ctl(THINK_CLOSE))
+        else:
+            p.add(_ctl(THINK_CLOSE))
+        return content
+
+    def tool_results(self, p: Prompt, request: ChatRequest, messages: list[dict[str, Any]], start: int,
+                     end: int) -> None:
+        """A run of tool messages ``messages[start:end]`` (one ``<|observation|>``)."""
+        nl = self.nl
+        p.add(_ctl("<|observation|>"))
+        for m in messages[start:end]:
             p.add(nl, _ctl(RESPONSE_OPEN), nl + content_text(m) + nl, _ctl(RESPONSE_CLOSE))
-        elif role in ("system", "developer"):
-            p.add(_ctl("<|system|>"), nl + content_text(m))
-    if request.add_generation_prompt:
+
+    def generation_prompt(self, p: Prompt, request: ChatRequest) -> None:
+        no_think = not request.enable_thinking
         p.add(_ctl("<|assistant|>"))
-        if style.newlines:
+        if self.style.newlines:
             if no_think:
                 p.add("\n", _ctl(THINK_OPEN), _ctl(THINK_CLOSE))
         else:
             p.add(_ctl(THINK_CLOSE) if no_think else _ctl(THINK_OPEN))
-    return p
+
+    # ------------------------------------------------------------------ whole prompt
+
+    def render(self, request: ChatRequest) -> Prompt:
+        nl = self.nl
+        style = self.style
+        p = Prompt()
+        self.preamble(p, request)
+        tools = request.tools_in_prompt
+        if tools:
+            p.add(_ctl("<|system|>"), "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                  "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+            for tool in tools:
+                line = self.tool_line(tool)
+                if line is not None:
+                    p.add(line + "\n")
+            p.add("</tools>\n\nFor each function call, output the function name and arguments within the following "
+                  "XML format:\n")
+            p.add(*_call_example(nl))
+
+        messages = request.messages
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        no_think = not request.enable_thinking
+        i = 0
+        while i < len(messages):
+            m = messages[i]
+            role = m.get("role")
+            if role == "user":
+                text = content_text(m)
+                p.add(_ctl("<|user|>"), nl + text)
+                if style.nothink_suffix and no_think and not text.endswith("/nothink"):
+                    p.add("/nothink")
+            elif role == "assistant":
+                p.add(_ctl("<|assistant|>"))
+                content = self.assistant_head(p, request, messages, i, last_user)
+                if content.strip():
+                    p.add(nl + content.strip())
+                for call in m.get("tool_calls") or []:
+                    name, args = _tool_arguments(call)
+                    p.add(nl, _ctl(CALL_OPEN), name + nl)
+                    for k, v in args.items():
+                        p.add(_ctl(KEY_OPEN), str(k), _ctl(KEY_CLOSE), nl,
+                              _ctl(VALUE_OPEN), render_value(v), _ctl(VALUE_CLOSE), nl)
+                    p.add(_ctl(CALL_CLOSE))
+            elif role == "tool":
+                end = i + 1
+                while end < len(messages) and messages[end].get("role") == "tool":
+                    end += 1
+                self.tool_results(p, request, messages, i, end)
+                i = end
+                continue
+            elif role in ("system", "developer"):
+                p.add(_ctl("<|system|>"), nl + content_text(m))
+            i += 1
+        if request.add_generation_prompt:
+            self.generation_prompt(p, request)
+        return p
+
+
+def render_xml_prompt(request: ChatRequest, style: XmlStyle) -> Prompt:
+    """Render a request exactly as the official GLM-4.5/4.6/4.7 chat templates do."""
+    return XmlRenderer(style).render(request)
 
 
 def write_call(name: str, arguments: dict[str, Any], *, newlines: bool) -> str:
@@ -736,9 +792,12 @@ class XmlFormat(ChatFormat):
     ends inside ``<think>``, so output starts as reasoning (GLM-4.7)."""
     stop: ClassVar[tuple[str, ...]] = STOP
     skip_special_tokens: ClassVar[bool] = False
+    content_joiner: ClassVar[str] = ""
+    renderer: ClassVar[type[XmlRenderer]] = XmlRenderer
+    """The prompt renderer; GLM-5.x families plug in their template's differences."""
 
     def render(self, request: ChatRequest) -> Prompt:
-        return render_xml_prompt(request, self.style)
+        return self.renderer(self.style).render(request)
 
     def parser(self, request: ChatRequest) -> StreamParser:
         start: Start = "content"
@@ -759,6 +818,7 @@ __all__ = [
     "STOP",
     "XmlCallParser",
     "XmlFormat",
+    "XmlRenderer",
     "XmlStyle",
     "build_constraint",
     "decode_value",
