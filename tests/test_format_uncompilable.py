@@ -47,9 +47,9 @@ def call(fmt: str, name: str, args: str) -> str:
     """One call as the family writes it (thinking off), ``args`` a JSON object text."""
     if fmt == "chatml":
         return '<tool_call>\n{"name": "' + name + '", "arguments": ' + args + "}\n</tool_call>"
-    if fmt in ("glm45", "glm47"):
-        return write_call(name, json.loads(args), newlines=fmt == "glm45")
-    lead = "</think>" if fmt == "glmz1" else ""  # GLM-Z1 output opens inside reasoning
+    lead = "</think>" if fmt in ("glmz1", "glm53") else ""  # GLM-Z1 and GLM-5.3 output opens inside reasoning
+    if fmt in ("glm45", "glm47", "glm51", "glm53"):
+        return lead + write_call(name, json.loads(args), newlines=fmt == "glm45")
     return lead + name + "\n" + args
 
 
@@ -84,7 +84,7 @@ def test_non_strict_tool_falls_back_to_any_object(fmt: str, schema: str, caplog:
     assert accepts(c.grammar, call(fmt, "bad", '{"a": "zzz", "other": [1, 2]}'))
     assert accepts(c.grammar, call(fmt, "good", '{"n": 3}'))
     assert not accepts(c.grammar, call(fmt, "good", '{"n": "three"}'))
-    if fmt not in ("glm45", "glm47"):  # XML calls can only write objects
+    if fmt not in ("glm45", "glm47", "glm51", "glm53"):  # XML calls can only write objects
         assert not accepts(c.grammar, call(fmt, "bad", "[1]"))
 
 

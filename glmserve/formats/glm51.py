@@ -118,7 +118,6 @@ class GLM51Format(XmlFormat):
     """GLM-5.1 / GLM-5.2 (GLM-4.7's compact XML calls; deferred tools, tool references)."""
 
     name: ClassVar[str] = "glm51"
-    description: ClassVar[str] = "GLM-5.1/5.2: compact XML tool calls, deferred tools, tool_reference results"
     style: ClassVar[XmlStyle] = XmlStyle(newlines=False, nothink_suffix=False, honour_clear_thinking=True)
     thinking: ClassVar[Literal["lead", "open"]] = "open"
     renderer: ClassVar[type[XmlRenderer]] = GLM51Renderer

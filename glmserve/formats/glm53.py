@@ -90,7 +90,6 @@ class GLM53Format(GLM51Format):
     """GLM-5.3 / GLM-5.3-Flash (GLM-5.1 plus the effort line; thinking always on)."""
 
     name: ClassVar[str] = "glm53"
-    description: ClassVar[str] = "GLM-5.3/5.3-Flash: GLM-5.1 plus Reasoning Effort, always thinking, ordered tool results"
     renderer: ClassVar[type[XmlRenderer]] = GLM53Renderer
 
     def parser(self, request: ChatRequest) -> StreamParser:
