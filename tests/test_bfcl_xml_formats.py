@@ -47,8 +47,25 @@ def model_output(fmt: str, case: dict[str, Any]) -> str:
 
 
 def expected_arguments(tools: dict[str, Tool], name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """What parsing must give back: a string-typed parameter reads back as its written text."""
-    return {k: render_value(v) if is_string_schema(property_schema(tools[name], k)) else v for k, v in args.items()}
+    """What parsing must give back: a value valid for its parameter comes back as it is; an
+    invalid one as the written text when that string is valid (a number for a string), else
+    as the text's JSON reading (a ``true`` outside a string enum stays ``true``)."""
+
+    def valid(value: Any, schema: Any) -> bool:
+        return schema is None or jsonschema.Draft202012Validator(schema).is_valid(value)
+
+    def expected(v: Any, schema: Any) -> Any:
+        text = render_value(v)
+        if valid(v, schema):
+            return text if is_string_schema(schema) else v
+        if valid(text, schema):
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    return {k: expected(v, property_schema(tools[name], k)) for k, v in args.items()}
 
 
 @pytest.mark.parametrize("fmt", list(FAMILIES))

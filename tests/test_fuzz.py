@@ -220,8 +220,9 @@ def expected_without_tools(fmt_name: str, thinking: bool, text: str) -> tuple[st
     * glm4, glm4-0414: :func:`_glm_json_segments` of the text.
     * glmz1: reasoning up to the first ``</think>`` (all of it if none); after it, all
       leading whitespace is dropped, then :func:`_glm_json_segments`.
-    * glm45 (thinking on): an opening ``<think>`` or ``\\n<think>`` starts reasoning up to
-      ``</think>``; otherwise all is content.  glm47 (thinking on) starts inside reasoning.
+    * glm45 (thinking on): an opening ``<think>`` after any whitespace starts reasoning up
+      to ``</think>``; otherwise all is content.  glm47 (thinking on) starts inside
+      reasoning, and an opening ``<think>`` (after any whitespace) is dropped.
       With thinking off both start in content.  One ``\\n`` at the start of content is
       dropped (after ``</think>`` or at the start of the output).  Everything else,
       ``<tool_call>`` of an undeclared name, stray ``<think>``/``</think>`` included, is kept.
@@ -239,13 +240,14 @@ def expected_without_tools(fmt_name: str, thinking: bool, text: str) -> tuple[st
         reasoning, rest = text.split("</think>", 1)
         return _glm_json_segments(rest.lstrip(WS)), reasoning
     start = "content"
-    if thinking and fmt_name in ("glm47", "glm51", "glm53"):
-        start = "reasoning"
-    elif thinking:  # glm45
-        for lead in ("<think>", "\n<think>"):
-            if text.startswith(lead):
-                text, start = text[len(lead):], "reasoning"
-                break
+    if thinking:
+        # glm45: whitespace then <think> opens the reasoning; glm47 and the GLM-5 families are
+        # already inside it, and drop a <think> (after whitespace) that repeats the prompt's opener.
+        opened = text.lstrip(WS).startswith("<think>")
+        if opened:
+            text = text.lstrip(WS)[len("<think>"):]
+        if opened or fmt_name in ("glm47", "glm51", "glm53"):
+            start = "reasoning"
     if start == "reasoning":
         if "</think>" not in text:
             return "", text

@@ -15,10 +15,13 @@ Parser decisions (deliberate, tested):
 
 * **Reasoning.** Text between ``<think>`` and ``</think>`` is :class:`ReasoningEvent`.
   ``start="lead"`` (GLM-4.5 with thinking on: the prompt ends at ``<|assistant|>``)
-  accepts the output opening with ``<think>`` or ``\\n<think>``; anything else there is
-  content.  ``start="reasoning"`` (GLM-4.7 with thinking on: the prompt ends with
-  ``<think>``) starts inside reasoning.  ``start="content"`` (thinking off) starts in
-  content.  ``<think>`` later in content and a stray ``</think>`` in content are text.
+  accepts the output opening with ``<think>`` after any whitespace (GLM-4.5 writes
+  ``\\n<think>``, sometimes more blank lines); anything else there is content.
+  ``start="reasoning"`` (GLM-4.7 with thinking on: the prompt ends with ``<think>``)
+  starts inside reasoning, and drops a ``<think>`` (after any whitespace) that opens the
+  output: the model repeating the prompt's opener.  ``start="content"`` (thinking off)
+  starts in content.  ``<think>`` later in content and a stray ``</think>`` in content
+  are text.
 * **Leading newline.** One ``\\n`` right after ``</think>`` (or at the start of content
   when the prompt already closed the think block / the lead was not ``<think>``) is the
   template's separator and is dropped, as vLLM's/SGLang's GLM parsers do.
@@ -36,19 +39,19 @@ Parser decisions (deliberate, tested):
   than :data:`MAX_NAME` characters, or a second ``<tool_call>`` before the name ended,
   also means "not a call", and so does a ``</think>`` before the name ended (inside
   reasoning it then still ends the reasoning).
-* **Values.** A value whose schema is a plain string (``{"type": "string"}`` with no enum,
-  pattern, length or format) streams as JSON-escaped pieces the moment it arrives, raw
-  and unstripped (the template writes it raw, so rendering and parsing round-trip
-  exactly).  A constrained string (enum, pattern...) is held until ``</arg_value>`` and
-  stripped: xgrammar's ``glm_xml`` style lets whitespace pad such values, and without
-  the strip ``" c\r"`` for an enum ``["c", "f"]`` escaped the schema (seen on vLLM).
-  Any other value (number, boolean, object, array,
-  untyped, or an argument missing from the schema) is held until ``</arg_value>`` and
-  decoded: ``json.loads`` of the stripped text, else ``ast.literal_eval`` (Python
-  literals such as ``True``/``None``/``'x'``), else the raw text as a JSON string.
-  So a streamed ``123`` is never ``"123"``.
+* **Values** take the type their schema asks for
+  (:mod:`glmserve.formats.schema_values`: local ``$ref`` resolved, then the reading that
+  validates: JSON, raw text, quoted number...).  A value whose resolved schema is a plain
+  string (``{"type": "string"}`` with no enum, pattern, length or format) streams as
+  JSON-escaped pieces the moment it arrives, raw and unstripped (the template writes it
+  raw, so rendering and parsing round-trip exactly).  Every other value is held until
+  ``</arg_value>`` and read whole, so streamed and non-streamed answers agree and a
+  streamed ``123`` is never ``"123"``.  A value that no reading makes valid puts its
+  call's index in :attr:`XmlCallParser.invalid_calls`.
 * **Inside a call**, text between the arguments other than the markers (normally just
-  the template's newlines) is not part of any argument and is dropped.  A repeated key
+  the template's newlines) is not part of any argument and is dropped.  A
+  ``<tool_call>`` where the next ``<arg_key>`` or ``</tool_call>`` was due ends the call
+  (the model forgot ``</tool_call>``) and opens the next one.  A repeated key
   is written twice into the JSON text (``json.loads`` keeps the last one).
 * **Truncation.** Output ending inside a started call sets :attr:`incomplete_call`; the
   partial arguments already streamed are not closed, and nothing more is emitted for it.
@@ -64,20 +67,22 @@ like xgrammar's own ``glm_4_7`` tag, compiled to EBNF for ``StructuredOutputsPar
   ``\n<think>`` (optional), thinking-disabled requests have no reasoning part.
 * Each call is ``TagFormat("<tool_call>" + name, JSONSchemaFormat(style="glm_xml"),
   "</tool_call>")``.  ``glm_xml`` tolerates whitespace between the elements, so the same
-  tag serves GLM-4.5's newline layout and GLM-4.7's compact one.  Arguments follow the
+  tag serves GLM-4.5's newline layout and GLM-4.7's compact one.  The schema is
+  resolved (local ``$ref`` inlined, cycles bounded) exactly as the parser resolves it,
+  so grammar and decoder read every property alike.  Arguments follow the
   schema's declared property order (xgrammar's ``any_order=False`` default, which is what
   lets it enforce ``required``); missing parameters leave the arguments unconstrained,
   and so does a schema xgrammar cannot compile unless the tool is ``strict`` (the shared
   rule of :mod:`glmserve.formats.grammar`).
-* ``auto``: free text with optional calls; ``required``: the answer starts with a call
-  (GLM-4.5: after an optional ``\n``), text may follow parallel calls; a named tool:
+* ``auto``: free text with optional calls; ``required``: calls only, one or more (an
+  optional ``\n`` between them, GLM-4.5 also before the first) and then the end: text
+  after a forced call once let a weak model write until ``max_tokens``; a named tool:
   exactly one call of it; ``parallel_tool_calls=False``: at most / exactly one call.
 * Built tags are cached per canonical JSON key (tools, mode, flags).
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from dataclasses import dataclass
@@ -105,6 +110,7 @@ from glmserve.formats.base import (
     content_text,
     dumps,
 )
+from glmserve.formats.schema_values import ToolSchemas, is_free_string, read_value, resolve_refs, schemas_for
 
 # --------------------------------------------------------------------------- markers
 
@@ -169,46 +175,24 @@ def is_string_schema(schema: Any) -> bool:
     return False
 
 
-_STRING_LIMITS = ("enum", "const", "pattern", "minLength", "maxLength", "format")
-
-
 def is_free_string_schema(schema: Any) -> bool:
     """A plain string property: the constraint lets its value be any raw text, so it streams
     as it arrives.  Any other string (enum, pattern, length...) is constrained like a typed
-    value, with whitespace allowed around it, so it is read whole and stripped."""
-    return (
-        isinstance(schema, dict)
-        and schema.get("type") == "string"
-        and not any(k in schema for k in _STRING_LIMITS)
-    )
+    value, with whitespace allowed around it, so it is read whole."""
+    return is_free_string(schema)
 
 
 def property_schema(tool: Tool | None, key: str) -> Any:
-    """The schema of one argument of a tool (None when unknown)."""
+    """The schema of one argument of a tool, local ``$ref`` resolved (None when unknown)."""
     if tool is None or not isinstance(tool.parameters, dict):
         return None
-    props = tool.parameters.get("properties")
-    return props.get(key) if isinstance(props, dict) else None
+    return schemas_for(tool.parameters).schema_of(key)
 
 
 def decode_value(raw: str, schema: Any) -> Any:
-    """A non-string value's text to a Python value, falling back deterministically:
-    JSON, then a Python literal, then the raw text itself."""
-    if is_string_schema(schema):
-        return raw if is_free_string_schema(schema) else raw.strip()
-    text = raw.strip()
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        pass
-    if len(text) <= 100_000:
-        try:
-            value = ast.literal_eval(text)
-            json.dumps(value)  # must be representable as JSON
-            return value
-        except Exception:  # noqa: BLE001 - any failure means "not a literal"
-            pass
-    return raw
+    """An argument's text to the value its (resolved) schema reads it as (see
+    :func:`glmserve.formats.schema_values.read_value`)."""
+    return read_value(raw, ToolSchemas({"properties": {"v": schema}}).value("v") if schema is not None else None)[0]
 
 
 def render_value(value: Any) -> str:
@@ -429,13 +413,14 @@ _MARKERS = {
     _S_REASON: _Markers(THINK_CLOSE, CALL_OPEN, "\n" + CALL_OPEN),
     _S_TEXT: _Markers(CALL_OPEN, "\n" + CALL_OPEN),
     _S_NAME: _Markers(KEY_OPEN, CALL_CLOSE, "\n", CALL_OPEN, THINK_CLOSE),
-    _S_ARGS: _Markers(KEY_OPEN, CALL_CLOSE),
+    # A <tool_call> here means the model forgot this call's </tool_call>: the next call starts.
+    _S_ARGS: _Markers(KEY_OPEN, CALL_CLOSE, CALL_OPEN),
     _S_KEY: _Markers(KEY_CLOSE),
     _S_AFTER_KEY: _Markers(VALUE_OPEN),
     _S_STR: _Markers(VALUE_CLOSE),
     _S_RAW: _Markers(VALUE_CLOSE),
 }
-_LEADS = (THINK_OPEN, "\n" + THINK_OPEN)
+_LEAD_WS = " \t\r\n"
 
 Start = Literal["lead", "reasoning", "content"]
 
@@ -445,7 +430,11 @@ class XmlCallParser(StreamParser):
 
     def __init__(self, tools: Iterable[Tool], start: Start = "content") -> None:
         self._tools = {t.name: t for t in tools}
-        self._state = {"lead": _S_LEAD, "reasoning": _S_REASON, "content": _S_TEXT}[start]
+        self._state = _S_TEXT if start == "content" else _S_LEAD
+        # Where output goes when it does not open with <think>: content (GLM-4.5), or the
+        # reasoning the prompt already opened (GLM-4.7, which sometimes repeats <think>).
+        self._lead_to = _S_REASON if start == "reasoning" else _S_TEXT
+        self._lead_ws = ""  # whitespace seen before a possible <think> (kept, never re-scanned)
         self._strip_nl = start == "content"  # prompt already closed the think block
         self._buf = ""  # held-back tail (shorter than the longest marker)
         self._acc: list[str] = []  # name / key / non-string value being collected
@@ -454,7 +443,10 @@ class XmlCallParser(StreamParser):
         self._return = _S_TEXT  # state to go back to after a call
         self._index = 0  # index of the next / current call
         self._tool: Tool | None = None
+        self._schemas: ToolSchemas | None = None
         self._nargs = 0
+        self.invalid_calls: list[int] = []
+        """Indices of calls with an argument that no reading made valid against its schema."""
         self._key = ""
         self._incomplete = False
         self._done = False
@@ -480,8 +472,8 @@ class XmlCallParser(StreamParser):
         self._done = True
         data, self._buf = self._buf, ""
         if self._state == _S_LEAD:
-            self._state = _S_TEXT
-            self._strip_nl = True
+            data, self._lead_ws = self._lead_ws + data, ""
+            self._leave_lead()
         if self._state in (_S_TEXT, _S_REASON):
             self._emit_plain(data, out)
         elif self._state == _S_NAME:
@@ -496,6 +488,11 @@ class XmlCallParser(StreamParser):
         return out
 
     # ------------------------------------------------------------------ helpers
+
+    def _leave_lead(self) -> None:
+        self._state = self._lead_to
+        if self._state == _S_TEXT:
+            self._strip_nl = True
 
     def _emit_plain(self, text: str, out: list[Event]) -> None:
         """Text or reasoning, depending on where the parser is (or returns to)."""
@@ -538,18 +535,25 @@ class XmlCallParser(StreamParser):
         while pos < n:
             state = self._state
             if state == _S_LEAD:
+                # Any whitespace, then "<think>": the reasoning opens (the opener is dropped).
+                start = pos
+                while pos < n and data[pos] in _LEAD_WS:
+                    pos += 1
+                self._lead_ws += data[start:pos]
                 rest = data[pos:]
-                for lead in _LEADS:
-                    if rest.startswith(lead):
-                        self._state = _S_REASON
-                        pos += len(lead)
-                        break
-                else:
-                    if any(lead.startswith(rest) for lead in _LEADS):
-                        self._buf = rest  # still may become the think opener
-                        return
-                    self._state = _S_TEXT
-                    self._strip_nl = True
+                if rest.startswith(THINK_OPEN):
+                    self._lead_ws = ""
+                    self._state = _S_REASON
+                    pos += len(THINK_OPEN)
+                    continue
+                if THINK_OPEN.startswith(rest):
+                    self._buf = rest  # still may become the think opener ("" when all was whitespace)
+                    return
+                # Not a think opener: read everything from the first whitespace again where
+                # the output goes (GLM-4.5's "\n<tool_call>" must still be a call).
+                data, self._lead_ws = self._lead_ws + rest, ""
+                pos, n = 0, len(data)
+                self._leave_lead()
                 continue
             markers = _MARKERS[state]
             m = markers.regex.search(data, pos)
@@ -632,6 +636,7 @@ class XmlCallParser(StreamParser):
                     self._emit_plain(self._open + name + marker, out)
                 return
             self._tool = tool
+            self._schemas = schemas_for(tool.parameters) if isinstance(tool.parameters, dict) else None
             self._nargs = 0
             self._strip_nl = False
             out.append(ToolCallStart(self._index, tool.name))
@@ -647,14 +652,17 @@ class XmlCallParser(StreamParser):
                 self._state = _S_KEY
             else:
                 self._end_call(out)
+                if marker == CALL_OPEN:  # </tool_call> was missing: this opens the next call
+                    self._open = marker
+                    self._state = _S_NAME
             return
         if state == _S_KEY:
             self._key = self._take().strip()
             self._state = _S_AFTER_KEY
             return
         if state == _S_AFTER_KEY:
-            schema = property_schema(self._tool, self._key)
-            if is_free_string_schema(schema):
+            schema = self._schemas.value(self._key) if self._schemas is not None else None
+            if schema is not None and schema.free_string:
                 self._args(self._arg_prefix() + dumps(self._key) + ': "', out)
                 self._state = _S_STR
             else:
@@ -665,7 +673,10 @@ class XmlCallParser(StreamParser):
             self._state = _S_ARGS
             return
         if state == _S_RAW:
-            value = decode_value(self._take(), property_schema(self._tool, self._key))
+            schema = self._schemas.value(self._key) if self._schemas is not None else None
+            value, valid = read_value(self._take(), schema)
+            if not valid and self._index not in self.invalid_calls:
+                self.invalid_calls.append(self._index)
             self._args(self._arg_prefix() + dumps(self._key) + ": " + dumps(value), out)
             self._state = _S_ARGS
             return
@@ -675,6 +686,7 @@ class XmlCallParser(StreamParser):
         out.append(ToolCallEnd(self._index))
         self._index += 1
         self._tool = None
+        self._schemas = None
         self._state = self._return
 
 
@@ -693,12 +705,14 @@ def _call_tag(name: str, schema: Any) -> Any:
 
     glm_xml content tolerates whitespace between elements, so the same tag accepts
     GLM-4.5's "\\n"-separated layout and GLM-4.7's compact one.  The run is bounded:
-    unbounded, a weak model fills max_tokens with "\\r\\n" (seen on vLLM)."""
+    unbounded, a weak model fills max_tokens with "\\r\\n" (seen on vLLM).  The schema is
+    resolved exactly as the parser resolves it, so both read each property alike."""
     from xgrammar.structural_tag import JSONSchemaFormat, TagFormat
 
     return TagFormat(
         begin=CALL_OPEN + name,
-        content=JSONSchemaFormat(json_schema=schema, style="glm_xml", max_whitespace_cnt=1),
+        content=JSONSchemaFormat(json_schema=schema if schema is True else resolve_refs(schema), style="glm_xml",
+                                 max_whitespace_cnt=1),
         end=CALL_CLOSE,
     )
 
@@ -722,6 +736,7 @@ def structural_tag_for_key(key: str) -> str:
         OptionalFormat,
         OrFormat,
         SequenceFormat,
+        StarFormat,
         StructuralTag,
         TagFormat,
         TriggeredTagsFormat,
@@ -736,9 +751,13 @@ def structural_tag_for_key(key: str) -> str:
             triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, stop_after_first=single
         )
     elif spec["choice"] == "required":
-        suffix = TriggeredTagsFormat(
-            triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, at_least_one=True, stop_after_first=single
-        )
+        # Calls only: one or more (whitespace between them), then the end of the answer.
+        one: Any = tags[0] if len(tags) == 1 else OrFormat(elements=tags)
+        if single:
+            suffix = one
+        else:
+            gap = OptionalFormat(content=ConstStringFormat(value="\n"))
+            suffix = SequenceFormat(elements=[one, StarFormat(content=SequenceFormat(elements=[gap, one]))])
     else:  # named: exactly one call of that tool
         suffix = tags[0]
     if spec["choice"] != "auto" and spec["newlines"]:
