@@ -34,7 +34,7 @@ SERVE_DESCRIPTION = (
 )
 
 
-def _add_serve_arguments(g: Any) -> None:
+def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     """glmserve's own ``serve`` flags; vLLM's engine arguments follow them (``engine.vllm_args``)."""
     g.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or Hugging Face id (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = p.add_argument_group("workload")
     w.add_argument("--workloads", type=_name_list(tuple(WORKLOADS)), default=list(WORKLOADS),
-                   help="plain (no tools) and/or tools, comma-separated (default plain,tools)")
+                   help="comma-separated, from: " + "; ".join(f"{n} ({wl.help})" for n, wl in WORKLOADS.items())
+                        + f" (default {','.join(WORKLOADS)})")
     w.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
                    help="concurrency levels, comma-separated (default 1,8,32)")
     w.add_argument("--requests", type=int, default=None,
