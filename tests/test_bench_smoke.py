@@ -277,10 +277,15 @@ def test_a_new_workload_slots_in(monkeypatch):
     assert all(s.model_id == "m" and s.server == "glmserve" for s in specs)
 
 
-def test_parser_cost_is_a_bench_mode(tmp_path, capsys):
-    assert bench.main(["parser-cost", "--formats", "glm4", "--sizes", "500", "--repeat", "1", "--no-vllm",
-                       "--no-plot", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "glm4" in out and "wrote" in out
+def test_parser_cost_is_a_bench_mode(tmp_path):
+    """``glmserve bench parser-cost`` runs the parser-cost benchmark through the real CLI verb."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "glmserve", "bench", "parser-cost", "--formats", "glm4", "--sizes", "500",
+                        "--repeat", "1", "--no-vllm", "--no-plot", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "glm4" in r.stdout and "wrote" in r.stdout
     (jpath,) = tmp_path.glob("*-parser-cost.json")
     assert json.loads(jpath.read_text())["results"]["glm4"]["500"]["correct"] is True
