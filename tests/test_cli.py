@@ -69,3 +69,18 @@ def test_help_lists_commands_and_flags():
     for flag in ("--chat-format", "--api-key", "--max-concurrent-requests", "--tensor-parallel-size",
                  "--enforce-eager", "--served-model-name", "--argument-hook", "--json-logs"):
         assert flag in r.stdout
+
+
+def test_cli_imports_no_vllm_and_offers_every_family():
+    """The engine owns vLLM: importing the CLI (and rendering) loads neither vLLM nor torch."""
+    code = ("import sys, glmserve.cli as c; from glmserve.formats import FORMATS; "
+            "assert c.FORMAT_CHOICES == list(FORMATS), c.FORMAT_CHOICES; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch')); "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    r = run("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    from glmserve.formats import FORMATS
+
+    assert "{" + ",".join(FORMATS) + "}" in r.stdout

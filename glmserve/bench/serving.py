@@ -1,0 +1,311 @@
+"""``glmserve bench``: glmserve against vLLM's own OpenAI server on the same model.
+
+Both servers are started by the bench itself, one after the other, never together (each
+would otherwise steal the other's CPU): start glmserve, run the workloads, stop it; start
+``python -m vllm.entrypoints.openai.api_server`` with the same model, dtype, context length,
+eager mode and KV-cache size, run the same workloads, stop it. ``--glmserve-url`` /
+``--vllm-url`` use servers that are already running instead.
+
+The workloads (``workloads.py``; ``plain`` and ``tools`` today) send streamed requests with a
+fixed prompt length (a user message padded to ``--prompt-tokens`` tokens of the model's own
+tokenizer, made unique per request so the prefix cache cannot skip its prefill) and a fixed
+output length (``max_tokens`` with ``ignore_eos: true``) at each level of ``--concurrency``.
+Per request: TTFT, inter-token latency, end-to-end latency; per level: output tokens/s over the
+level's wall time; glmserve/vLLM ratios (``stats.py``), a table, JSON and a plot (``report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from glmserve.bench.report import _f, _ms, format_report, loadavg, machine_info, plot_results, write_results
+from glmserve.bench.servers import ManagedServer, free_port, server_command, server_env, served_model_id
+from glmserve.bench.stats import compute_ratios, summarize_level
+from glmserve.bench.workloads import WORKLOADS, LevelSpec, build_prompt_text, token_counter
+
+SERVERS = ("glmserve", "vllm")
+DEFAULT_CONCURRENCY = (1, 8, 32)
+
+
+def requests_for(concurrency: int, args: argparse.Namespace) -> int:
+    if args.requests:
+        return args.requests
+    return max(args.min_requests, int(math.ceil(args.requests_factor * concurrency)))
+
+
+def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: Callable[[str], None],
+                 out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every workload and level against one server; figures are added to ``out`` as they come."""
+    model_id = served_model_id(url, args.served_name)
+    out = {} if out is None else out
+    out.update({"url": url, "model_id": model_id, "workloads": {}, "request_fields": {}})
+    req_id = 0
+    for wl_name in args.workloads:
+        wl = WORKLOADS[wl_name]
+        fields = wl.fields(name, args.vllm_tools)
+        out["request_fields"][wl_name] = {
+            "tools": [t["function"]["name"] for t in fields.get("tools", [])] or None,
+            "tool_choice": fields.get("tool_choice"),
+        }
+
+        def spec(c: int, n: int, first: int) -> LevelSpec:
+            return LevelSpec(server=name, url=url, model_id=model_id, text=text, first_id=first, requests=n,
+                             concurrency=c, output_tokens=args.output_tokens, temperature=args.temperature,
+                             timeout=args.timeout, vllm_tools=args.vllm_tools)
+
+        if args.warmup:
+            bad = [r.error for r in asyncio.run(wl.warm_up(spec(1, 0, 0), args.warmup)) if not r.ok]
+            if bad:
+                log(f"{name} {wl_name}: warm-up failed: {bad[0]}")
+        out["workloads"][wl_name] = {}
+        for c in args.concurrency:
+            n = requests_for(c, args)
+            results, wall = asyncio.run(wl.run_level(spec(c, n, req_id + 1)))
+            req_id += n
+            summary = summarize_level(results, wall, c)
+            out["workloads"][wl_name][str(c)] = summary
+            log(f"{name:<8} {wl_name:<6} conc {c:>3}: {n} requests in {wall:6.1f} s, "
+                f"{_f(summary['throughput_tok_s'])} tok/s, TTFT p50 {_ms(summary['ttft_s']['p50'])} ms, "
+                f"errors {summary['errors']}" + (f" ({summary['error_samples'][0]})" if summary["errors"] else ""))
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
+    return vals
+
+
+def _name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(s: str) -> list[str]:
+        vals = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {s!r}")
+        return vals
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glmserve bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Benchmark glmserve against vLLM's own OpenAI server on the same model.\n\n"
+            "Starts each server itself on a free loopback port, one after the other (never both at once), with the\n"
+            "same model, dtype, --max-model-len, --enforce-eager, --gpu-memory-utilization and KV-cache size, runs\n"
+            "the same streamed workloads against it and stops it. Measures TTFT, inter-token latency,\n"
+            "end-to-end latency (p50/p99) and output tokens/s per concurrency level, and reports glmserve/vLLM\n"
+            "ratios. Writes <out-dir>/<timestamp>-<model>.json and a .png next to it, and prints a table."
+        ),
+        epilog=(
+            "What each server gets in the 'tools' workload: glmserve gets two tools with tool_choice \"auto\"; vLLM\n"
+            "gets what --vllm-tools says (auto: the same tools and tool_choice \"auto\", with the server started with\n"
+            "--enable-auto-tool-choice --tool-call-parser hermes; none: the tools with tool_choice \"none\", no parser\n"
+            "flags; omit: no tools). Every request: max_tokens=--output-tokens, ignore_eos=true, stream=true,\n"
+            "stream_options.include_usage=true, a unique user message of about --prompt-tokens tokens.\n\n"
+            "Ratios are glmserve/vLLM: throughput above 1 means glmserve served more tokens/s; TTFT, ITL and E2E\n"
+            "ratios below 1 mean glmserve answered sooner.\n\n"
+            "Other mode: 'glmserve bench parser-cost --help' times the streaming tool-call parsers per delta."
+        ),
+    )
+    g = p.add_argument_group("model and engine (the same for both servers)")
+    g.add_argument("--model", default=None,
+                   help="model directory or Hugging Face id (default: glmserve's embedded default model directory)")
+    g.add_argument("--served-model-name", dest="served_name", default=None, metavar="NAME",
+                   help="name both servers serve the model as (default: the model directory's basename)")
+    g.add_argument("--dtype", default="auto", help="--dtype for both servers (default auto: the checkpoint's dtype)")
+    g.add_argument("--max-model-len", type=int, default=2048, help="--max-model-len for both servers (default 2048)")
+    g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                   help="let vLLM compile (start-up goes from ~35 s to ~190 s on CPU); default is --enforce-eager")
+    g.add_argument("--kv-cache-gib", type=float, default=1,
+                   help="VLLM_CPU_KVCACHE_SPACE (GiB) for both servers on CPU (default 1; ignored on GPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="--gpu-memory-utilization for both servers (default 0.5; on CPU it is a share of host memory)")
+    g.add_argument("--chat-format", default=None,
+                   help="glmserve's --chat-format (default: detected from the model, as glmserve serve does)")
+    g.add_argument("--glmserve-arg", action="append", metavar="ARGS",
+                   help="extra arguments for glmserve serve (repeatable, split on spaces)")
+    g.add_argument("--vllm-arg", action="append", metavar="ARGS",
+                   help="extra arguments for vLLM's api_server (repeatable, split on spaces)")
+    g.add_argument("--start-timeout", type=float, default=420.0, help="seconds a server may take to become healthy (default 420)")
+
+    s = p.add_argument_group("servers")
+    s.add_argument("--servers", type=_name_list(SERVERS), default=list(SERVERS),
+                   help="which servers to bench, comma-separated (default glmserve,vllm)")
+    s.add_argument("--glmserve-url", default=None,
+                   help="use this running glmserve (e.g. http://127.0.0.1:8000) instead of starting one")
+    s.add_argument("--vllm-url", default=None, help="use this running vLLM server instead of starting one")
+    s.add_argument("--vllm-tools", choices=["auto", "none", "omit"], default="auto",
+                   help="what vLLM gets in the tools workload: auto (default; starts it with --enable-auto-tool-choice "
+                        "--tool-call-parser PARSER and sends tool_choice auto), none (tools with tool_choice none, no "
+                        "parser flags), omit (no tools)")
+    s.add_argument("--vllm-tool-parser", default="hermes",
+                   help="vLLM's --tool-call-parser with --vllm-tools auto (default hermes, the ChatML/Hermes call syntax; "
+                        "glm45 or glm47 for GLM-4.5/4.7 models)")
+
+    w = p.add_argument_group("workload")
+    w.add_argument("--workloads", type=_name_list(tuple(WORKLOADS)), default=list(WORKLOADS),
+                   help="comma-separated, from: " + "; ".join(f"{n} ({wl.help})" for n, wl in WORKLOADS.items())
+                        + f" (default {','.join(WORKLOADS)})")
+    w.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
+                   help="concurrency levels, comma-separated (default 1,8,32)")
+    w.add_argument("--requests", type=int, default=None,
+                   help="requests per level (default: max(--min-requests, --requests-factor x concurrency))")
+    w.add_argument("--requests-factor", type=float, default=2.0, help="requests per level per unit of concurrency (default 2)")
+    w.add_argument("--min-requests", type=int, default=4, help="fewest requests in a level (default 4)")
+    w.add_argument("--prompt-tokens", type=int, default=128,
+                   help="user-message length in tokens of the model's tokenizer (default 128; the template and, in the "
+                        "tools workload, the tool block come on top: usage.prompt_tokens is reported)")
+    w.add_argument("--output-tokens", type=int, default=64,
+                   help="max_tokens of every request, with ignore_eos so each runs to it (default 64)")
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    w.add_argument("--warmup", type=int, default=2,
+                   help="short untimed requests per server and workload before measuring (default 2)")
+    w.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take before it counts as failed (default 300)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out-dir", type=Path, default=Path("bench/results"),
+                   help="where <timestamp>-<model>.json and .png are written (default bench/results)")
+    o.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    o.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their directory is printed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    urls = {"glmserve": args.glmserve_url, "vllm": args.vllm_url}
+    if any(u and not re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/?$", u) for u in urls.values()):
+        log("glmserve bench: --glmserve-url/--vllm-url must be loopback addresses (http://127.0.0.1:PORT)")
+        return 2
+    need_start = [s for s in args.servers if not urls[s]]
+    model = args.model
+    if model is None:
+        try:
+            from glmserve.models import default_model_dir
+
+            model = str(default_model_dir())
+        except Exception as exc:
+            if need_start:
+                log(f"glmserve bench: no --model and the default model is unavailable: {exc}")
+                return 2
+    model_name = os.path.basename(os.path.normpath(model)) if model else "model"
+    args.served_name = args.served_name or model_name
+    for k in urls:
+        if urls[k]:
+            urls[k] = urls[k].rstrip("/")
+
+    count = token_counter(model)
+    text = build_prompt_text(max(1, args.prompt_tokens - 4), count)  # "[rN] " takes ~4 tokens
+    log_dir = Path(tempfile.mkdtemp(prefix="glmserve-bench-"))
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    settings = {
+        "model": model, "served_model_name": args.served_name, "dtype": args.dtype, "max_model_len": args.max_model_len,
+        "enforce_eager": args.enforce_eager, "kv_cache_gib": args.kv_cache_gib,
+        "gpu_memory_utilization": args.gpu_memory_utilization, "chat_format": args.chat_format,
+        "concurrency": args.concurrency, "requests_per_level": {str(c): requests_for(c, args) for c in args.concurrency},
+        "prompt_tokens": args.prompt_tokens, "prompt_tokens_measured_with": "model tokenizer" if count else "word estimate",
+        "output_tokens": args.output_tokens, "ignore_eos": True, "temperature": args.temperature,
+        "workloads": args.workloads, "vllm_tools": args.vllm_tools,
+        "vllm_tool_parser": args.vllm_tool_parser if args.vllm_tools == "auto" else None,
+        "warmup": args.warmup, "timeout_s": args.timeout,
+        "client": "httpx.AsyncClient on the same machine (shares its CPUs with the server)",
+    }
+    report: dict[str, Any] = {
+        "kind": "serving",
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model_name": model_name,
+        "machine": machine_info(),
+        "settings": settings,
+        "servers": {},
+        "ratios": {},
+        "notes": [],
+        "load_average": {"start": loadavg()},
+    }
+    rc = 0
+    for name in args.servers:
+        srv: ManagedServer | None = None
+        entry: dict[str, Any] = {"started_by_bench": not urls[name], "load_average_before": loadavg()}
+        try:
+            if urls[name]:
+                url = urls[name]
+            else:
+                port = free_port()
+                cmd = server_command(name, args, model, port)
+                entry["command"] = cmd
+                log(f"starting {name}: {' '.join(cmd)}")
+                srv = ManagedServer(name, cmd, server_env(args), port, log_dir)
+                entry["startup_s"] = round(srv.wait_healthy(args.start_timeout), 2)
+                log(f"{name} healthy after {entry['startup_s']} s")
+                url = srv.url
+            bench_server(name, url, args, text, log, out=entry)
+        except KeyboardInterrupt:
+            entry["error"] = "interrupted"
+            report["notes"].append(f"interrupted during {name}: partial results")
+            rc = 130
+        except Exception as exc:
+            entry["error"] = str(exc)[:4000]
+            log(f"{name}: {exc}")
+            rc = 1
+        finally:
+            if srv is not None:
+                log(f"stopping {name}")
+                srv.stop()
+                entry["log"] = str(srv.log_path) if args.keep_logs else None
+        report["servers"][name] = entry
+        if rc == 130:
+            break
+    report["load_average"]["end"] = loadavg()
+    report["ratios"] = compute_ratios(report["servers"])
+    for name, srv_entry in report["servers"].items():
+        for wl, levels in srv_entry.get("workloads", {}).items():
+            for level, r in levels.items():
+                cm = r.get("completion_tokens_min")
+                if cm is not None and cm < args.output_tokens:
+                    report["notes"].append(f"{name}/{wl}/conc {level}: some requests stopped before max_tokens "
+                                           f"(min {cm} of {args.output_tokens} tokens; mean "
+                                           f"{r['completion_tokens_mean']:.1f}); throughput counts the tokens served")
+                if r.get("responses_with_tool_calls"):
+                    report["notes"].append(f"{name}/{wl}/conc {level}: {r['responses_with_tool_calls']} responses "
+                                           "carried tool calls instead of text")
+    path = write_results(report, args.out_dir, model_name, stamp)
+    print(format_report(report))
+    print(f"\nwrote {path}")
+    if not args.no_plot and any(e.get("workloads") for e in report["servers"].values()):
+        try:
+            png = plot_results(report, path.with_suffix(".png"))
+            print(f"wrote {png}")
+        except Exception as exc:  # a missing matplotlib must not lose the JSON
+            log(f"plot skipped: {exc}")
+    if args.keep_logs or rc:
+        print(f"server logs in {log_dir}")
+    else:
+        for f in log_dir.glob("*.log"):
+            f.unlink(missing_ok=True)
+        try:
+            log_dir.rmdir()
+        except OSError:
+            pass
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Statistics of a benchmark run: per-request timings, per-level summaries, glmserve/vLLM ratios."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+
+def percentile(values: Iterable[float], p: float) -> float | None:
+    """The p-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * min(max(p, 0.0), 100.0) / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+@dataclass
+class RequestResult:
+    """One streamed request as the client saw it (times in seconds, from ``time.perf_counter``)."""
+
+    ok: bool
+    start: float
+    end: float
+    ttft: float | None = None
+    itl: float | None = None
+    first_chunk: float | None = None
+    last_chunk: float | None = None
+    content_chunks: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    tool_calls: bool = False
+    error: str | None = None
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    return {
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "mean": (sum(values) / len(values)) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def summarize_level(results: list[RequestResult], wall_s: float, concurrency: int) -> dict[str, Any]:
+    """Figures for one concurrency level; ``requests`` keeps the raw per-request numbers."""
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.completion_tokens or 0 for r in ok)
+    finish: dict[str, int] = {}
+    for r in ok:
+        finish[str(r.finish_reason)] = finish.get(str(r.finish_reason), 0) + 1
+    comp = [r.completion_tokens for r in ok if r.completion_tokens is not None]
+    prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "error_samples": sorted({r.error or "?" for r in results if not r.ok})[:3],
+        "wall_s": wall_s,
+        "output_tokens": out_tokens,
+        "throughput_tok_s": (out_tokens / wall_s) if wall_s > 0 else None,
+        "requests_per_s": (len(ok) / wall_s) if wall_s > 0 else None,
+        "ttft_s": _stats([r.ttft for r in ok if r.ttft is not None]),
+        "itl_s": _stats([r.itl for r in ok if r.itl is not None]),
+        "e2e_s": _stats([r.e2e for r in ok]),
+        "completion_tokens_mean": (sum(comp) / len(comp)) if comp else None,
+        "completion_tokens_min": min(comp) if comp else None,
+        "prompt_tokens_p50": percentile(prompt, 50),
+        "responses_with_tool_calls": sum(1 for r in ok if r.tool_calls),
+        "finish_reasons": finish,
+        "per_request": [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in results
+        ],
+    }
+
+
+def compute_ratios(servers: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """glmserve / vLLM per workload and level: throughput (>1 glmserve faster), latencies (<1 glmserve faster)."""
+    g = servers.get("glmserve", {}).get("workloads", {})
+    v = servers.get("vllm", {}).get("workloads", {})
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for wl in g:
+        if wl not in v:
+            continue
+        for level, gs in g[wl].items():
+            vs = v[wl].get(level)
+            if vs is None:
+                continue
+            out.setdefault(wl, {})[level] = {
+                "throughput": ratio(gs["throughput_tok_s"], vs["throughput_tok_s"]),
+                "ttft_p50": ratio(gs["ttft_s"]["p50"], vs["ttft_s"]["p50"]),
+                "ttft_p99": ratio(gs["ttft_s"]["p99"], vs["ttft_s"]["p99"]),
+                "itl_p50": ratio(gs["itl_s"]["p50"], vs["itl_s"]["p50"]),
+                "e2e_p50": ratio(gs["e2e_s"]["p50"], vs["e2e_s"]["p50"]),
+            }
+    return out
