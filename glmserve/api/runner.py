@@ -32,9 +32,15 @@ log = logging.getLogger("glmserve.api")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+_SSE_SCHEMA: dict[str, Any] = {
+    "description": "server-sent events: the body as text, or each event as its fields",
+    "anyOf": [{"type": "string"},
+              {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}],
+}
+
 STREAMS: dict[int | str, dict[str, Any]] = {
     200: {"description": "the answer (JSON), or server-sent events with stream=true",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}},
 }
 """``responses=`` for a route that may stream (the OpenAPI document says so)."""
 
