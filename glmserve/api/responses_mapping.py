@@ -220,14 +220,15 @@ class _Turns:
 
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
-                      param: str = "input", first_index: int = 0) -> list[dict[str, Any]]:
+                      params: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Chat messages for input items (models from :mod:`responses_schemas`); ``instructions``
-    become the leading system message."""
+    become the leading system message.  ``params[n]`` names item ``n`` in errors
+    (default ``input[n]``)."""
     turns = _Turns()
     if instructions:
         turns.add({"role": "system", "content": instructions})
     for n, item in enumerate(items):
-        p = f"{param}[{first_index + n}]"
+        p = params[n] if params is not None else f"input[{n}]"
         if isinstance(item, MessageItem):
             text = _text_parts(item.content, f"{p}.content")
             if item.role == "assistant":
