@@ -69,8 +69,8 @@ def test_tool_choice_forms():
                            {"type": "function", "name": "b"},
                            {"type": "namespace", "name": "ns", "description": "d",
                             "tools": [{"type": "function", "name": "c"}]}])
-    assert tool_choice({"type": "function", "name": "a"}, tools)[0] == "a"
-    assert tool_choice({"type": "function", "name": "c", "namespace": "ns"}, tools)[0] == "ns__c"
+    assert tool_choice({"type": "function", "name": "a"}, tools)[0] == {"name": "a"}
+    assert tool_choice({"type": "function", "name": "c", "namespace": "ns"}, tools)[0] == {"name": "ns__c"}
     choice, narrowed = tool_choice({"type": "allowed_tools", "mode": "required",
                                     "tools": [{"type": "function", "name": "b"}]}, tools)
     assert choice == "required" and [d[1]["function"]["name"] for d in narrowed.defs] == ["b"]

@@ -120,9 +120,10 @@ def collect_tools(tools: Sequence[dict[str, Any]] | None) -> ToolSet:
     return out
 
 
-def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[str, ToolSet]:
-    """``tool_choice`` as ``none`` / ``auto`` / ``required`` / the flat name of one tool, and
-    the tools the model is shown (``allowed_tools`` narrows them)."""
+def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[str | dict[str, str] | None, ToolSet]:
+    """``tool_choice`` in the shape :func:`glmserve.api.mapping.normalise_tool_choice` takes
+    (``none`` / ``auto`` / ``required`` / ``{"name": flat name}``), and the tools the model is
+    shown (``allowed_tools`` narrows them)."""
     if choice is None:
         return ("auto" if tools.defs else "none"), tools
     if isinstance(choice, str):
@@ -134,7 +135,7 @@ def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[st
         name = choice.get("name")
         if not isinstance(name, str):
             raise APIError(400, "tool_choice.name is required for a function", param="tool_choice.name")
-        return ToolNames.flat(name, choice.get("namespace")), tools
+        return {"name": ToolNames.flat(name, choice.get("namespace"))}, tools
     if kind == "allowed_tools":
         mode = choice.get("mode", "auto")
         allowed = choice.get("tools")
