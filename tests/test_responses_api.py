@@ -295,3 +295,58 @@ def test_raw_sse_names_events_and_keeps_chinese(srv):
         assert name.startswith("event: ") and data.startswith("data: ")
         assert json.loads(data[6:])["type"] == name[7:]
     assert "你好" in raw and "\\u4f60" not in raw
+
+
+# --------------------------------------------------------------------------- OpenAI Agents SDK
+
+
+def agent_program(prompt: str, params: Any) -> list[str]:
+    """GLM-4.7 output for an agent with two tools: weather, then add, then an answer that
+    quotes what the tools returned (so the tool results must have reached the prompt)."""
+    import re
+
+    results = re.findall(r"<tool_response>(.*?)</tool_response>", prompt, re.S)
+    if not results:
+        out = "Weather first.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"
+    elif len(results) == 1:
+        out = ("Now the sum.</think><tool_call>add<arg_key>a</arg_key><arg_value>2</arg_value>"
+               "<arg_key>b</arg_key><arg_value>40</arg_value></tool_call>")
+    else:
+        out = f"Done.</think>Weather: {results[0].strip()}; sum: {results[1].strip()}."
+    return pieces(out, 5)
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+def test_agents_sdk_runs_two_tools_to_a_final_answer(tmp_path, api):
+    import asyncio
+
+    from agents import Agent, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner, function_tool, \
+        set_tracing_disabled
+
+    set_tracing_disabled(True)
+    calls: list[tuple] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(("get_weather", city))
+        return f"{city}: sunny, 25C"
+
+    @function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append(("add", a, b))
+        return a + b
+
+    s = Served(tmp_path / "a.sqlite3")
+    s.engine.script = agent_program
+    try:
+        client = openai.AsyncOpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=30)
+        model_cls = OpenAIResponsesModel if api == "responses" else OpenAIChatCompletionsModel
+        agent = Agent(name="helper", instructions="Use the tools.", tools=[get_weather, add],
+                      model=model_cls(model="m", openai_client=client))
+        result = asyncio.run(Runner.run(agent, "Weather in Paris, and 2+40?"))
+    finally:
+        s.stop()
+    assert calls == [("get_weather", "Paris"), ("add", 2, 40)]
+    assert result.final_output == "Weather: Paris: sunny, 25C; sum: 42."
