@@ -350,3 +350,25 @@ def test_agents_sdk_runs_two_tools_to_a_final_answer(tmp_path, api):
         s.stop()
     assert calls == [("get_weather", "Paris"), ("add", 2, 40)]
     assert result.final_output == "Weather: Paris: sunny, 25C; sum: 42."
+
+
+def test_server_wide_output_cap(tmp_path):
+    """``Settings.max_output_tokens`` (``--max-output-tokens``) caps every endpoint, whatever
+    the request asks, and the answers say they stopped on length."""
+    s = Served(tmp_path / "cap.sqlite3", max_output_tokens=5)
+    try:
+        s.output, s.size = "abc</think>" + "word " * 20, 1
+        c = s.client()
+        r = c.responses.create(model="m", input="x", max_output_tokens=100)
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+        assert r.usage.output_tokens == 5 and s.engine.last_params.max_tokens == 5
+        r = c.responses.create(model="m", input="x", max_output_tokens=3)  # asking for less is honoured
+        assert r.usage.output_tokens == 3
+        chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=1000)
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
+        chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert chat.usage.completion_tokens == 5
+        legacy = c.completions.create(model="m", prompt="x", max_tokens=50)
+        assert legacy.choices[0].finish_reason == "length" and legacy.usage.completion_tokens == 5
+    finally:
+        s.stop()
