@@ -38,7 +38,7 @@ from glmserve.api.responses_mapping import (
 from glmserve.api.responses_schemas import ResponsesRequest
 from glmserve.api.responses_shape import ResponseAssembler, sse
 from glmserve.api.responses_store import ChainBroken, ResponseStore
-from glmserve.api.runner import STREAMS, Services
+from glmserve.api.runner import Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
 
@@ -222,12 +222,22 @@ class Responses:
                     "param": param})
 
 
+EVENTS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the response object (JSON), or with stream=true server-sent events, each named by its "
+                         "type (response.created ... response.completed) with a JSON data line",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"],
+                                                       "properties": {"event": {"type": "string"},
+                                                                      "data": {"type": "string"}}}}}},
+}
+
+
 def router(services: Services) -> APIRouter:
     state = ResponsesState(services.settings.responses_db)
     endpoint = Responses(services, state)
     r = APIRouter()
 
-    @r.post("/v1/responses", responses=STREAMS)
+    @r.post("/v1/responses", responses=EVENTS)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return await services.serve(endpoint, body, request)
 

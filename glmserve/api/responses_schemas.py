@@ -84,7 +84,7 @@ def _tag(kind: str) -> str:
 
 def _item_tag(v: Any) -> str:
     kind = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message")
-    return _tag(kind if kind in _ITEMS else "other")
+    return _tag(kind if isinstance(kind, str) and kind in _ITEMS else "other")
 
 
 InputItem = Annotated[
