@@ -372,3 +372,27 @@ def test_server_wide_output_cap(tmp_path):
         assert legacy.choices[0].finish_reason == "length" and legacy.usage.completion_tokens == 5
     finally:
         s.stop()
+
+
+def test_argument_hook_and_in_band_failure(tmp_path):
+    s = Served(tmp_path / "h.sqlite3", argument_hook=lambda name, args: json.dumps({"city": "上海"}, ensure_ascii=False))
+    try:
+        s.output, s.size = "x</think>" + CALL, 2
+        events = list(s.client().responses.create(model="m", input="x", tools=TOOLS, stream=True))
+        final = events[-1].response
+        call = next(o for o in final.output if o.type == "function_call")
+        deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+        assert call.arguments == "".join(deltas) == '{"city": "上海"}'  # the hook's, sent whole once final
+
+        def broken(prompt: str, params: Any) -> list[str]:
+            raise RuntimeError("engine bug")
+
+        s.engine.script = broken
+        raw = httpx.post(s.base_url + "/responses", json={"model": "m", "input": "x", "stream": True}).text
+        kinds = [json.loads(line[6:])["type"] for line in raw.splitlines() if line.startswith("data: ")]
+        assert kinds == ["response.created", "response.in_progress", "error", "response.failed"]
+        failed = json.loads([line for line in raw.splitlines() if line.startswith("data: ")][-1][6:])
+        Response.model_validate(failed["response"])
+        assert failed["response"]["error"]["code"] == "server_error"
+    finally:
+        s.stop()
