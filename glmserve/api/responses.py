@@ -153,7 +153,7 @@ class Responses:
             else {"type": "text"}
         return {
             "id": run.request_id, "object": "response", "created_at": run.created, "status": "in_progress",
-            "model": self.services.model_names[0], "output": [], "error": None, "incomplete_details": None,
+            "model": body.model or self.services.model_names[0], "output": [], "error": None, "incomplete_details": None,
             "instructions": body.instructions, "metadata": body.metadata or {},
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
