@@ -396,3 +396,37 @@ def test_argument_hook_and_in_band_failure(tmp_path):
         assert failed["response"]["error"]["code"] == "server_error"
     finally:
         s.stop()
+
+
+def test_codex_captured_request_replays(srv):
+    """The request Codex CLI 0.169.0 really sends (tests/data/codex_exec_request.json, captured
+    with a custom provider): streamed events valid for the SDK's types, its function tools and
+    the flattened namespace shown to the model, the hosted web_search left out."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    captured = json.loads((Path(__file__).parent / "data" / "codex_exec_request.json").read_text())
+    body = {**captured["body"], "model": "m"}
+    srv.output, srv.size = "Say hi.</think>hi", 2
+    srv.engine.max_model_len = 65536  # one scripted "token" per character: ~40K for Codex's prompt
+    try:
+        resp = httpx.post(srv.base_url + "/responses", json=body, headers={"Authorization": "Bearer x"}, timeout=60)
+    finally:
+        srv.engine.max_model_len = 4096
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text
+    adapter = TypeAdapter(ResponseStreamEvent)
+    events = [adapter.validate_json(line[6:]) for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == "hi"
+    reasoning = events[-1].response.output[0]
+    assert reasoning.type == "reasoning" and reasoning.encrypted_content  # Codex asks for it
+    prompt = srv.engine.last_prompt
+    assert "exec_command" in prompt and "multi_agent_v1__spawn_agent" in prompt
+    assert "web_search" not in prompt and "external_web_access" not in prompt
+    assert events[-1].response.store is False
+    assert httpx.get(srv.base_url + f"/responses/{events[-1].response.id}").status_code == 404  # store: false
+
+
+def test_prompt_beyond_the_context_names_input(srv):
+    resp = httpx.post(srv.base_url + "/responses", json={"model": "m", "input": "x" * 5000})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input"
+    assert resp.json()["error"]["code"] == "context_length_exceeded"

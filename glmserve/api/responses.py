@@ -139,7 +139,12 @@ class Responses:
         opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
                                  max_tokens_param="max_output_tokens", temperature=body.temperature,
                                  top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits))
-        run = self.pipeline.prepare(chat, opts, "resp_")
+        try:
+            run = self.pipeline.prepare(chat, opts, "resp_")
+        except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
+            if exc.param == "messages":
+                exc.param = "input"
+            raise
         if declared.left_out:
             log.info("request %s: left out tools only OpenAI's cloud runs: %s", run.request_id,
                      ", ".join(declared.left_out))
