@@ -42,7 +42,7 @@ def _same(a: Response, b: Response) -> None:
     def strip(r: Response) -> list:
         out = r.model_dump(exclude_none=True)["output"]
         for item in out:
-            for k in ("id", "call_id", "encrypted_content"):
+            for k in ("id", "call_id", "encrypted_content", "parsed_arguments"):
                 item.pop(k, None)
         return out
 
@@ -69,8 +69,11 @@ def test_required_call_is_valid_and_continues(glm45_server):
     for call in calls:
         assert call.name == "get_weather" and call.call_id
         jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
-    events = list(c.responses.create(stream=True, **kw))
-    _same(_final(events), r)
+    with c.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    _same(final, r)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta"
                      and e.output_index == r.output.index(calls[0]))
     assert deltas == calls[0].arguments
@@ -84,16 +87,27 @@ def test_required_call_is_valid_and_continues(glm45_server):
 # --------------------------------------------------------------------------- glm45-eos
 
 
-@pytest.fixture(scope="module")
-def eos_server(tmp_path_factory):
+def _start_eos(db: Path):
     from tiny_models import build_tiny
 
-    db = tmp_path_factory.mktemp("eos") / "responses.sqlite3"
     s = start_server(str(build_tiny("glm45-eos")), "--chat-format", "glm45", "--served-model-name", "glm-eos",
-                     "--max-output-tokens", "48", "--responses-db", str(db), api_key="eos-key", max_model_len=32768)
+                     "--max-output-tokens", "48", "--responses-db", str(db), "--api-key", "other-key",
+                     api_key="eos-key", max_model_len=32768)
     s.extra["db"] = db
-    yield s
-    s.stop()
+    return s
+
+
+@pytest.fixture(scope="module")
+def eos_holder(tmp_path_factory):
+    """The module's glm45-eos server; the restart test replaces it (same database)."""
+    holder = {"server": _start_eos(tmp_path_factory.mktemp("eos") / "responses.sqlite3")}
+    yield holder
+    holder["server"].stop()
+
+
+@pytest.fixture
+def eos_server(eos_holder):
+    return eos_holder["server"]
 
 
 def test_codex_exec_turn_on_vllm(eos_server, tmp_path: Path):
@@ -151,3 +165,26 @@ def test_responses_db_flag(eos_server):
         ids = {row[0] for row in db.execute("SELECT id FROM responses")}
     assert r.id in ids
     assert c.responses.retrieve(r.id).id == r.id
+
+
+def test_stored_responses_across_a_restart_on_vllm(eos_holder):
+    """Stored responses survive a restart of the real server, belong to their key, and
+    previous_response_id carries the conversation (the prompt grows by the history)."""
+    s = eos_holder["server"]
+    c = s.client()
+    first = c.responses.create(model="glm-eos", input="My name is Ada and I live in Paris.")
+    s.stop()
+    eos_holder["server"] = s = _start_eos(s.extra["db"])
+    c = s.client()
+    assert c.responses.retrieve(first.id).model_dump() == first.model_dump()
+    alone = c.responses.create(model="glm-eos", input="What is my name?", store=False)
+    follow = c.responses.create(model="glm-eos", input="What is my name?", previous_response_id=first.id)
+    assert follow.usage.input_tokens >= alone.usage.input_tokens + first.usage.input_tokens - 8
+    other = openai.OpenAI(base_url=s.base_url, api_key="other-key", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError):
+        other.responses.create(model="glm-eos", input="x", previous_response_id=first.id)
+    c.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(first.id)
