@@ -33,23 +33,23 @@ class ReasoningSeal:
 
     @classmethod
     def from_file(cls, path: Path | None = None) -> "ReasoningSeal":
-        """The seal whose secret lives at ``path``, creating the secret (mode 0600) once."""
+        """The seal whose secret lives at ``path``, creating the secret (mode 0600) once.
+        The file appears whole or not at all (written aside, then hard-linked into place), so
+        servers starting together agree on one secret."""
         path = path or default_secret_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:  # first start: write the secret; concurrent starters read the file below
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(Fernet.generate_key())
-        key = path.read_bytes().strip()
-        if not key:  # another process is between creating and writing the file
-            import time
-
-            time.sleep(0.1)
-            key = path.read_bytes().strip()
-        return cls(key)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another server won the race: use its secret
+                pass
+            finally:
+                tmp.unlink()
+        return cls(path.read_bytes().strip())
 
     def seal(self, reasoning: str) -> str:
         return self._fernet.encrypt(json.dumps({"v": 1, "reasoning": reasoning}, ensure_ascii=False).encode()).decode()

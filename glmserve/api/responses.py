@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from glmserve.api.errors import APIError, error_body
+from glmserve.api.errors import APIError
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.pipeline import GenerationOptions, Prepared
 from glmserve.api.reasoning_seal import ReasoningSeal
@@ -221,10 +221,9 @@ class Responses:
         return "".join(sse(ev) for ev in h.assembler.fail(message, code))
 
     def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
-        # Only reached for an error outside ``stream``'s own handling; no sequence is known.
-        body = error_body(status, message, param, code)["error"]
-        return sse({"type": "error", "sequence_number": 0, "code": body["code"], "message": message,
-                    "param": param})
+        # ``stream`` reports its own failures with the response; this is only reached for an
+        # error raised outside it, where no sequence is known.
+        return sse({"type": "error", "sequence_number": 0, "code": code, "message": message, "param": param})
 
 
 EVENTS: dict[int | str, dict[str, Any]] = {

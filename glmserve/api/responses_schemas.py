@@ -87,10 +87,8 @@ def _item_tag(v: Any) -> str:
     return _tag(kind if isinstance(kind, str) and kind in _ITEMS else "other")
 
 
-InputItem = Annotated[
-    Union[tuple(Annotated[cls, Tag(_tag(kind))] for kind, cls in {**_ITEMS, "other": OtherItem}.items())],  # type: ignore[valid-type]
-    Discriminator(_item_tag),
-]
+_BRANCHES = tuple(Annotated[cls, Tag(_tag(kind))] for kind, cls in [*_ITEMS.items(), ("other", OtherItem)])
+InputItem = Annotated[Union[_BRANCHES], Discriminator(_item_tag)]  # type: ignore[valid-type]
 
 
 class ReasoningParam(_Loose):
