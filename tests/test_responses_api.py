@@ -430,3 +430,22 @@ def test_prompt_beyond_the_context_names_input(srv):
     resp = httpx.post(srv.base_url + "/responses", json={"model": "m", "input": "x" * 5000})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "input"
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_client_going_away_aborts_the_engine_request(srv):
+    srv.output, srv.size = "x</think>" + "long answer " * 200, 1
+    srv.engine.delay = 0.01
+    before = len(srv.engine.aborted)
+    try:
+        with httpx.stream("POST", srv.base_url + "/responses",
+                          json={"model": "m", "input": "x", "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if "response.output_text.delta" in line:
+                    break  # hang up mid-answer
+        deadline = time.monotonic() + 10
+        while len(srv.engine.aborted) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(srv.engine.aborted) == before + 1 and srv.engine.aborted[-1].startswith("resp_")
+        assert srv.engine.running == 0
+    finally:
+        srv.engine.delay = 0.0
