@@ -53,6 +53,11 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
                    help="optional Python function hook(tool_name, arguments_json) -> arguments_json applied to every "
                         "finished tool call (off by default; arguments are never altered otherwise)")
     g.add_argument("--json-logs", action="store_true", help="one JSON line per request (id, model, tokens, latency, tools)")
+    g.add_argument("--max-output-tokens", type=int, default=None, metavar="N",
+                   help="cap every request's output at N tokens, whatever it asks (default: no cap); an answer cut "
+                        "by the cap says it stopped on length")
+    g.add_argument("--responses-db", default=None, metavar="PATH",
+                   help="SQLite file of the stored /v1/responses (default: <glmserve cache>/responses.sqlite3)")
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -115,7 +120,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     log.info("chat format %s: %s", fmt_name, reason)
     settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
                         max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
-                        json_logs=args.json_logs)
+                        json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
+                        responses_db=args.responses_db)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)

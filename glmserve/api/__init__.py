@@ -9,6 +9,9 @@
 - ``mapping.py``: request fields -> ``ChatRequest`` (tools, tool_choice, thinking, formats).
 - ``pipeline.py``: prompt, context, constraint, generation and the one per-choice fold.
 - ``chat.py``, ``completions.py``: the OpenAI endpoints; ``info.py``: models, health, metrics.
+- ``responses.py``: the OpenAI Responses endpoint, with ``responses_schemas.py`` (request
+  models), ``responses_mapping.py`` (items/tools -> chat), ``responses_shape.py`` (output items
+  and stream events), ``responses_store.py`` (SQLite) and ``reasoning_seal.py`` (encrypted_content).
 
 A new endpoint is a module with a request mapping (body -> ``ChatRequest`` +
 ``GenerationOptions``) and a response shape (final JSON, stream events), listed in

@@ -43,9 +43,11 @@ class CompletionService:
 
     name = "completion"
 
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_output_tokens: int | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.max_output_tokens = max_output_tokens
+        """The server-wide cap (``--max-output-tokens``)."""
 
     def log_fields(self, p: PreparedCompletion) -> tuple[int, dict[str, Any]]:
         return p.prompt_tokens, {"completion_tokens": p.completion_tokens}
@@ -78,6 +80,8 @@ class CompletionService:
             raise APIError(400, "prompt must not be empty", param="prompt")
         room = self.engine.max_model_len - longest
         max_tokens = req.max_tokens or 16
+        if self.max_output_tokens is not None and max_tokens > self.max_output_tokens:
+            max_tokens = min(self.max_output_tokens, max(room, 1))  # the server-wide cap wins
         if room <= 0 or max_tokens > room:
             raise APIError(
                 400,
@@ -190,7 +194,7 @@ class CompletionService:
 
 
 def router(services: Services) -> APIRouter:
-    endpoint = CompletionService(services.engine, services.metrics)
+    endpoint = CompletionService(services.engine, services.metrics, services.settings.max_output_tokens)
     r = APIRouter()
 
     @r.post("/v1/completions", responses=STREAMS)

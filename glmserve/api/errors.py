@@ -185,7 +185,7 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
         codes.append("413")
     if path.startswith("/v1"):
         codes.append("401")
-    if "{model_id}" in path:
+    if "{" in path:  # a path naming an object (a model, a stored response) that may not exist
         codes.append("404")
     if path.startswith("/v1") and "requestBody" in op:  # generating routes: admission and the engine
         codes += ["429", "503"]

@@ -108,8 +108,11 @@ class ChoiceResult:
 
 
 class ChatPipeline:
-    def __init__(self, engine: Engine, fmt: ChatFormat, metrics: Metrics, argument_hook: ArgumentHook | None = None) -> None:
+    def __init__(self, engine: Engine, fmt: ChatFormat, metrics: Metrics, argument_hook: ArgumentHook | None = None,
+                 max_output_tokens: int | None = None) -> None:
         self.engine = engine
+        self.max_output_tokens = max_output_tokens
+        """The server-wide cap (``--max-output-tokens``): it wins over whatever a request asks."""
         self.fmt = fmt
         self.metrics = metrics
         self.argument_hook = argument_hook
@@ -161,7 +164,10 @@ class ChatPipeline:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
                                 f"{limit} tokens", param="messages", code="context_length_exceeded")
         max_tokens = opts.max_tokens
-        if max_tokens is None or (opts.clamp_max_tokens and max_tokens > room):
+        capped = self.max_output_tokens is not None and (max_tokens is None or max_tokens > self.max_output_tokens)
+        if capped:
+            max_tokens = self.max_output_tokens
+        if max_tokens is None or ((opts.clamp_max_tokens or capped) and max_tokens > room):
             max_tokens = room
         elif max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this "

@@ -105,7 +105,8 @@ class Services:
         metrics = Metrics()
         names = settings.served_model_names or [engine.model_name]
         return cls(engine, fmt, settings, metrics, Admission(settings.max_concurrent_requests, metrics),
-                   RequestLog(names[0], settings.json_logs), ChatPipeline(engine, fmt, metrics, settings.argument_hook))
+                   RequestLog(names[0], settings.json_logs), ChatPipeline(engine, fmt, metrics, settings.argument_hook,
+                                                                       settings.max_output_tokens))
 
     @property
     def model_names(self) -> list[str]:

@@ -24,6 +24,10 @@ class Settings:
     served_model_names: list[str] = field(default_factory=list)
     argument_hook: ArgumentHook | None = None
     json_logs: bool = False
+    max_output_tokens: int | None = None
+    """Server-wide cap on every request's output tokens (``--max-output-tokens``; None: no cap)."""
+    responses_db: str | None = None
+    """The SQLite file of stored Responses (``--responses-db``; None: ``<glmserve cache>/responses.sqlite3``)."""
 
     @property
     def limits(self) -> Limits:

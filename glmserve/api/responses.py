@@ -1,0 +1,264 @@
+"""``/v1/responses``: the OpenAI Responses API on the chat pipeline.
+
+What Codex CLI and the OpenAI Agents SDK speak.  An endpoint of the runner
+(:mod:`glmserve.api.runner`): the request mapping is :mod:`responses_mapping` (items, tools,
+tool choice, reasoning, text format -> :class:`ChatRequest` + :class:`GenerationOptions`,
+validated by the helpers Chat Completions uses), the response shape is
+:class:`~glmserve.api.responses_shape.ResponseAssembler` (one fold for the streamed events
+and the whole response).  Responses are stored (``store``, default true) in
+:class:`~glmserve.api.responses_store.ResponseStore`, per API key; ``GET`` and ``DELETE``
+``/v1/responses/{id}`` read and remove them, ``previous_response_id`` continues them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from glmserve.api.errors import APIError
+from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
+from glmserve.api.pipeline import GenerationOptions, Prepared
+from glmserve.api.reasoning_seal import ReasoningSeal
+from glmserve.api.responses_mapping import (
+    collect_tools,
+    items_to_messages,
+    parse_items,
+    text_format,
+    thinking,
+    tool_choice,
+)
+from glmserve.api.responses_schemas import ResponsesRequest
+from glmserve.api.responses_shape import ResponseAssembler, sse
+from glmserve.api.responses_store import ChainBroken, ResponseStore
+from glmserve.api.runner import Services
+from glmserve.engine.base import EngineRequestError, EngineUnavailable
+from glmserve.formats.base import ChatRequest
+
+log = logging.getLogger("glmserve.responses")
+
+
+class ResponsesState:
+    """The store and the reasoning seal, opened on first use (an app that never serves
+    ``/v1/responses`` touches no database file and writes no secret)."""
+
+    def __init__(self, db_path: str | Path | None) -> None:
+        self.db_path = db_path
+        self._store: ResponseStore | None = None
+        self._seal: ReasoningSeal | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> ResponseStore:
+        with self._lock:
+            if self._store is None:
+                self._store = ResponseStore(self.db_path)
+            return self._store
+
+    @property
+    def seal(self) -> ReasoningSeal:
+        with self._lock:
+            if self._seal is None:
+                self._seal = ReasoningSeal.from_file()
+            return self._seal
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+@dataclass
+class ResponsesHandle:
+    """A prepared Responses request."""
+
+    run: Prepared
+    stream: bool
+    body: ResponsesRequest
+    owner: str
+    assembler: ResponseAssembler
+
+    @property
+    def request_id(self) -> str:
+        return self.run.request_id
+
+
+def _owner(request: Request) -> str:
+    """The identity of the request's API key ("" when the server has no keys)."""
+    return getattr(request.state, "api_key_id", None) or ""
+
+
+class Responses:
+    """The Responses endpoint (see :class:`glmserve.api.runner.Endpoint`)."""
+
+    name = "responses"
+
+    def __init__(self, services: Services, state: ResponsesState) -> None:
+        self.services = services
+        self.pipeline = services.pipeline
+        self.state = state
+
+    async def _history(self, owner: str, previous: str | None) -> list[Any]:
+        if previous is None:
+            return []
+        try:
+            items = await self.state.store.history(owner, previous)
+        except ChainBroken as exc:
+            raise APIError(400, f"previous_response_id: {exc}", param="previous_response_id",
+                           code="previous_response_not_found") from None
+        if items is None:
+            raise APIError(400, f"previous response with id {previous!r} not found", param="previous_response_id",
+                           code="previous_response_not_found")
+        return parse_items(items)
+
+    async def prepare(self, body: ResponsesRequest, request: Request) -> ResponsesHandle:
+        limits = self.services.settings.limits
+        owner = _owner(request)
+        history = await self._history(owner, body.previous_response_id)
+        declared = collect_tools(body.tools)
+        choice, shown = tool_choice(body.tool_choice, declared)
+        tools = build_tools(shown.defs, limits)
+        choice = normalise_tool_choice(choice, tools)
+        params = [f"previous_response_id (item {k})" for k in range(len(history))] + \
+                 [f"input[{i}]" for i in range(len(body.input))]
+        messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params)
+        if len(messages) > limits.max_messages:
+            raise APIError(400, f"at most {limits.max_messages} messages (input items and history) per request",
+                           param="input")
+        enable, effort = thinking(body)
+        chat = ChatRequest(messages=messages, tools=tools, tool_choice=choice,
+                           parallel_tool_calls=body.parallel_tool_calls is not False, enable_thinking=enable,
+                           reasoning_effort=effort)
+        fmt, fmt_param = text_format(body)
+        opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
+                                 max_tokens_param="max_output_tokens", temperature=body.temperature,
+                                 top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits))
+        try:
+            run = self.pipeline.prepare(chat, opts, "resp_")
+        except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
+            if exc.param == "messages":
+                exc.param = "input"
+            raise
+        if declared.left_out:
+            log.info("request %s: left out tools only OpenAI's cloud runs: %s", run.request_id,
+                     ", ".join(declared.left_out))
+        asm = ResponseAssembler(self._response_object(body, run), names=declared.names, seal=self.state.seal,
+                                include_encrypted=body.include_encrypted_reasoning,
+                                hooked=self.pipeline.argument_hook is not None)
+        return ResponsesHandle(run=run, stream=body.stream, body=body, owner=owner, assembler=asm)
+
+    def _response_object(self, body: ResponsesRequest, run: Prepared) -> dict[str, Any]:
+        fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format \
+            else {"type": "text"}
+        return {
+            "id": run.request_id, "object": "response", "created_at": run.created, "status": "in_progress",
+            "model": body.model or self.services.model_names[0], "output": [], "error": None, "incomplete_details": None,
+            "instructions": body.instructions, "metadata": body.metadata or {},
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
+            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
+            "tools": body.tools or [], "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": body.reasoning.effort if body.reasoning else None,
+                          "summary": body.reasoning.summary if body.reasoning else None},
+            "text": {"format": fmt}, "truncation": body.truncation or "disabled", "store": body.store,
+            "user": body.user, "prompt_cache_key": body.prompt_cache_key, "background": False,
+            "service_tier": "default", "usage": None,
+        }
+
+    def log_fields(self, h: ResponsesHandle) -> tuple[int, dict[str, Any]]:
+        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
+                                     "store": h.body.store}
+
+    async def _save(self, h: ResponsesHandle) -> None:
+        if h.body.store:
+            items = [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in h.body.input]
+            await self.state.store.put(h.owner, h.assembler.response, items, h.body.previous_response_id)
+
+    async def _fold(self, h: ResponsesHandle) -> AsyncIterator[list[dict[str, Any]]]:
+        """Batches of stream events, the final one (completed / incomplete) after the
+        response is stored, so a client may continue from it at once."""
+        asm = h.assembler
+        yield asm.start()
+        reason = None
+        async with aclosing(self.pipeline.run(h.run)) as updates:
+            async for u in updates:
+                events = asm.feed(u.events, u.builder, u.num_tokens)
+                if u.finish_reason is not None:
+                    reason = u.finish_reason
+                if events:
+                    yield events
+        final = asm.finish(reason, h.run.prompt_tokens)
+        await self._save(h)
+        yield final
+
+    async def complete(self, h: ResponsesHandle) -> dict[str, Any]:
+        async with aclosing(self._fold(h)) as batches:
+            async for _ in batches:
+                pass
+        return h.assembler.response
+
+    async def stream(self, h: ResponsesHandle) -> AsyncIterator[str]:
+        try:
+            async with aclosing(self._fold(h)) as batches:
+                async for events in batches:
+                    yield "".join(sse(ev) for ev in events)
+        except EngineUnavailable as exc:
+            yield self._failed(h, f"the engine is unavailable: {exc}")
+        except (EngineRequestError, APIError) as exc:
+            yield self._failed(h, str(exc), "invalid_prompt")
+        except Exception as exc:  # headers are gone: report in-band, as the runner would (and log it)
+            log.exception("stream %s failed", h.request_id)
+            yield self._failed(h, f"internal error: {type(exc).__name__}")
+
+    @staticmethod
+    def _failed(h: ResponsesHandle, message: str, code: str = "server_error") -> str:
+        return "".join(sse(ev) for ev in h.assembler.fail(message, code))
+
+    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
+        # ``stream`` reports its own failures with the response; this is only reached for an
+        # error raised outside it, where no sequence is known.
+        return sse({"type": "error", "sequence_number": 0, "code": code, "message": message, "param": param})
+
+
+EVENTS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the response object (JSON), or with stream=true server-sent events, each named by its "
+                         "type (response.created ... response.completed) with a JSON data line",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"],
+                                                       "properties": {"event": {"type": "string"},
+                                                                      "data": {"type": "string"}}}}}},
+}
+
+
+def router(services: Services) -> APIRouter:
+    state = ResponsesState(services.settings.responses_db)
+    endpoint = Responses(services, state)
+    r = APIRouter()
+
+    @r.post("/v1/responses", responses=EVENTS)
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await services.serve(endpoint, body, request)
+
+    def not_found(response_id: str) -> APIError:
+        return APIError(404, f"no response with id {response_id!r} found", param="response_id")
+
+    @r.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+        stored = await state.store.get(_owner(request), response_id)
+        if stored is None:
+            raise not_found(response_id)
+        return JSONResponse(stored.response)
+
+    @r.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> JSONResponse:
+        if not await state.store.delete(_owner(request), response_id):
+            raise not_found(response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    return r

@@ -1,0 +1,291 @@
+"""Responses API request -> the chat conversation a format renders.
+
+Pure functions (no engine, no HTTP): input items become OpenAI chat messages (the shape
+``ChatRequest.messages`` holds), Responses tools become Chat Completions tool definitions,
+and ``tool_choice`` / ``reasoning`` / ``text.format`` become their Chat Completions
+counterparts, which the shared helpers of :mod:`glmserve.api.mapping` then validate exactly
+as for ``/v1/chat/completions``.
+
+* ``namespace`` tools (Codex CLI groups sub-agent tools in one) are flattened to
+  ``<namespace>__<name>``, a name the model can write; :class:`ToolNames` maps a call back
+  to the namespace and name the client declared.
+* Tools only OpenAI's cloud runs (``web_search``, ``file_search``, ...) are left out and
+  reported, so a client that always declares them (Codex does) still works.
+* A ``reasoning`` item becomes the next assistant turn's ``reasoning_content`` (the family's
+  reasoning history): its ``reasoning_text`` content, or the ``encrypted_content`` this
+  server sealed (:mod:`glmserve.api.reasoning_seal`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from glmserve.api.errors import APIError
+from glmserve.api.reasoning_seal import InvalidSeal, ReasoningSeal
+from glmserve.api.responses_schemas import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    InputItem,
+    ItemReference,
+    MessageItem,
+    ReasoningItem,
+    ResponsesRequest,
+)
+
+NAMESPACE_SEP = "__"
+CLIENT_TOOL_TYPES = ("function", "namespace")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_MEDIA_PARTS = ("input_image", "input_file", "input_audio", "image_url")
+
+_items_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
+
+
+# --------------------------------------------------------------------------- tools
+
+
+@dataclass
+class ToolNames:
+    """Names the model calls <-> the (namespace, name) the client declared."""
+
+    to_client: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+
+    @staticmethod
+    def flat(name: str, namespace: str | None) -> str:
+        return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
+
+    def client(self, flat: str) -> tuple[str | None, str]:
+        return self.to_client.get(flat, (None, flat))
+
+
+@dataclass
+class ToolSet:
+    defs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """(param path, Chat Completions tool dict) for each function the model may call."""
+    names: ToolNames = field(default_factory=ToolNames)
+    left_out: list[str] = field(default_factory=list)
+    """Types of the declared tools glmserve cannot run (hosted by OpenAI), for the log."""
+
+
+def _function_def(param: str, tool: dict[str, Any], namespace: str | None, ns_description: str | None) -> dict[str, Any]:
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, f"{param}.name: a function tool needs a name", param=f"{param}.name")
+    params = tool.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise APIError(400, f"{param}.parameters must be a JSON schema object", param=f"{param}.parameters")
+    fn: dict[str, Any] = {"name": ToolNames.flat(name, namespace)}
+    description = tool.get("description") or ns_description
+    if description is not None:
+        fn["description"] = description
+    if params is not None:
+        fn["parameters"] = params
+    if tool.get("strict") is not None:
+        fn["strict"] = bool(tool["strict"])
+    return {"type": "function", "function": fn}
+
+
+def collect_tools(tools: Sequence[dict[str, Any]] | None) -> ToolSet:
+    """Function tools (namespaces flattened) as Chat Completions definitions."""
+    out = ToolSet()
+    for i, tool in enumerate(tools or []):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise APIError(400, f"{param} must be an object", param=param)
+        kind = tool.get("type")
+        if kind == "function":
+            out.defs.append((param, _function_def(param, tool, None, None)))
+        elif kind == "namespace":
+            ns = tool.get("name")
+            if not isinstance(ns, str) or not ns:
+                raise APIError(400, f"{param}.name: a namespace needs a name", param=f"{param}.name")
+            members = tool.get("tools")
+            if not isinstance(members, list):
+                raise APIError(400, f"{param}.tools must be a list of functions", param=f"{param}.tools")
+            for j, member in enumerate(members):
+                mparam = f"{param}.tools[{j}]"
+                if not isinstance(member, dict) or member.get("type", "function") != "function":
+                    out.left_out.append(f"{ns}.{member.get('type') if isinstance(member, dict) else '?'}")
+                    continue
+                d = _function_def(mparam, member, ns, None)
+                out.names.to_client[d["function"]["name"]] = (ns, member["name"])
+                out.defs.append((mparam, d))
+        elif isinstance(kind, str):
+            out.left_out.append(kind)
+        else:
+            raise APIError(400, f"{param}.type is required", param=f"{param}.type")
+    return out
+
+
+def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[str | dict[str, str] | None, ToolSet]:
+    """``tool_choice`` in the shape :func:`glmserve.api.mapping.normalise_tool_choice` takes
+    (``none`` / ``auto`` / ``required`` / ``{"name": flat name}``), and the tools the model is
+    shown (``allowed_tools`` narrows them)."""
+    if choice is None:
+        return ("auto" if tools.defs else "none"), tools
+    if isinstance(choice, str):
+        if choice == "auto" and not tools.defs:  # e.g. only hosted tools were declared
+            return "none", tools
+        return choice, tools
+    kind = choice.get("type")
+    if kind == "function":
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise APIError(400, "tool_choice.name is required for a function", param="tool_choice.name")
+        return {"name": ToolNames.flat(name, choice.get("namespace"))}, tools
+    if kind == "allowed_tools":
+        mode = choice.get("mode", "auto")
+        allowed = choice.get("tools")
+        if mode not in ("auto", "required") or not isinstance(allowed, list):
+            raise APIError(400, "tool_choice: allowed_tools needs mode auto/required and a list of tools",
+                           param="tool_choice")
+        wanted = {ToolNames.flat(t.get("name", ""), t.get("namespace")) for t in allowed
+                  if isinstance(t, dict) and t.get("type") == "function"}
+        narrowed = ToolSet([d for d in tools.defs if d[1]["function"]["name"] in wanted], tools.names, tools.left_out)
+        if mode == "required" and not narrowed.defs:
+            raise APIError(400, "tool_choice: none of the allowed_tools is a declared function", param="tool_choice")
+        return (mode if narrowed.defs else "none"), narrowed
+    raise APIError(400, f"tool_choice: {kind!r} tools are run by OpenAI's cloud, not by this server; "
+                        "choose none, auto, required or a function", param="tool_choice")
+
+
+# --------------------------------------------------------------------------- input items
+
+
+def parse_items(items: list[dict[str, Any]]) -> list[Any]:
+    """Stored items (dicts) as the same models a request's ``input`` validates to."""
+    try:
+        return _items_adapter.validate_python(items)
+    except ValidationError as exc:  # the store only holds items this server validated or wrote
+        raise APIError(400, f"previous_response_id: the stored conversation is unreadable: {exc.errors()[0]['msg']}",
+                       param="previous_response_id") from None
+
+
+def _text_parts(parts: str | list[dict[str, Any]], param: str) -> str:
+    if isinstance(parts, str):
+        return parts
+    texts: list[str] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type")
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in _MEDIA_PARTS:
+            raise APIError(400, f"{param}[{j}]: this model accepts text only ({kind} is not supported)",
+                           param=f"{param}[{j}]")
+        else:
+            raise APIError(400, f"{param}[{j}]: unsupported content part {kind!r}", param=f"{param}[{j}]")
+    return "\n".join(texts)
+
+
+def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None) -> str:
+    if item.content:
+        return "".join(str(p.get("text", "")) for p in item.content if p.get("type") in ("reasoning_text", "text"))
+    if item.encrypted_content:
+        if seal is None:
+            raise APIError(400, f"{param}.encrypted_content cannot be read by this server",
+                           param=f"{param}.encrypted_content")
+        try:
+            return seal.open(item.encrypted_content)
+        except InvalidSeal as exc:
+            raise APIError(400, f"{param}.encrypted_content: {exc}", param=f"{param}.encrypted_content",
+                           code="invalid_encrypted_content") from None
+    return ""  # a summary is not the reasoning; nothing to keep
+
+
+class _Turns:
+    """Folds items into chat messages; consecutive assistant-side items (reasoning, an
+    assistant message, function calls) form one assistant turn."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.call_names: dict[str, str] = {}
+        self._open: dict[str, Any] | None = None
+
+    def assistant(self) -> dict[str, Any]:
+        if self._open is None:
+            self._open = {"role": "assistant", "content": None}
+            self.messages.append(self._open)
+        return self._open
+
+    def close(self) -> None:
+        self._open = None
+
+    def add(self, msg: dict[str, Any]) -> None:
+        self.close()
+        self.messages.append(msg)
+
+
+def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
+                      params: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Chat messages for input items (models from :mod:`responses_schemas`); ``instructions``
+    become the leading system message.  ``params[n]`` names item ``n`` in errors
+    (default ``input[n]``)."""
+    turns = _Turns()
+    if instructions:
+        turns.add({"role": "system", "content": instructions})
+    for n, item in enumerate(items):
+        p = params[n] if params is not None else f"input[{n}]"
+        if isinstance(item, MessageItem):
+            text = _text_parts(item.content, f"{p}.content")
+            if item.role == "assistant":
+                turn = turns.assistant()
+                if turn.get("tool_calls"):  # text after calls starts a new turn
+                    turns.close()
+                    turn = turns.assistant()
+                turn["content"] = text if turn["content"] is None else turn["content"] + text
+            else:
+                turns.add({"role": "system" if item.role in ("system", "developer") else "user", "content": text})
+        elif isinstance(item, ReasoningItem):
+            text = _reasoning_text(item, p, seal)
+            turn = turns.assistant()
+            if turn["content"] is not None or turn.get("tool_calls"):
+                turns.close()  # reasoning after an answer belongs to a new turn
+                turn = turns.assistant()
+            turn["reasoning_content"] = turn.get("reasoning_content", "") + text
+        elif isinstance(item, FunctionCallItem):
+            name = ToolNames.flat(item.name, item.namespace)
+            turns.assistant().setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
+            turns.call_names[item.call_id] = name
+        elif isinstance(item, FunctionCallOutputItem):
+            msg = {"role": "tool", "tool_call_id": item.call_id, "content": _text_parts(item.output, f"{p}.output")}
+            if item.call_id in turns.call_names:
+                msg["name"] = turns.call_names[item.call_id]
+            turns.add(msg)
+        elif isinstance(item, ItemReference):
+            raise APIError(400, f"{p}: item_reference is not supported; send the item itself or use "
+                                "previous_response_id", param=p)
+        else:
+            raise APIError(400, f"{p}: input items of type {item.type!r} are not supported by this server",
+                           param=f"{p}.type")
+    return turns.messages
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+def thinking(req: ResponsesRequest) -> tuple[bool, str | None]:
+    """``reasoning.effort``: ``"none"`` turns thinking off; the effort itself is kept for
+    the families that print it."""
+    effort = req.reasoning.effort if req.reasoning is not None else None
+    if effort is None:
+        return True, None
+    return effort.strip().lower() not in ("none", "off", "disabled"), effort
+
+
+def text_format(req: ResponsesRequest) -> tuple[str | dict[str, Any] | None, str]:
+    """``text.format`` as what the shared response-format helper takes: None (free text),
+    ``"json_object"``, or the JSON schema; and the param path for its errors."""
+    fmt = req.text.format if req.text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None, "text.format"
+    if fmt.type == "json_object":
+        return "json_object", "text.format"
+    if fmt.schema_ is None:
+        raise APIError(400, "text.format.schema is required for json_schema", param="text.format.schema")
+    return fmt.schema_, "text.format.schema"

@@ -1,0 +1,65 @@
+"""A test-only server entry: the real app (``create_app``) on the scripted engine.
+
+    python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F]
+
+Used where a real client (Codex CLI) must be driven through a conversation whose model
+output is chosen by the test: the program below decides each answer from the prompt it is
+given, so what the client sent back (tool output, reasoning history) shows in the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glmserve.api.app import Settings, create_app  # noqa: E402
+from glmserve.engine.base import GenerateParams  # noqa: E402
+from glmserve.engine.scripted import ScriptedEngine  # noqa: E402
+from glmserve.formats import get_format  # noqa: E402
+
+CODEX_COMMAND = "echo $((6*7)) > codex_out.txt && cat codex_out.txt"
+CODEX_REASONING = "The user wants a file; I will run a command."
+
+
+def pieces(text: str, size: int = 3) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def codex_program(prompt: str, params: GenerateParams) -> list[str]:
+    """GLM-4.7 output for Codex's turns: first an ``exec_command`` call; once the command's
+    output is in the prompt, an answer quoting it and saying whether the first turn's
+    reasoning (sent back by Codex as encrypted_content) came back as history."""
+    responses = re.findall(r"<tool_response>(.*?)</tool_response>", prompt, re.S)
+    if not responses:
+        return pieces(f"{CODEX_REASONING}</think><tool_call>exec_command<arg_key>cmd</arg_key>"
+                      f"<arg_value>{CODEX_COMMAND}</arg_value></tool_call>")
+    numbers = re.findall(r"^\s*(\d+)\s*$", responses[-1], re.M)
+    kept = "kept" if f"<think>{CODEX_REASONING}</think>" in prompt else "lost"
+    return pieces(f"Done.</think>The command printed {numbers[-1] if numbers else 'nothing'}; reasoning {kept}.")
+
+
+PROGRAMS = {"codex": codex_program}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--chat-format", default="glm47")
+    p.add_argument("--program", choices=sorted(PROGRAMS), required=True)
+    p.add_argument("--responses-db", default=None)
+    p.add_argument("--api-key", action="append", default=[])
+    a = p.parse_args()
+    engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
+    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db)
+    app = create_app(engine, get_format(a.chat_format), settings)
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
