@@ -138,7 +138,8 @@ class Responses:
         fmt, fmt_param = text_format(body)
         opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
                                  max_tokens_param="max_output_tokens", temperature=body.temperature,
-                                 top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits))
+                                 top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
+                                 schema_param="tools[{}].parameters")
         try:
             run = self.pipeline.prepare(chat, opts, "resp_")
         except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
