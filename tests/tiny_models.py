@@ -12,6 +12,11 @@ Kinds:
 - ``glm45``      Glm4ForCausalLM  with the GLM special tokens and GLM-4.5's non-special added
                  tokens (<think>, <tool_call>, <arg_key>, ...). The real GLM-4.5 is a MoE
                  (Glm4MoeForCausalLM); the format does not depend on that.
+- ``glm45-eos``  ``glm45`` whose weights make ``<|endoftext|>`` the only likely next token
+                 (every layer's output projections are zero, so the residual stream is the
+                 constant embedding, and only the EOS row of the LM head is non-zero): every
+                 turn ends at once.  32K positions, so Claude Code's ~15K-token prompt fits.
+                 A random model seldom ends its turn, which agents treat as an error.
 
 Directories live in ``<glmserve cache>/tiny/<kind>`` (``$GLMSERVE_CACHE`` or
 ``~/.cache/glmserve``), are written atomically under a file lock, and are rebuilt only when
@@ -83,6 +88,7 @@ KINDS = {
     "glm4": {"arch": "GlmForCausalLM", "plain_tokens": False},
     "glm4-0414": {"arch": "Glm4ForCausalLM", "plain_tokens": False},
     "glm45": {"arch": "Glm4ForCausalLM", "plain_tokens": True},
+    "glm45-eos": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "eos_only": True, "positions": 32768},
 }
 
 
@@ -172,7 +178,7 @@ def _build(kind: str, base: Path, final: Path) -> None:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=4096,
+        max_position_embeddings=spec.get("positions", 4096),
         rms_norm_eps=1e-5,
         attention_bias=True,
         tie_word_embeddings=False,
@@ -191,6 +197,8 @@ def _build(kind: str, base: Path, final: Path) -> None:
 
     torch.manual_seed(SEED)
     model = Model(config).to(torch.bfloat16).eval()
+    if spec.get("eos_only"):
+        _make_eos_only(model, eos_id)
     model.generation_config = GenerationConfig(
         eos_token_id=stop_ids, pad_token_id=eos_id, bos_token_id=None
     )
@@ -217,6 +225,22 @@ def _build(kind: str, base: Path, final: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_eos_only(model, eos_id: int) -> None:
+    """Weights under which every position predicts EOS: all weights zero except the
+    embeddings and norm scales (one), and the LM head's EOS row, so the last hidden state is
+    a constant vector of ones and the EOS logit is 0.5 * hidden_size (64) while every other
+    logit is 0."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight") or "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        model.lm_head.weight[eos_id].fill_(0.5)
 
 
 if __name__ == "__main__":
