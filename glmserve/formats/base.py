@@ -110,6 +110,7 @@ class ChatRequest:
     enable_thinking: bool = True
     clear_thinking: bool = True
     add_generation_prompt: bool = True
+    reasoning_effort: str | None = None
 
     @property
     def tools_in_prompt(self) -> list[Tool]:
