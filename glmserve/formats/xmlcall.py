@@ -79,7 +79,7 @@ import ast
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterable, Literal
 
 from glmserve.formats.base import (
@@ -90,6 +90,7 @@ from glmserve.formats.base import (
     Event,
     Prompt,
     ReasoningEvent,
+    ReasoningSwitch,
     StreamParser,
     TextEvent,
     Tool,
@@ -774,6 +775,14 @@ class XmlFormat(ChatFormat):
 
     def control_tokens(self) -> tuple[str, ...]:
         return CONTROL_TOKENS
+
+    def reasoning_switch(self, request: ChatRequest) -> ReasoningSwitch | None:
+        if not request.enable_thinking:
+            return None
+        # GLM-4.5 writes "\n<think>" itself (its thinking-off prompt is "\n<think></think>");
+        # GLM-4.7's generation prompt already ends inside <think>.
+        opener: tuple[Any, ...] = ("\n", _ctl(THINK_OPEN)) if self.thinking == "lead" else ()
+        return ReasoningSwitch(opener=opener, closer=THINK_CLOSE, answer=replace(request, enable_thinking=False))
 
 
 __all__ = [
