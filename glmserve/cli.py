@@ -147,15 +147,10 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
 
 def _request_from_json(obj: dict[str, Any]) -> Any:
     """Map a JSON chat request onto a format request with the server's own rules."""
-    from glmserve.api.chat import ChatService
+    from glmserve.api.mapping import chat_request_from_openai
     from glmserve.api.schemas import ChatCompletionRequest
 
-    req = ChatCompletionRequest.model_validate(obj)
-    return ChatService.to_chat_request(_NoEngine(), req)  # type: ignore[arg-type]
-
-
-class _NoEngine:
-    """``to_chat_request`` needs nothing from the engine."""
+    return chat_request_from_openai(ChatCompletionRequest.model_validate(obj))
 
 
 def render(argv: list[str]) -> int:

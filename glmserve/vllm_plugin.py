@@ -55,13 +55,14 @@ from vllm.entrypoints.generate.base.protocol import (
 )
 from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 
+from glmserve.api.errors import APIError
+from glmserve.api.mapping import build_tools, normalise_tool_choice
 from glmserve.formats import get_format
 from glmserve.formats.base import (
     ChatRequest,
     Event,
     StreamParser,
     TextEvent,
-    Tool,
     ToolCallArgs,
     ToolCallStart,
 )
@@ -77,20 +78,21 @@ def _dump(obj: Any) -> dict[str, Any]:
 
 
 def chat_request_from_vllm(request: Any) -> ChatRequest:
-    """What glmserve's format needs from a vLLM ``ChatCompletionRequest`` / ``ResponsesRequest``."""
-    tools = [Tool.from_openai(_dump(t)) for t in (getattr(request, "tools", None) or [])]
-    tools = [t for t in tools if t.name]
-    choice: Any = getattr(request, "tool_choice", None)
-    if choice is None:
-        choice = "auto" if tools else "none"
-    elif not isinstance(choice, str):
-        fn = getattr(choice, "function", None)
-        choice = getattr(fn, "name", None) or getattr(choice, "name", None) or "required"
-    if choice not in ("none", "auto", "required") and choice not in {t.name for t in tools}:
-        choice = "required" if tools else "none"
-    if not tools:
-        choice = "none"
-    return ChatRequest(messages=[], tools=tools, tool_choice=choice,
+    """What glmserve's format needs from a vLLM ``ChatCompletionRequest`` / ``ResponsesRequest``,
+    mapped by glmserve's own rules (:mod:`glmserve.api.mapping`).  vLLM has validated the
+    request's shape; a mistake only glmserve sees (a tool schema that is not a JSON schema)
+    is raised as the ``ValueError`` vLLM answers with a 400."""
+    defs = [(f"tools[{i}]", _dump(t)) for i, t in enumerate(getattr(request, "tools", None) or [])]
+    defs = [(p, d) for p, d in defs if d.get("type", "function") == "function"]  # hosted tools are vLLM's
+    try:
+        tools = build_tools(defs)
+        choice = getattr(request, "tool_choice", None)
+        # without tools there is nothing to call, whatever the default choice says
+        tool_choice = normalise_tool_choice(choice if isinstance(choice, (str, type(None))) else _dump(choice),
+                                            tools) if tools else "none"
+    except APIError as exc:
+        raise ValueError(exc.message) from None
+    return ChatRequest(messages=[], tools=tools, tool_choice=tool_choice,
                        parallel_tool_calls=getattr(request, "parallel_tool_calls", True) is not False)
 
 

@@ -1,464 +1,157 @@
-"""``/v1/chat/completions``: maps an OpenAI request onto a format and the engine.
+"""``/v1/chat/completions`` (and ``/tokenize``): the OpenAI Chat Completions shape on the
+chat pipeline.
 
-The same parser events drive the streamed chunks and the non-streamed message, so
-the two cannot disagree.
+The request mapping is :mod:`glmserve.api.mapping`; generation and the per-choice fold are
+:class:`~glmserve.api.pipeline.ChatPipeline`'s.  This module only writes its answers: the
+``chat.completion`` object and the ``chat.completion.chunk`` events, both from the same
+pipeline updates, so the streamed and the whole answer cannot disagree.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
-from referencing.exceptions import Unresolvable
+from fastapi import APIRouter, Request
+from starlette.responses import Response
 
-from glmserve.api.errors import APIError
-from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
-from glmserve.engine.base import Engine, GenerateParams
-from glmserve.formats.base import (
-    ChatFormat,
-    ChatRequest,
-    Constraint,
-    Event,
-    Prompt,
-    ReasoningEvent,
-    StreamParser,
-    TextEvent,
-    Tool,
-    ToolCallArgs,
-    ToolCallEnd,
-    ToolCallStart,
-)
+from glmserve.api.errors import error_body
+from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
+from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
+from glmserve.api.runner import STREAMS, Services
+from glmserve.api.schemas import ChatCompletionRequest
+from glmserve.api.settings import ArgumentHook
+from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.formats.message import MessageBuilder
-from glmserve.metrics import Metrics
 
-log = logging.getLogger("glmserve.chat")
-
-ArgumentHook = Callable[[str, str], str]
-"""``hook(tool_name, arguments_json) -> arguments_json``: sees each finished call."""
+__all__ = ["ArgumentHook", "ChatCompletions", "ChatHandle", "router", "usage", "logprob_json"]
 
 
-# --------------------------------------------------------------------------- request mapping
-
-
-def _flatten_content(msg: ChatMessage, i: int) -> str | None:
-    content = msg.content
-    if content is None or isinstance(content, str):
-        return content
-    texts: list[str] = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "input_audio", "file", "video_url"):
-            raise APIError(400, f"messages[{i}].content[{j}]: this model accepts text only", param=f"messages[{i}].content")
-        else:
-            raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
-    return "\n".join(texts)
-
-
-def _normalise_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(req.messages):
-        role = m.role
-        content = _flatten_content(m, i)
-        d: dict[str, Any] = {"role": role, "content": content}
-        if role == "developer":
-            d["role"] = "system"
-        elif role == "function":  # legacy function result
-            d["role"] = "tool"
-            d["name"] = m.name
-        if role in ("system", "developer", "user") and content is None:
-            raise APIError(400, f"messages[{i}].content: a {role} message needs content", param=f"messages[{i}].content")
-        if role == "assistant":
-            calls = list(m.tool_calls or [])
-            if m.function_call is not None:
-                calls.append(ToolCallParam(id="", function=m.function_call))
-            if calls:
-                d["tool_calls"] = [
-                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                    for c in calls
-                ]
-            if m.reasoning_content is not None:
-                d["reasoning_content"] = m.reasoning_content
-        if role == "tool":
-            if content is None:
-                raise APIError(400, f"messages[{i}].content: a tool message needs content", param=f"messages[{i}].content")
-            d["tool_call_id"] = m.tool_call_id
-            if m.name:
-                d["name"] = m.name
-        out.append(d)
-    return out
-
-
-def _tools(req: ChatCompletionRequest) -> list[Tool]:
-    tools: list[Tool] = []
-    seen: set[str] = set()
-    if req.tools:
-        defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
-    elif req.functions:
-        defs = [(f"functions[{i}]", {"type": "function", "function": f.model_dump(exclude_none=True)}) for i, f in enumerate(req.functions)]
-    else:
-        defs = []
-    for param, raw in defs:
-        tool = Tool.from_openai(raw)
-        if tool.name in seen:
-            raise APIError(400, f"{param}.name: duplicate tool name {tool.name!r}", param=f"{param}.name")
-        seen.add(tool.name)
-        if tool.parameters is not None:
-            try:
-                jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
-            except jsonschema.SchemaError as exc:
-                raise APIError(400, f"{param}.parameters is not a valid JSON schema: {exc.message}",
-                               param=f"{param}.parameters") from None
-            if tool.parameters.get("type", "object") != "object":
-                raise APIError(400, f"{param}.parameters must describe an object", param=f"{param}.parameters")
-        tools.append(tool)
-    return tools
-
-
-def _tool_choice(req: ChatCompletionRequest, tools: list[Tool]) -> str:
-    legacy = bool(req.functions) or (req.function_call is not None and req.tool_choice is None)
-    choice: Any = req.function_call if legacy else req.tool_choice
-    param = "function_call" if legacy else "tool_choice"
-    if choice is None:
-        return "auto" if tools else "none"
-    if isinstance(choice, str):
-        if choice in ("auto", "required") and not tools:
-            raise APIError(400, f"{param}={choice!r} needs tools", param=param)
-        return choice
-    name = choice.function.name if hasattr(choice, "function") else choice.name
-    if name not in {t.name for t in tools}:
-        raise APIError(400, f"{param} names {name!r}, which is not among the declared tools", param=param)
-    return name
-
-
-def _thinking(req: ChatCompletionRequest) -> tuple[bool, bool]:
-    kw = req.chat_template_kwargs or {}
-    enable = _flag(kw.get("enable_thinking", kw.get("thinking", True)))
-    if req.reasoning_effort is not None:
-        enable = req.reasoning_effort.lower() not in ("none", "off", "disabled")
-    return enable, _flag(kw.get("clear_thinking", True))
-
-
-def _flag(value: Any) -> bool:
-    """Template switches as clients send them: true/false, or strings like "false"."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off", "")
-    return bool(value)
-
-
-def _response_format_constraint(req: ChatCompletionRequest) -> Constraint | None:
-    rf = req.response_format
-    if rf is None or rf.type == "text":
-        return None
-    if rf.type == "json_object":
-        return Constraint(json={"type": "object"})
-    if rf.json_schema is None or rf.json_schema.schema_ is None:
-        raise APIError(400, "response_format.json_schema.schema is required", param="response_format.json_schema")
-    schema = rf.json_schema.schema_
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise APIError(400, f"response_format.json_schema.schema is not a valid JSON schema: {exc.message}",
-                       param="response_format.json_schema.schema") from None
-    try:
-        import xgrammar
-
-        xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-    except (ValueError, RuntimeError) as exc:
-        raise APIError(400, f"response_format.json_schema.schema cannot be used for decoding: {exc}",
-                       param="response_format.json_schema.schema") from None
-    return Constraint(json=schema)
+def generation_options(req: ChatCompletionRequest, services: Services) -> GenerationOptions:
+    """Sampling and length settings of a Chat Completions request."""
+    return GenerationOptions(
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        n=req.n,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        ignore_eos=req.ignore_eos,
+        output_constraint=openai_output_constraint(req, services.settings.limits),
+    )
 
 
 @dataclass
-class PreparedChat:
-    request_id: str
-    model: str
-    created: int
-    chat: ChatRequest
-    prompt_ids: list[int]
-    params: GenerateParams
+class ChatHandle:
+    """A prepared Chat Completions request."""
+
+    run: Prepared
     stream: bool
     include_usage: bool
     legacy_functions: bool
+    """Answer with ``function_call`` (the request used the legacy ``functions``)."""
     logprobs: bool
-    validators: dict[str, Any] = field(default_factory=dict)
-    completion_tokens: int = 0
-    """Filled in as a stream runs, for the request log."""
-    tool_names: list[str] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.run.request_id
 
 
-class ChatService:
-    def __init__(self, engine: Engine, fmt: ChatFormat, metrics: Metrics, argument_hook: ArgumentHook | None = None) -> None:
-        self.engine = engine
-        self.fmt = fmt
-        self.metrics = metrics
-        self.argument_hook = argument_hook
-        self._stop_ids: list[int] = []
-        self._stop_strs: list[str] = []
-        for s in fmt.stop:
-            tid = engine.token_id(s)
-            if tid is not None:
-                self._stop_ids.append(tid)
-            else:
-                self._stop_strs.append(s)
+class ChatCompletions:
+    """The Chat Completions endpoint (see :class:`glmserve.api.runner.Endpoint`)."""
 
-    def to_chat_request(self, req: ChatCompletionRequest) -> ChatRequest:
-        tools = _tools(req)
-        enable, clear = _thinking(req)
-        return ChatRequest(
-            messages=_normalise_messages(req),
-            tools=tools,
-            tool_choice=_tool_choice(req, tools),
-            parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-            enable_thinking=enable,
-            clear_thinking=clear,
-        )
+    name = "chat"
 
-    def render(self, chat: ChatRequest) -> Prompt:
-        """The format's prompt; a history the format cannot write (an XML family's tool call
-        whose arguments are not a JSON object...) is the client's error."""
-        try:
-            return self.fmt.render(chat)
-        except ValueError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from None
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.pipeline: ChatPipeline = services.pipeline
 
-    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
-        chat = self.to_chat_request(req)
-        prompt = self.render(chat)
-        prompt_ids = self.engine.encode_parts(prompt.parts)
-        room = self.engine.max_model_len - len(prompt_ids)
-        if room <= 0:
-            raise APIError(
-                400,
-                f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
-                f"{self.engine.max_model_len} tokens",
-                param="messages", code="context_length_exceeded",
-            )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is None:
-            max_tokens = room
-        elif max_tokens > room:
-            raise APIError(
-                400,
-                f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this model's context of "
-                f"{self.engine.max_model_len} tokens (at most {room} can be generated)",
-                param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-                code="context_length_exceeded",
-            )
-        t0 = time.perf_counter()
-        try:
-            constraint = self.fmt.constraint(chat) if chat.tools and chat.tool_choice != "none" else None
-        except (ValueError, RuntimeError) as exc:  # xgrammar refuses a schema it cannot compile
-            raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
-                           param="tools") from None
-        self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
-        if constraint is None:
-            constraint = _response_format_constraint(req)
-        top = req.top_logprobs if req.top_logprobs is not None else 0
-        params = GenerateParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed,
-            stop=([] if req.ignore_eos else self._stop_strs) + req.stop_list(),
-            # ignore_eos (benchmarks) must also run past the format's end-of-turn tokens
-            stop_token_ids=[] if req.ignore_eos else list(self._stop_ids),
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            n=req.n,
-            logprobs=top if req.logprobs else None,
-            ignore_eos=req.ignore_eos,
-            skip_special_tokens=self.fmt.skip_special_tokens,
-            constraint=constraint,
-        )
-        validators = {}
-        for t in chat.tools:
-            if t.parameters is not None:
-                validators[t.name] = jsonschema.validators.validator_for(t.parameters)(t.parameters)
-        return PreparedChat(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            model=self.engine.model_name,
-            created=int(time.time()),
-            chat=chat,
-            prompt_ids=prompt_ids,
-            params=params,
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            legacy_functions=bool(req.functions) and not req.tools,
-            logprobs=req.logprobs,
-            validators=validators,
-        )
+    async def prepare(self, body: ChatCompletionRequest, request: Request | None = None) -> ChatHandle:
+        limits = self.services.settings.limits
+        chat = chat_request_from_openai(body, limits)
+        run = self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
+        return ChatHandle(run=run, stream=body.stream,
+                          include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                          legacy_functions=is_legacy_functions(body), logprobs=body.logprobs)
 
-    # ------------------------------------------------------------------- results
-
-    def _check_call(self, p: PreparedChat, name: str, arguments: str) -> bool:
-        """Backstop: the constraint should make every call valid; count those that are not."""
-        try:
-            args = json.loads(arguments)
-            if not isinstance(args, dict):
-                raise ValueError("arguments are not a JSON object")
-            v = p.validators.get(name)
-            if v is not None:
-                v.validate(args)
-            return True
-        except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
-            self.metrics.tool_call_failures.inc()
-            log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
-            return False
+    def log_fields(self, h: ChatHandle) -> tuple[int, dict[str, Any]]:
+        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names)}
 
     @staticmethod
-    def _finish_reason(engine_reason: str | None, parser: StreamParser, builder: MessageBuilder, legacy: bool) -> str:
-        if engine_reason == "length" or parser.incomplete_call:
-            return "length"
-        if any(c.complete for c in builder.calls):
-            return "function_call" if legacy else "tool_calls"
-        return "stop"
+    def _reason(h: ChatHandle, reason: str) -> str:
+        return "function_call" if reason == "tool_calls" and h.legacy_functions else reason
 
-    def _apply_hook(self, name: str, arguments: str) -> str:
-        if self.argument_hook is None:
-            return arguments
-        return self.argument_hook(name, arguments)
+    # ------------------------------------------------------------------- whole answer
 
-    async def complete(self, p: PreparedChat) -> dict[str, Any]:
-        parsers = [self.fmt.parser(p.chat) for _ in range(p.params.n)]
-        builders = [MessageBuilder() for _ in range(p.params.n)]
-        reasons: list[str | None] = [None] * p.params.n
-        logprobs: list[list[Any]] = [[] for _ in range(p.params.n)]
-        raws = [""] * p.params.n if log.isEnabledFor(logging.DEBUG) else []
-        completion_tokens = 0
-        t0 = time.perf_counter()
-        first = True
-        async for d in self.engine.generate(p.prompt_ids, p.params, p.request_id):
-            if first and d.num_tokens:
-                self.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
-            completion_tokens += d.num_tokens
-            if raws:
-                raws[d.index] += d.text
-            builders[d.index].add(parsers[d.index].feed(d.text))
-            if d.logprobs:
-                logprobs[d.index].extend(d.logprobs)
-            if d.finish_reason is not None:
-                builders[d.index].add(parsers[d.index].finish())
-                reasons[d.index] = d.finish_reason
-        if log.isEnabledFor(logging.DEBUG):
-            for i, raw in enumerate(raws):
-                log.debug("request %s choice %d raw output: %r", p.request_id, i, raw)
+    async def complete(self, h: ChatHandle) -> dict[str, Any]:
+        p = h.run
         choices = []
-        for i, (parser, builder) in enumerate(zip(parsers, builders)):
-            reason = self._finish_reason(reasons[i], parser, builder, p.legacy_functions)
-            builder.calls = [c for c in builder.calls if c.complete]  # a cut-off call is not a call
-            for c in builder.calls:
-                c.arguments = self._apply_hook(c.name, c.arguments)
-                self._check_call(p, c.name, c.arguments)
-                self.metrics.tool_calls.labels(c.name).inc()
-            message = builder.message()
-            if p.legacy_functions and builder.calls:
+        for r in await self.pipeline.complete(p):
+            message = r.builder.message()
+            if h.legacy_functions and r.builder.calls:
                 call = message.pop("tool_calls")[0]
                 message["function_call"] = call["function"]
-            choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": reason, "logprobs": None}
-            if p.logprobs:
-                choice["logprobs"] = {"content": [_lp(x) for x in logprobs[i]], "refusal": None}
+            choice: dict[str, Any] = {"index": r.index, "message": message,
+                                      "finish_reason": self._reason(h, r.finish_reason), "logprobs": None}
+            if h.logprobs:
+                choice["logprobs"] = {"content": [logprob_json(x) for x in r.logprobs], "refusal": None}
             choices.append(choice)
-        self._count(p, completion_tokens, t0)
-        return {
-            "id": p.request_id,
-            "object": "chat.completion",
-            "created": p.created,
-            "model": p.model,
-            "choices": choices,
-            "usage": _usage(len(p.prompt_ids), completion_tokens),
-            "system_fingerprint": None,
-        }
+        return {"id": p.request_id, "object": "chat.completion", "created": p.created, "model": p.model,
+                "choices": choices, "usage": usage(p.prompt_tokens, p.completion_tokens), "system_fingerprint": None}
 
-    def _count(self, p: PreparedChat, completion_tokens: int, t0: float) -> None:
-        self.metrics.prompt_tokens.inc(len(p.prompt_ids))
-        self.metrics.completion_tokens.inc(completion_tokens)
-        self.metrics.e2e.observe(time.perf_counter() - t0)
+    # ------------------------------------------------------------------- streamed answer
 
-    async def stream(self, p: PreparedChat) -> AsyncIterator[str]:
-        """SSE lines.  Aborts the engine request if the client goes away."""
-        n = p.params.n
-        parsers = [self.fmt.parser(p.chat) for _ in range(n)]
-        builders = [MessageBuilder() for _ in range(n)]
-        started = [False] * n
-        completion_tokens = 0
-        finished = 0
-        t0 = time.perf_counter()
-        first = True
-        usage_null = {"usage": None} if p.include_usage else {}
+    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
+        return "data: " + json.dumps(error_body(status, message, param, code)) + "\n\ndata: [DONE]\n\n"
+
+    async def stream(self, h: ChatHandle) -> AsyncIterator[str]:
+        p = h.run
+        usage_null = {"usage": None} if h.include_usage else {}
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-            body = {
-                "id": p.request_id,
-                "object": "chat.completion.chunk",
-                "created": p.created,
-                "model": p.model,
-                "system_fingerprint": None,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                **usage_null,
-            }
+            body = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                    **usage_null}
             return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
-        try:
-            for i in range(n):
-                started[i] = True
-                yield chunk(i, {"role": "assistant", "content": ""})
-            async for d in self.engine.generate(p.prompt_ids, p.params, p.request_id):
-                if first and d.num_tokens:
-                    self.metrics.ttft.observe(time.perf_counter() - t0)
-                    first = False
-                completion_tokens += d.num_tokens
-                p.completion_tokens = completion_tokens
-                events = parsers[d.index].feed(d.text)
-                if d.finish_reason is not None:
-                    events += parsers[d.index].finish()
-                builders[d.index].add(events)
+        for i in range(p.params.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async with aclosing(self.pipeline.run(p)) as updates:
+            async for u in updates:
                 lp = None
-                if p.logprobs and d.logprobs:
-                    lp = {"content": [_lp(x) for x in d.logprobs], "refusal": None}
-                for delta in self._deltas(p, builders[d.index], events):
-                    yield chunk(d.index, delta, logprobs=lp)
+                if h.logprobs and u.logprobs:
+                    lp = {"content": [logprob_json(x) for x in u.logprobs], "refusal": None}
+                for delta in self._deltas(h, u):
+                    yield chunk(u.index, delta, logprobs=lp)
                     lp = None
                 if lp is not None:
-                    yield chunk(d.index, {}, logprobs=lp)
-                if d.finish_reason is not None:
-                    finished += 1
-                    reason = self._finish_reason(d.finish_reason, parsers[d.index], builders[d.index], p.legacy_functions)
-                    for c in builders[d.index].calls:
-                        if c.complete:
-                            self._check_call(p, c.name, c.arguments)
-                            self.metrics.tool_calls.labels(c.name).inc()
-                            p.tool_names.append(c.name)
-                    yield chunk(d.index, {}, finish=reason)
-            if p.include_usage:
-                body = {
-                    "id": p.request_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
-                    "system_fingerprint": None, "choices": [], "usage": _usage(len(p.prompt_ids), completion_tokens),
-                }
-                yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
-            yield "data: [DONE]\n\n"
-            self._count(p, completion_tokens, t0)
-        finally:
-            if finished < n:
-                await self.engine.abort(p.request_id)
+                    yield chunk(u.index, {}, logprobs=lp)
+                if u.finish_reason is not None:
+                    yield chunk(u.index, {}, finish=self._reason(h, u.finish_reason))
+        if h.include_usage:
+            body = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
+                    "system_fingerprint": None, "choices": [], "usage": usage(p.prompt_tokens, p.completion_tokens)}
+            yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+        yield "data: [DONE]\n\n"
 
-    def _deltas(self, p: PreparedChat, builder: MessageBuilder, events: list[Event]) -> list[dict[str, Any]]:
-        """Chunk deltas for a batch of events; adjacent text is merged into one delta.
+    def _deltas(self, h: ChatHandle, u: ChoiceUpdate) -> list[dict[str, Any]]:
+        """Chunk deltas for one update's events; adjacent text is merged into one delta.
 
         With an argument hook installed, arguments are sent whole at the end of each
-        call, since the hook may rewrite them.
+        call (the pipeline has applied the hook by then), since the hook may rewrite them.
         """
         out: list[dict[str, Any]] = []
-        hooked = self.argument_hook is not None
+        hooked = self.pipeline.argument_hook is not None
+        builder: MessageBuilder = u.builder
+        events: list[Event] = u.events
         for ev in events:
             prev = out[-1] if out else None
             if isinstance(ev, TextEvent):
@@ -477,7 +170,7 @@ class ChatService:
                     out.append({"reasoning_content": ev.text})
             elif isinstance(ev, ToolCallStart):
                 call = builder.calls[ev.index]
-                if p.legacy_functions:
+                if h.legacy_functions:
                     out.append({"function_call": {"name": call.name, "arguments": ""}})
                 else:
                     out.append({"tool_calls": [{"index": ev.index, "id": call.id, "type": "function",
@@ -485,7 +178,7 @@ class ChatService:
             elif isinstance(ev, ToolCallArgs):
                 if hooked or not ev.delta:
                     continue
-                if p.legacy_functions:
+                if h.legacy_functions:
                     out.append({"function_call": {"arguments": ev.delta}})
                 elif prev is not None and "tool_calls" in prev and prev["tool_calls"][0]["index"] == ev.index \
                         and "id" not in prev["tool_calls"][0]:
@@ -494,16 +187,16 @@ class ChatService:
                     out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.delta}}]})
             elif isinstance(ev, ToolCallEnd) and hooked:
                 call = builder.calls[ev.index]
-                call.arguments = self._apply_hook(call.name, call.arguments)
                 out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": call.arguments}}]})
         return out
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _lp(x: Any) -> dict[str, Any]:
+def logprob_json(x: Any) -> dict[str, Any]:
+    """One token's logprobs in the Chat Completions shape."""
     b = list(x.token.encode("utf-8"))
     return {
         "token": x.token,
@@ -512,3 +205,21 @@ def _lp(x: Any) -> dict[str, Any]:
         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in x.top],
     }
 
+
+def router(services: Services) -> APIRouter:
+    endpoint = ChatCompletions(services)
+    r = APIRouter()
+
+    @r.post("/v1/chat/completions", responses=STREAMS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await services.serve(endpoint, body, request)
+
+    @r.post("/tokenize")
+    async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
+        """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
+        services.check_model(body.model)
+        prompt = services.pipeline.render(chat_request_from_openai(body, services.settings.limits))
+        ids = services.engine.encode_parts(prompt.parts)
+        return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": services.engine.max_model_len}
+
+    return r

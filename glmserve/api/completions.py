@@ -1,4 +1,4 @@
-"""``/v1/completions``: raw prompts, no chat format."""
+"""``/v1/completions``: raw prompts, no chat format (an endpoint of :mod:`glmserve.api.runner`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from glmserve.api.errors import APIError
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from glmserve.api.errors import APIError, error_body
+from glmserve.api.runner import STREAMS, Services
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -26,14 +30,30 @@ class PreparedCompletion:
     stream: bool
     include_usage: bool
     echo: bool
+    completion_tokens: int = 0
+    """Filled in while running (for the request log)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(x) for x in self.prompts)
 
 
 class CompletionService:
+    """The legacy Completions endpoint (see :class:`glmserve.api.runner.Endpoint`)."""
+
+    name = "completion"
+
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
 
-    def prepare(self, req: CompletionRequest) -> PreparedCompletion:
+    def log_fields(self, p: PreparedCompletion) -> tuple[int, dict[str, Any]]:
+        return p.prompt_tokens, {"completion_tokens": p.completion_tokens}
+
+    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
+        return "data: " + json.dumps(error_body(status, message, param, code)) + "\n\ndata: [DONE]\n\n"
+
+    async def prepare(self, req: CompletionRequest, request: Request | None = None) -> PreparedCompletion:
         raw = req.prompt
         prompts: list[list[int]]
         texts: list[str]
@@ -99,13 +119,19 @@ class CompletionService:
             texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
             reasons: list[str | None] = [None] * p.params.n
             lps: list[dict[str, list[Any]] | None] = [None] * p.params.n
-            async for d in self.engine.generate(ids, p.params, f"{p.request_id}-{k}"):
-                if p.params.logprobs is not None:
-                    lps[d.index] = _extend_logprobs(lps[d.index], d.logprobs or [], len(texts[d.index]))
-                texts[d.index] += d.text
-                completion_tokens += d.num_tokens
-                if d.finish_reason is not None:
-                    reasons[d.index] = d.finish_reason
+            rid = f"{p.request_id}-{k}"
+            try:
+                async for d in self.engine.generate(ids, p.params, rid):
+                    if p.params.logprobs is not None:
+                        lps[d.index] = _extend_logprobs(lps[d.index], d.logprobs or [], len(texts[d.index]))
+                    texts[d.index] += d.text
+                    completion_tokens += d.num_tokens
+                    p.completion_tokens = completion_tokens
+                    if d.finish_reason is not None:
+                        reasons[d.index] = d.finish_reason
+            finally:
+                if any(r is None for r in reasons):  # cancelled (the client went away) or failed
+                    await self.engine.abort(rid)
             for i in range(p.params.n):
                 choices.append({"index": k * p.params.n + i, "text": texts[i], "logprobs": lps[i],
                                 "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"})
@@ -143,6 +169,7 @@ class CompletionService:
                 offsets = [len(p.prompt_texts[k]) if p.echo else 0] * n
                 async for d in self.engine.generate(ids, p.params, rid):
                     completion_tokens += d.num_tokens
+                    p.completion_tokens = completion_tokens
                     lp = None
                     if p.params.logprobs is not None and d.logprobs:
                         lp = _extend_logprobs(None, d.logprobs, offsets[d.index])
@@ -161,6 +188,17 @@ class CompletionService:
                                              "total_tokens": prompt_tokens + completion_tokens}}
             yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
         yield "data: [DONE]\n\n"
+
+
+def router(services: Services) -> APIRouter:
+    endpoint = CompletionService(services.engine, services.metrics)
+    r = APIRouter()
+
+    @r.post("/v1/completions", responses=STREAMS)
+    async def text_completions(body: CompletionRequest, request: Request) -> Response:
+        return await services.serve(endpoint, body, request)
+
+    return r
 
 
 def _extend_logprobs(acc: dict[str, list[Any]] | None, new: list[Any], offset: int) -> dict[str, list[Any]]:

@@ -1,9 +1,18 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors, and the shape each endpoint answers them in.
+
+The shape is chosen by the request path: a registry of path prefixes -> :class:`ErrorShape`
+(the longest matching prefix wins).  The default is OpenAI's
+``{"error": {"message", "type", "param", "code"}}``; an endpoint with its own shape (the
+Anthropic Messages API's ``{"type": "error", "error": {...}}``) registers its prefix once, and
+its 400s, 401s, 413s, 429s, validation errors and in-band stream errors all take that shape.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,9 +73,38 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+ErrorBodyBuilder = Callable[[int, str, "str | None", "str | None"], dict[str, Any]]
+"""``builder(status, message, param, code) -> JSON body``."""
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one API surface writes its errors: the body builder, and the JSON schema the
+    OpenAPI document shows for it (under ``components/schemas/<schema_name>``)."""
+
+    body: ErrorBodyBuilder
+    schema: dict[str, Any]
+    schema_name: str
+
+
+_SHAPES: dict[str, ErrorShape] = {}
+
+
+def register_error_shape(prefix: str, shape: ErrorShape) -> None:
+    """Answer errors of every path starting with ``prefix`` in ``shape``."""
+    _SHAPES[prefix] = shape
+
+
+def error_shape(path: str) -> ErrorShape:
+    """The shape for a request path: the longest registered prefix, else OpenAI's."""
+    best = max((p for p in _SHAPES if path.startswith(p)), key=len, default=None)
+    return OPENAI_ERRORS if best is None else _SHAPES[best]
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    """The error in the shape of the endpoint at ``path``."""
+    return JSONResponse(error_shape(path).body(status, message, param, code), status_code=status, headers=headers)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str:
@@ -121,6 +159,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
+OPENAI_ERRORS = ErrorShape(error_body, ERROR_SCHEMA, "ErrorResponse")
+
 _ERRORS = {
     "400": "invalid request (the message and param name the problem)",
     "401": "missing or invalid API key",
@@ -142,7 +182,7 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
         codes.append("401")
     if "{model_id}" in path:
         codes.append("404")
-    if path in ("/v1/chat/completions", "/v1/completions"):
+    if path.startswith("/v1") and "requestBody" in op:  # generating routes: admission and the engine
         codes += ["429", "503"]
     if path == "/health":
         codes.append("503")
@@ -160,9 +200,10 @@ def document_errors(app: FastAPI) -> None:
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
-            schemas["ErrorResponse"] = ERROR_SCHEMA
-            body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
             for path, ops in doc.get("paths", {}).items():
+                shape = error_shape(path)
+                schemas[shape.schema_name] = shape.schema
+                body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.schema_name}"}}}
                 for op in ops.values():
                     responses = op.setdefault("responses", {})
                     responses.pop("422", None)
@@ -177,41 +218,41 @@ def install_handlers(app: FastAPI) -> None:
     document_errors(app)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(r: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers, path=r.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(r: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = validation_message(exc)
-        return error_response(400, msg, param)
+        return error_response(400, msg, param, path=r.url.path)
 
     @app.exception_handler(ValidationError)
-    async def _pyd_validation(_: Request, exc: ValidationError) -> JSONResponse:
+    async def _pyd_validation(r: Request, exc: ValidationError) -> JSONResponse:
         msg, param = validation_message(exc)
-        return error_response(400, msg, param)
+        return error_response(400, msg, param, path=r.url.path)
 
     @app.exception_handler(json.JSONDecodeError)
-    async def _json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"request body is not valid JSON: {exc}", "body")
+    async def _json(r: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return error_response(400, f"request body is not valid JSON: {exc}", "body", path=r.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None), path=r.url.path)
 
     @app.exception_handler(EngineUnavailable)
-    async def _dead(_: Request, exc: EngineUnavailable) -> JSONResponse:
-        return error_response(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+    async def _dead(r: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(503, f"the engine is unavailable: {exc}", code="engine_unavailable", path=r.url.path)
 
     @app.exception_handler(EngineRequestError)
-    async def _rejected(_: Request, exc: EngineRequestError) -> JSONResponse:
-        return error_response(400, str(exc), exc.param)
+    async def _rejected(r: Request, exc: EngineRequestError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param, path=r.url.path)
 
     @app.exception_handler(RecursionError)
-    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+    async def _too_deep(r: Request, exc: RecursionError) -> JSONResponse:
         # Only input nested beyond reason gets here (schemas, extra fields): a client error.
-        return error_response(400, "the request is nested too deeply", "body")
+        return error_response(400, "the request is nested too deeply", "body", path=r.url.path)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(r: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
-        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error", path=r.url.path)

@@ -1,0 +1,269 @@
+"""From an API request to a :class:`ChatRequest`: the one place request fields are mapped.
+
+Every endpoint (Chat Completions here, Anthropic Messages and OpenAI Responses on top of
+the same helpers), ``glmserve render`` and the vLLM tool-parser plugin go through these
+functions, so a tool list, a ``tool_choice`` or a thinking switch means the same thing
+everywhere.  Nothing here needs an engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from glmserve.api.errors import APIError
+from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
+from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may declare (``Settings`` carries the server's)."""
+
+    max_messages: int = 2048
+    max_tools: int = 256
+    max_schema_bytes: int = 256 * 1024
+    max_schema_depth: int = 64
+    """Nesting (objects and arrays) allowed in a tool or response-format schema."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --------------------------------------------------------------------------- schemas and tools
+
+
+def schema_depth(obj: Any) -> int:
+    """Nesting depth of JSON containers, without recursion."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, dict):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in value)
+    return deepest
+
+
+def check_schema_size(schema: Any, param: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """A schema nested or sized beyond the limits is refused before anyone compiles it."""
+    depth = schema_depth(schema)
+    if depth > limits.max_schema_depth:
+        raise APIError(400, f"{param} is nested {depth} levels deep; at most {limits.max_schema_depth} are allowed",
+                       param=param)
+    if len(json.dumps(schema)) > limits.max_schema_bytes:
+        raise APIError(400, f"{param} is larger than {limits.max_schema_bytes} bytes", param=param)
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """400 naming ``param`` unless ``schema`` is a valid JSON schema."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+
+
+def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT_LIMITS,
+                count_param: str = "tools") -> list[Tool]:
+    """Validated tools from ``(param path, OpenAI tool dict)`` pairs.
+
+    The path names the function object (``tools[0].function``, ``functions[0]``); a bad
+    schema is a 400 for ``<path>.parameters``, a repeated name one for ``<path>.name``.
+    """
+    if len(defs) > limits.max_tools:
+        raise APIError(400, f"at most {limits.max_tools} tools per request", param=count_param)
+    tools = [(param, Tool.from_openai(raw)) for param, raw in defs]
+    for param, tool in tools:  # sizes first: nothing oversized reaches the schema checker
+        if tool.parameters is not None:
+            check_schema_size(tool.parameters, f"{param}.parameters", limits)
+    seen: set[str] = set()
+    for param, tool in tools:
+        if tool.name in seen:
+            raise APIError(400, f"{param}.name: duplicate tool name {tool.name!r}", param=f"{param}.name")
+        seen.add(tool.name)
+        if tool.parameters is not None:
+            check_json_schema(tool.parameters, f"{param}.parameters")
+            if tool.parameters.get("type", "object") != "object":
+                raise APIError(400, f"{param}.parameters must describe an object", param=f"{param}.parameters")
+    return [t for _, t in tools]
+
+
+def _named(choice: Any) -> str | None:
+    """The tool name in a named choice, in any of the shapes clients send: Chat Completions
+    ``{"type": "function", "function": {"name"}}``, Responses / legacy ``{"name"}``, or the
+    request models' objects of the same shape."""
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+    else:
+        fn = getattr(choice, "function", None)
+        name = getattr(fn, "name", None) if fn is not None else getattr(choice, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def normalise_tool_choice(choice: Any, tools: list[Tool], param: str = "tool_choice") -> ToolChoice:
+    """``none`` / ``auto`` / ``required`` / the one tool's name: the only place a tool choice
+    is validated.  ``None`` means the default (``auto`` with tools, else ``none``)."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise APIError(400, f"{param}: unknown value {choice!r} (none, auto, required or a named tool)",
+                           param=param)
+        if choice in ("auto", "required") and not tools:
+            raise APIError(400, f"{param}={choice!r} needs tools", param=param)
+        return choice
+    name = _named(choice)
+    if name is None:
+        raise APIError(400, f"{param}: a named choice needs the tool's name", param=param)
+    if name not in {t.name for t in tools}:
+        raise APIError(400, f"{param} names {name!r}, which is not among the declared tools", param=param)
+    return name
+
+
+# --------------------------------------------------------------------------- switches and formats
+
+
+def flag(value: Any) -> bool:
+    """Template switches as clients send them: true/false, or strings like "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def thinking_flags(template_kwargs: dict[str, Any] | None = None, reasoning_effort: str | None = None) -> tuple[bool, bool]:
+    """``(enable_thinking, clear_thinking)`` from ``chat_template_kwargs`` and ``reasoning_effort``
+    (``none`` / ``off`` / ``disabled`` turn thinking off)."""
+    kw = template_kwargs or {}
+    enable = flag(kw.get("enable_thinking", kw.get("thinking", True)))
+    if reasoning_effort is not None:
+        enable = reasoning_effort.lower() not in ("none", "off", "disabled")
+    return enable, flag(kw.get("clear_thinking", True))
+
+
+def response_format_constraint(schema_or_type: str | dict[str, Any] | None, param: str,
+                               limits: Limits = DEFAULT_LIMITS) -> Constraint | None:
+    """The output constraint for ``text`` / ``json_object`` / a JSON schema; a schema that is
+    invalid or that xgrammar cannot compile is a 400 naming ``param``."""
+    if schema_or_type is None or schema_or_type == "text":
+        return None
+    if schema_or_type == "json_object":
+        return Constraint(json={"type": "object"})
+    if not isinstance(schema_or_type, dict):
+        raise APIError(400, f"{param}: unknown response format {schema_or_type!r}", param=param)
+    schema = schema_or_type
+    check_schema_size(schema, param, limits)
+    check_json_schema(schema, param)
+    try:
+        import xgrammar
+
+        xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except (ValueError, RuntimeError) as exc:
+        raise APIError(400, f"{param} cannot be used for decoding: {exc}", param=param) from None
+    return Constraint(json=schema)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _flatten_content(msg: ChatMessage, i: int) -> str | None:
+    content = msg.content
+    if content is None or isinstance(content, str):
+        return content
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "input_image", "input_audio", "file", "video_url"):
+            raise APIError(400, f"messages[{i}].content[{j}]: this model accepts text only", param=f"messages[{i}].content")
+        else:
+            raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
+    return "\n".join(texts)
+
+
+def normalise_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as formats read them: text content, ``developer`` as ``system``,
+    legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        role = m.role
+        content = _flatten_content(m, i)
+        d: dict[str, Any] = {"role": role, "content": content}
+        if role == "developer":
+            d["role"] = "system"
+        elif role == "function":  # legacy function result
+            d["role"] = "tool"
+            d["name"] = m.name
+        if role in ("system", "developer", "user") and content is None:
+            raise APIError(400, f"messages[{i}].content: a {role} message needs content", param=f"messages[{i}].content")
+        if role == "assistant":
+            calls = list(m.tool_calls or [])
+            if m.function_call is not None:
+                calls.append(ToolCallParam(id="", function=m.function_call))
+            if calls:
+                d["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                    for c in calls
+                ]
+            if m.reasoning_content is not None:
+                d["reasoning_content"] = m.reasoning_content
+        if role == "tool":
+            if content is None:
+                raise APIError(400, f"messages[{i}].content: a tool message needs content", param=f"messages[{i}].content")
+            d["tool_call_id"] = m.tool_call_id
+            if m.name:
+                d["name"] = m.name
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------- Chat Completions
+
+
+def is_legacy_functions(req: ChatCompletionRequest) -> bool:
+    """Whether the request uses the legacy ``functions`` / ``function_call`` fields (the answer
+    then carries ``function_call`` too)."""
+    return bool(req.functions) or (req.function_call is not None and req.tool_choice is None)
+
+
+def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAULT_LIMITS) -> ChatRequest:
+    """A Chat Completions request as a format sees it, validated (400s name the field)."""
+    if len(req.messages) > limits.max_messages:
+        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+    if req.tools:
+        defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
+    elif req.functions:
+        defs = [(f"functions[{i}]", {"type": "function", "function": f.model_dump(exclude_none=True)})
+                for i, f in enumerate(req.functions)]
+    else:
+        defs = []
+    tools = build_tools(defs, limits)
+    legacy = is_legacy_functions(req)
+    choice = normalise_tool_choice(req.function_call if legacy else req.tool_choice, tools,
+                                   "function_call" if legacy else "tool_choice")
+    enable, clear = thinking_flags(req.chat_template_kwargs, req.reasoning_effort)
+    return ChatRequest(
+        messages=normalise_messages(req.messages),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        enable_thinking=enable,
+        clear_thinking=clear,
+    )
+
+
+def openai_output_constraint(req: ChatCompletionRequest, limits: Limits = DEFAULT_LIMITS) -> Constraint | None:
+    """The ``response_format`` of a Chat Completions request as a constraint."""
+    rf = req.response_format
+    if rf is None or rf.type != "json_schema":
+        return response_format_constraint(None if rf is None else rf.type, "response_format", limits)
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise APIError(400, "response_format.json_schema.schema is required", param="response_format.json_schema")
+    return response_format_constraint(rf.json_schema.schema_, "response_format.json_schema.schema", limits)

@@ -1,0 +1,277 @@
+"""The endpoint-independent path of a chat request: prompt, constraint, generation, fold.
+
+Every chat-shaped endpoint (Chat Completions, Anthropic Messages, OpenAI Responses) maps
+its request to a :class:`ChatRequest` plus :class:`GenerationOptions`, calls
+:meth:`ChatPipeline.prepare`, and then consumes :meth:`ChatPipeline.run` (streamed answers)
+or :meth:`ChatPipeline.complete` (whole answers).  ``run`` is the one per-choice fold: the
+same parser events build the streamed deltas and the final message, so the two cannot
+disagree, and tool-call checks, the argument hook and metrics happen once, here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import jsonschema
+from referencing.exceptions import Unresolvable
+
+from glmserve.api.errors import APIError
+from glmserve.api.settings import ArgumentHook
+from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
+from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Event, Prompt, StreamParser, ToolCallEnd
+from glmserve.formats.message import MessageBuilder
+from glmserve.metrics import Metrics
+
+log = logging.getLogger("glmserve.chat")
+
+_ENGINE_TAKES_TOP_K = "top_k" in {f.name for f in fields(GenerateParams)}
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling and length settings, already read from the endpoint's request."""
+
+    max_tokens: int | None = None
+    """None: all the room the context leaves after the prompt."""
+    clamp_max_tokens: bool = False
+    """True: asking beyond the room is clamped to it; False: 400 ``context_length_exceeded``."""
+    max_tokens_param: str = "max_tokens"
+    """The request field named by a 400 about ``max_tokens``."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+    logprobs: int | None = None
+    """None: no logprobs; k: each token's logprob and the k most likely alternatives."""
+    ignore_eos: bool = False
+    output_constraint: Constraint | None = None
+    """The response format's constraint, used when no tool constraint applies."""
+
+
+@dataclass
+class Prepared:
+    """One chat request, ready to generate."""
+
+    request_id: str
+    created: int
+    model: str
+    chat: ChatRequest
+    prompt_ids: list[int]
+    params: GenerateParams
+    validators: dict[str, Any] = field(default_factory=dict)
+    completion_tokens: int = 0
+    """Filled in while running (for usage and the request log)."""
+    tool_names: list[str] = field(default_factory=list)
+    """The finished calls' tool names, filled in while running (for the request log)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one engine delta did to one choice."""
+
+    index: int
+    events: list[Event]
+    builder: MessageBuilder
+    """The choice's message so far (every call, cut-off ones included, hook applied at each end)."""
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    """On the choice's last update: ``stop`` / ``length`` / ``tool_calls``."""
+    num_tokens: int
+
+
+@dataclass
+class ChoiceResult:
+    """One finished choice: its message (cut-off calls dropped), why it ended, its tokens."""
+
+    index: int
+    builder: MessageBuilder
+    finish_reason: str = "stop"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    completion_tokens: int = 0
+
+
+class ChatPipeline:
+    def __init__(self, engine: Engine, fmt: ChatFormat, metrics: Metrics, argument_hook: ArgumentHook | None = None) -> None:
+        self.engine = engine
+        self.fmt = fmt
+        self.metrics = metrics
+        self.argument_hook = argument_hook
+        self._stop_ids: list[int] = []
+        self._stop_strs: list[str] = []
+        for s in fmt.stop:
+            tid = engine.token_id(s)
+            if tid is not None:
+                self._stop_ids.append(tid)
+            else:
+                self._stop_strs.append(s)
+
+    # ------------------------------------------------------------------- prepare
+
+    def render(self, chat: ChatRequest) -> Prompt:
+        """The format's prompt; a history the format cannot write (an XML family's tool call
+        whose arguments are not a JSON object...) is the client's error."""
+        try:
+            return self.fmt.render(chat)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+
+    def constraint(self, chat: ChatRequest) -> Constraint | None:
+        """The format's tool constraint; a schema it cannot compile is the client's error."""
+        if not chat.tools or chat.tool_choice == "none":
+            return None
+        t0 = time.perf_counter()
+        try:
+            constraint = self.fmt.constraint(chat)
+        except (ValueError, RuntimeError) as exc:  # xgrammar refuses a schema it cannot compile
+            param = getattr(exc, "param", "tools")
+            raise APIError(400, f"{param}: cannot build a decoding constraint for these schemas: {exc}",
+                           param=param) from None
+        self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
+        return constraint
+
+    def prepare(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str) -> Prepared:
+        """Render, tokenize, check the context, build the constraint and the engine's params.
+        The request id is ``id_prefix`` followed by 32 hex digits."""
+        prompt_ids = self.engine.encode_parts(self.render(chat).parts)
+        limit = self.engine.max_model_len
+        room = limit - len(prompt_ids)
+        if room <= 0:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
+                                f"{limit} tokens", param="messages", code="context_length_exceeded")
+        max_tokens = opts.max_tokens
+        if max_tokens is None or (opts.clamp_max_tokens and max_tokens > room):
+            max_tokens = room
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this "
+                                f"model's context of {limit} tokens (at most {room} can be generated)",
+                           param=opts.max_tokens_param, code="context_length_exceeded")
+        constraint = self.constraint(chat) or opts.output_constraint
+        extra: dict[str, Any] = {}
+        if opts.top_k is not None:
+            if not _ENGINE_TAKES_TOP_K:
+                raise APIError(400, "top_k is not supported by this server's engine", param="top_k")
+            extra["top_k"] = opts.top_k
+        params = GenerateParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if opts.temperature is None else opts.temperature,
+            top_p=1.0 if opts.top_p is None else opts.top_p,
+            seed=opts.seed,
+            # ignore_eos (benchmarks) must also run past the format's end-of-turn tokens
+            stop=([] if opts.ignore_eos else list(self._stop_strs)) + list(opts.stop),
+            stop_token_ids=[] if opts.ignore_eos else list(self._stop_ids),
+            presence_penalty=opts.presence_penalty,
+            frequency_penalty=opts.frequency_penalty,
+            n=opts.n,
+            logprobs=opts.logprobs,
+            ignore_eos=opts.ignore_eos,
+            skip_special_tokens=self.fmt.skip_special_tokens,
+            constraint=constraint,
+            **extra,
+        )
+        validators = {t.name: jsonschema.validators.validator_for(t.parameters)(t.parameters)
+                      for t in chat.tools if t.parameters is not None}
+        return Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
+                        model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
+                        validators=validators)
+
+    # ------------------------------------------------------------------- run
+
+    async def run(self, p: Prepared) -> AsyncIterator[ChoiceUpdate]:
+        """The per-choice fold over the engine's deltas.  Aborts the engine request if the
+        consumer stops before every choice finished (a disconnect, an error)."""
+        n = p.params.n
+        parsers = [self.fmt.parser(p.chat) for _ in range(n)]
+        builders = [MessageBuilder() for _ in range(n)]
+        raws = [""] * n if log.isEnabledFor(logging.DEBUG) else []
+        finished = 0
+        t0 = time.perf_counter()
+        first = True
+        try:
+            async for d in self.engine.generate(p.prompt_ids, p.params, p.request_id):
+                if first and d.num_tokens:
+                    self.metrics.ttft.observe(time.perf_counter() - t0)
+                    first = False
+                p.completion_tokens += d.num_tokens
+                parser, builder = parsers[d.index], builders[d.index]
+                if raws:
+                    raws[d.index] += d.text
+                events = parser.feed(d.text)
+                if d.finish_reason is not None:
+                    events += parser.finish()
+                builder.add(events)
+                if self.argument_hook is not None:
+                    for ev in events:
+                        if isinstance(ev, ToolCallEnd):
+                            call = builder.calls[ev.index]
+                            call.arguments = self.argument_hook(call.name, call.arguments)
+                reason = None
+                if d.finish_reason is not None:
+                    finished += 1
+                    reason = self._finish(p, d.finish_reason, parser, builder)
+                    if raws:
+                        log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
+                yield ChoiceUpdate(d.index, events, builder, d.logprobs, reason, d.num_tokens)
+            self.metrics.prompt_tokens.inc(len(p.prompt_ids))
+            self.metrics.completion_tokens.inc(p.completion_tokens)
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+        finally:
+            if finished < n:
+                await self.engine.abort(p.request_id)
+
+    async def complete(self, p: Prepared) -> list[ChoiceResult]:
+        """Every choice, run to the end."""
+        results = [ChoiceResult(i, MessageBuilder()) for i in range(p.params.n)]
+        async for u in self.run(p):
+            r = results[u.index]
+            r.builder = u.builder
+            r.logprobs.extend(u.logprobs or [])
+            r.completion_tokens += u.num_tokens
+            if u.finish_reason is not None:
+                r.finish_reason = u.finish_reason
+        for r in results:
+            r.builder.calls = [c for c in r.builder.calls if c.complete]  # a cut-off call is not a call
+        return results
+
+    # ------------------------------------------------------------------- checks
+
+    def _finish(self, p: Prepared, engine_reason: str, parser: StreamParser, builder: MessageBuilder) -> str:
+        """A choice's end: check and count its calls, and say why it ended."""
+        for c in builder.calls:
+            if c.complete:
+                self._check_call(p, c.name, c.arguments)
+                self.metrics.tool_calls.labels(c.name).inc()
+                p.tool_names.append(c.name)
+        if engine_reason == "length" or parser.incomplete_call:
+            return "length"
+        if any(c.complete for c in builder.calls):
+            return "tool_calls"
+        return "stop"
+
+    def _check_call(self, p: Prepared, name: str, arguments: str) -> bool:
+        """Backstop: the constraint should make every call valid; count those that are not."""
+        try:
+            args = json.loads(arguments)
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not a JSON object")
+            v = p.validators.get(name)
+            if v is not None:
+                v.validate(args)
+            return True
+        except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
+            self.metrics.tool_call_failures.inc()
+            log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
+            return False
