@@ -159,7 +159,10 @@ def test_text_and_thinking_blocks(srv: ScriptedServer) -> None:
 
 def test_async_create_and_stream(srv: ScriptedServer) -> None:
     async def go():
-        c = srv.async_client()
+        async with srv.async_client() as c:
+            return await both(c)
+
+    async def both(c: anthropic.AsyncAnthropic):
         srv.output = OUTPUTS["tool_use"]
         m = await c.messages.create(model="glm-test", max_tokens=100, tools=[WEATHER],
                                     messages=[{"role": "user", "content": "hi"}])
@@ -191,7 +194,7 @@ def test_tool_use_loop(srv: ScriptedServer) -> None:
     second = client.messages.create(model="glm-test", max_tokens=200, tools=[WEATHER], messages=messages)
     assert second.stop_reason == "end_turn" and second.content[-1].text == "北京晴。"
     prompt = srv.engine.last_prompt
-    assert "<tool_response>sunny, 25°C</tool_response>" in prompt
+    assert "<tool_response>\nsunny, 25°C\n</tool_response>" in prompt
     assert "<arg_value>北京</arg_value>" in prompt  # the call is in the history, in the family's format
 
 
