@@ -47,6 +47,8 @@ class ScriptedServer:
 
     def __init__(self, settings: Settings | None = None, max_model_len: int = 4096, model: str = "glm-test") -> None:
         self.output: str | Callable[[str], str] = ""
+        self.calls: list[tuple[str, GenerateParams]] = []
+        """Every engine request: its prompt and params."""
         self.engine = ScriptedEngine(self._script, model_name=model, max_model_len=max_model_len)
         self.app = create_app(self.engine, get_format("glm45"), settings or Settings())
         with socket.socket() as s:
@@ -60,6 +62,7 @@ class ScriptedServer:
             time.sleep(0.02)
 
     def _script(self, prompt: str, params: GenerateParams) -> list[str]:
+        self.calls.append((prompt, params))
         out = self.output(prompt) if callable(self.output) else self.output
         return pieces(out)
 
@@ -85,13 +88,13 @@ def srv():
     s.stop()
 
 
-def create(s: ScriptedServer, output: str, **kw):
+def create(s: ScriptedServer, output, **kw):
     s.output = output
     kw.setdefault("messages", [{"role": "user", "content": "北京天气怎么样？"}])
     return s.client().messages.create(model="glm-test", max_tokens=kw.pop("max_tokens", 256), **kw)
 
 
-def streamed(s: ScriptedServer, output: str, **kw):
+def streamed(s: ScriptedServer, output, **kw):
     s.output = output
     kw.setdefault("messages", [{"role": "user", "content": "北京天气怎么样？"}])
     with s.client().messages.stream(model="glm-test", max_tokens=kw.pop("max_tokens", 256), **kw) as st:
@@ -243,7 +246,7 @@ def test_system_messages_in_the_array_and_thinking_switch(srv: ScriptedServer) -
     prompt = srv.engine.last_prompt
     assert prompt.index("<|system|>\nTOP") < prompt.index("<|user|>\nq") < prompt.index("<|system|>\nMIDDLE")
     assert prompt.endswith("<|assistant|>\n<think></think>")
-    create(srv, "x", thinking={"type": "enabled", "budget_tokens": 2048})
+    create(srv, "x", thinking={"type": "adaptive"})
     assert srv.engine.last_prompt.endswith("<|assistant|>")
 
 
@@ -371,3 +374,94 @@ def test_error_after_the_stream_began_is_in_band(srv: ScriptedServer) -> None:
                                           messages=[{"role": "user", "content": "x"}]) as st:
             list(st)
     assert "engine died" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- stop sequences and thinking budget
+
+
+def test_stop_sequences(srv: ScriptedServer) -> None:
+    m = create(srv, "Hello END world", stop_sequences=["END", "QQ"])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "END" and m.content[0].text == "Hello "
+    final, _ = streamed(srv, "Hello END world", stop_sequences=["END", "QQ"])
+    same(m, final)
+    m = create(srv, "Hello world", stop_sequences=["END"])
+    assert m.stop_reason == "end_turn" and m.stop_sequence is None
+
+
+class Phases:
+    """A script that answers the reasoning request and the answer request of a budgeted
+    generation differently; ``params`` / ``prompts`` are those of the requests since install."""
+
+    def __init__(self, reasoning: str, answer: str) -> None:
+        self.reasoning, self.answer = reasoning, answer
+        self.server: ScriptedServer | None = None
+
+    def install(self, s: ScriptedServer) -> None:
+        s.output = self
+        s.calls.clear()
+        self.server = s
+
+    @property
+    def params(self) -> list[GenerateParams]:
+        return [c[1] for c in self.server.calls]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [c[0] for c in self.server.calls]
+
+    def __call__(self, prompt: str) -> str:
+        return self.answer if prompt.endswith("</think>") else self.reasoning
+
+
+def test_thinking_budget_closes_the_reasoning(srv: ScriptedServer) -> None:
+    ph = Phases(reasoning="let me think about this for a very long time " * 5, answer="\nThe answer.")
+    ph.install(srv)
+    m = srv.client().messages.create(model="glm-test", max_tokens=100, thinking={"type": "enabled", "budget_tokens": 5},
+                                     messages=[{"role": "user", "content": "q"}])
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert m.content[0].thinking == ("let me think about this for a very long time " * 5)[:15]
+    assert m.content[1].text == "The answer." and m.stop_reason == "end_turn"
+    assert m.usage.output_tokens == 5 + len(pieces("\nThe answer."))
+    assert ph.params[0].max_tokens == 5 and "</think>" in ph.params[0].stop
+    assert ph.prompts[0].endswith("<|assistant|>\n<think>")
+    assert ph.prompts[1] == ph.prompts[0] + m.content[0].thinking + "</think>"
+    assert ph.params[1].max_tokens == 95
+    final, _ = streamed(srv, ph, thinking={"type": "enabled", "budget_tokens": 5},
+                        messages=[{"role": "user", "content": "q"}], max_tokens=100)
+    same(m, final)
+
+
+def test_thinking_budget_keeps_the_tool_constraint(srv: ScriptedServer) -> None:
+    ph = Phases(reasoning="short</think>\nignored", answer=xml_call("get_weather", {"city": "北京"}))
+    ph.install(srv)
+    m = srv.client().messages.create(model="glm-test", max_tokens=100, thinking={"type": "enabled", "budget_tokens": 50},
+                                     tools=[WEATHER], tool_choice={"type": "any"},
+                                     messages=[{"role": "user", "content": "q"}])
+    assert m.content[0].thinking == "short" and m.content[1].input == {"city": "北京"} and m.stop_reason == "tool_use"
+    reasoning, answer = ph.params
+    assert reasoning.constraint is None  # the reasoning is free text
+    fmt = get_format("glm45")
+    from glmserve.formats.base import ChatRequest, Tool
+
+    answer_only = fmt.constraint(ChatRequest(messages=[], tools=[Tool(name="get_weather", parameters=WEATHER["input_schema"])],
+                                             tool_choice="required", enable_thinking=False))
+    assert answer.constraint == answer_only  # the answer: required calls, no reasoning part
+    assert ph.prompts[1].endswith("<think>short</think>")
+
+
+def test_thinking_budget_on_chat_completions(srv: ScriptedServer) -> None:
+    import openai
+
+    ph = Phases(reasoning="r" * 60, answer="\nok")
+    ph.install(srv)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    for extra in ({"thinking_budget": 4}, {"chat_template_kwargs": {"thinking_budget": 4}}):
+        srv.calls.clear()
+        r = client.chat.completions.create(model="glm-test", messages=[{"role": "user", "content": "q"}],
+                                           extra_body=extra)
+        msg = r.choices[0].message
+        assert msg.content == "ok" and msg.model_extra["reasoning_content"] == "r" * 12
+        assert ph.params[0].max_tokens == 4
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="glm-test", messages=[{"role": "user", "content": "q"}],
+                                       extra_body={"chat_template_kwargs": {"thinking_budget": "lots"}})

@@ -106,6 +106,7 @@ class Messages:
             top_p=body.top_p,
             top_k=body.top_k,
             stop=list(body.stop_sequences or []),
+            thinking_budget=am.thinking_options(body).budget,
             output_constraint=response_format_constraint(schema, "output_config.format.schema",
                                                          self.services.settings.limits) if schema else None,
         )
@@ -116,18 +117,23 @@ class Messages:
     def log_fields(self, h: MessagesHandle) -> tuple[int, dict[str, Any]]:
         return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names)}
 
-    def _message(self, h: MessagesHandle, content: list[dict[str, Any]], reason: str | None) -> dict[str, Any]:
+    def _message(self, h: MessagesHandle, content: list[dict[str, Any]], end: tuple[str | None, str | None]
+                 ) -> dict[str, Any]:
+        reason, stop_sequence = end
         return {"id": h.run.request_id, "type": "message", "role": "assistant", "model": h.model,
-                "content": content, "stop_reason": reason, "stop_sequence": None,
-                "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)}
+                "content": content, "stop_reason": reason and stop_reason(reason, stop_sequence),
+                "stop_sequence": stop_sequence, "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)}
 
-    async def _fold(self, h: MessagesHandle, folder: BlockFolder) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
-        """``(stream events, finish reason)`` per pipeline update, then the closing events."""
+    async def _fold(self, h: MessagesHandle, folder: BlockFolder, end: list[str | None]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The stream events of each pipeline update, then the closing events; ``end`` gets
+        the finish reason and the stop sequence that ended the answer."""
         async with aclosing(self.pipeline.run(h.run)) as updates:
             async for u in updates:
                 final = {ev.index: u.builder.calls[ev.index].arguments for ev in u.events if isinstance(ev, ToolCallEnd)}
-                yield folder.add(u.events, final), u.finish_reason
-        yield folder.finish(), None
+                if u.finish_reason is not None:
+                    end[:] = [u.finish_reason, u.stop_sequence]
+                yield folder.add(u.events, final)
+        yield folder.finish()
 
     def _folder(self, h: MessagesHandle) -> BlockFolder:
         # with an argument hook, arguments go out whole once the hook has rewritten them
@@ -135,25 +141,24 @@ class Messages:
 
     async def complete(self, h: MessagesHandle) -> dict[str, Any]:
         folder = self._folder(h)
-        reason = None
-        async for _, finish in self._fold(h, folder):
-            reason = finish or reason
-        return self._message(h, folder.content(), stop_reason(reason))
+        end: list[str | None] = ["stop", None]
+        async for _ in self._fold(h, folder, end):
+            pass
+        return self._message(h, folder.content(), (end[0], end[1]))
 
     def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
         return sse(error_body(status, message))
 
     async def stream(self, h: MessagesHandle) -> AsyncIterator[str]:
         folder = self._folder(h)
-        start = self._message(h, [], None)
+        start = self._message(h, [], (None, None))
         start["usage"] = usage(h.run.prompt_tokens, 0)
         yield sse({"type": "message_start", "message": start}) + sse({"type": "ping"})
-        reason = None
-        async for events, finish in self._fold(h, folder):
-            reason = finish or reason
+        end: list[str | None] = ["stop", None]
+        async for events in self._fold(h, folder, end):
             if events:
                 yield "".join(sse(e) for e in events)
-        yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason), "stop_sequence": None},
+        yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(end[0], end[1]), "stop_sequence": end[1]},
                    "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)})
         yield sse({"type": "message_stop"})
 

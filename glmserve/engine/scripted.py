@@ -56,6 +56,7 @@ class ScriptedEngine(Engine):
         await self.check_health()
         self.last_params = params
         prompt = "".join(chr(i) for i in prompt_ids)
+        self.last_prompt = prompt
         self._running.add(request_id)
         try:
             for index in range(params.n):
