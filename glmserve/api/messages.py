@@ -26,7 +26,7 @@ from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
-from glmserve.api.runner import STREAMS, Services
+from glmserve.api.runner import Services
 from glmserve.formats.base import ChatRequest, ToolCallEnd
 
 log = logging.getLogger("glmserve.messages")
@@ -46,6 +46,15 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 ANTHROPIC_ERRORS = ErrorShape(lambda status, message, param, code: error_body(status, message), ERROR_SCHEMA,
                               "AnthropicErrorResponse")
+
+
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the message (JSON), or named server-sent events with stream=true",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["event", "data"],
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}},
+}
+"""Anthropic's stream events carry an ``event:`` name as well as their ``data:``."""
 
 
 @dataclass
@@ -169,7 +178,7 @@ def router(services: Services) -> APIRouter:
     endpoint = Messages(services)
     r = APIRouter()
 
-    @r.post(PREFIX, responses=STREAMS)
+    @r.post(PREFIX, responses=STREAM_RESPONSES)
     async def messages(body: MessagesRequest, request: Request) -> Response:
         """Anthropic's Messages API (Claude Code appends ``?beta=true``, which changes nothing)."""
         response = await services.serve(endpoint, body, request)
