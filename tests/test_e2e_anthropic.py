@@ -119,3 +119,19 @@ def test_image_is_a_bad_request(client) -> None:
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
     assert exc.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_thinking_budget_on_chat_completions(glm45_server) -> None:
+    """The same switch on Chat Completions: the reasoning stops at the budget, the call follows."""
+    r = glm45_server.client().chat.completions.create(
+        model=MODEL, max_tokens=300, temperature=0, messages=MSGS, parallel_tool_calls=False, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": t["name"], "parameters": t["input_schema"]}} for t in TOOLS],
+        extra_body={"thinking_budget": 8})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    import json
+
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert choice.message.model_extra.get("reasoning_content")
+    assert 8 < r.usage.completion_tokens < 300
