@@ -157,6 +157,21 @@ def test_runner_checks_model_health_and_admission_in_order():
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
 
 
+def test_an_endpoint_may_say_which_model_it_asks_for():
+    """An API whose clients send their own model names (``requested_model`` -> None: no check)."""
+    app, _ = echo_app(["x"])
+    endpoint = Echo(app.state.services)
+    endpoint.requested_model = lambda body: None  # type: ignore[attr-defined]
+
+    async def route(body: EchoBody, request: Request):
+        return await serve(endpoint, body, request)
+
+    app.add_api_route("/v1/any-model", route, methods=["POST"])
+    with TestClient(app) as client:
+        assert client.post("/v1/any-model", json={"model": "claude-x", "text": "hi"}).status_code == 200
+        assert client.post("/v1/echo", json={"model": "claude-x", "text": "hi"}).status_code == 400
+
+
 class DyingEngine(ScriptedEngine):
     """Answers one token, then the engine dies."""
 

@@ -1,1 +1,16 @@
-"""The HTTP surface (FastAPI): thin mapping from OpenAI requests to a format and an engine."""
+"""The HTTP surface, thin on purpose.
+
+- ``app.py``: ``create_app`` (services, middleware, one router per endpoint module).
+- ``middleware.py``: pure-ASGI API keys, body-size limit, request counts.
+- ``errors.py``: ``APIError`` and the error shape each path prefix answers in.
+- ``runner.py``: the ``Endpoint`` protocol and the one route skeleton (model check, health,
+  admission, prepare, stream or complete, disconnect, request log).
+- ``admission.py``: the bound on requests in flight and the request log.
+- ``mapping.py``: request fields -> ``ChatRequest`` (tools, tool_choice, thinking, formats).
+- ``pipeline.py``: prompt, context, constraint, generation and the one per-choice fold.
+- ``chat.py``, ``completions.py``: the OpenAI endpoints; ``info.py``: models, health, metrics.
+
+A new endpoint is a module with a request mapping (body -> ``ChatRequest`` +
+``GenerationOptions``) and a response shape (final JSON, stream events), listed in
+``app.ROUTERS``.
+"""

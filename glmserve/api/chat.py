@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from glmserve.api.errors import APIError, error_body
+from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
 from glmserve.api.runner import STREAMS, Services
@@ -123,8 +123,7 @@ class ChatCompletions:
 
     # ------------------------------------------------------------------- streamed answer
 
-    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
-        return "data: " + json.dumps(error_body(status, message, param, code)) + "\n\ndata: [DONE]\n\n"
+    stream_error = staticmethod(openai_stream_error)
 
     async def stream(self, h: ChatHandle) -> AsyncIterator[str]:
         p = h.run

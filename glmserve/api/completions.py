@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from glmserve.api.errors import APIError, error_body
+from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.runner import STREAMS, Services
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
@@ -50,8 +50,7 @@ class CompletionService:
     def log_fields(self, p: PreparedCompletion) -> tuple[int, dict[str, Any]]:
         return p.prompt_tokens, {"completion_tokens": p.completion_tokens}
 
-    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
-        return "data: " + json.dumps(error_body(status, message, param, code)) + "\n\ndata: [DONE]\n\n"
+    stream_error = staticmethod(openai_stream_error)
 
     async def prepare(self, req: CompletionRequest, request: Request | None = None) -> PreparedCompletion:
         raw = req.prompt

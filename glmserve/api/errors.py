@@ -73,6 +73,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+def openai_stream_error(status: int, message: str, param: str | None = None, code: str | None = None) -> str:
+    """An error inside an OpenAI server-sent-event stream (the headers are gone), ending it."""
+    return "data: " + json.dumps(error_body(status, message, param, code)) + "\n\ndata: [DONE]\n\n"
+
+
 ErrorBodyBuilder = Callable[[int, str, "str | None", "str | None"], dict[str, Any]]
 """``builder(status, message, param, code) -> JSON body``."""
 

@@ -78,6 +78,9 @@ class Endpoint(Protocol[BodyT, HandleT]):
         """``(prompt tokens, extra fields)`` for the request log, once it has run."""
         ...
 
+    # Optional: ``requested_model(body) -> str | None``, the model name to check against the
+    # served names (None: no check).  Without it the runner checks ``body.model``.
+
 
 @dataclass
 class Services:
@@ -110,7 +113,8 @@ class Services:
 
     async def serve(self, endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:
         t0 = time.perf_counter()
-        self.check_model(getattr(body, "model", None))
+        requested = getattr(endpoint, "requested_model", None)
+        self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
         await self.engine.check_health()
         self.admission.acquire()  # before rendering and tokenizing, so a flood is shed cheaply
         try:
