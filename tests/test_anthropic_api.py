@@ -331,7 +331,7 @@ def test_errors_are_sdk_exceptions(srv: ScriptedServer) -> None:
 
 
 def test_auth_with_x_api_key() -> None:
-    s = ScriptedServer(Settings(api_keys=["sekret"]))
+    s = ScriptedServer(Settings(api_keys=["sekret"], max_body_bytes=20_000))
     try:
         s.output = "ok"
         with pytest.raises(anthropic.AuthenticationError) as exc:
@@ -342,6 +342,10 @@ def test_auth_with_x_api_key() -> None:
         # Claude Code with ANTHROPIC_AUTH_TOKEN sends Authorization: Bearer
         bearer = anthropic.Anthropic(base_url=s.url, auth_token="sekret", max_retries=0)
         assert bearer.messages.count_tokens(model="glm-test", messages=[{"role": "user", "content": "x"}]).input_tokens > 0
+        with pytest.raises(anthropic.APIStatusError) as exc:
+            s.client("sekret").messages.create(model="glm-test", max_tokens=5,
+                                               messages=[{"role": "user", "content": "x" * 30_000}])
+        assert exc.value.status_code == 413 and exc.value.body["error"]["type"] == "request_too_large"
     finally:
         s.stop()
 
