@@ -469,3 +469,23 @@ def test_thinking_budget_on_chat_completions(srv: ScriptedServer) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="glm-test", messages=[{"role": "user", "content": "q"}],
                                        extra_body={"chat_template_kwargs": {"thinking_budget": "lots"}})
+
+
+def test_disconnect_aborts_the_budgeted_answer() -> None:
+    """A client that goes away mid-answer gets its engine request aborted, in either phase."""
+    s = ScriptedServer()
+    try:
+        s.engine.delay = 0.02
+        Phases(reasoning="r" * 30, answer="\n" + "a" * 600).install(s)
+        with s.client().messages.stream(model="glm-test", max_tokens=1000, messages=[{"role": "user", "content": "q"}],
+                                        thinking={"type": "enabled", "budget_tokens": 3}) as st:
+            for event in st:
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    break  # in the answer phase
+        deadline = time.monotonic() + 10
+        while not any(r.endswith("-answer") for r in s.engine.aborted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(r.endswith("-answer") for r in s.engine.aborted), s.engine.aborted
+        assert s.engine.running == 0
+    finally:
+        s.stop()

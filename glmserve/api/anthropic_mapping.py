@@ -28,7 +28,7 @@ from glmserve.api.anthropic_schemas import (
     ToolChoiceTool,
     ToolResultBlock,
     ToolUseBlock,
-    _Base,
+    MessagesBase,
 )
 from glmserve.api.errors import APIError
 
@@ -168,7 +168,7 @@ def select_tools(tools: list[dict[str, Any]] | None, forced: str | None = None) 
     return sel
 
 
-def tool_choice(req: _Base) -> tuple[Any, bool]:
+def tool_choice(req: MessagesBase) -> tuple[Any, bool]:
     """``(OpenAI-style tool_choice, parallel_tool_calls)``: any -> required, tool -> named,
     none -> none, auto / absent -> auto; ``disable_parallel_tool_use`` -> one call at most."""
     tc = req.tool_choice
@@ -193,7 +193,7 @@ class ThinkingOptions:
     """``display: "omitted"``: thinking blocks carry a signature but no text."""
 
 
-def thinking_options(req: _Base) -> ThinkingOptions:
+def thinking_options(req: MessagesBase) -> ThinkingOptions:
     t = req.thinking
     if t is None:
         return ThinkingOptions(enable=None)
@@ -206,11 +206,11 @@ def thinking_options(req: _Base) -> ThinkingOptions:
     return ThinkingOptions(enable=True, omit=omit)
 
 
-def effort(req: _Base) -> str | None:
+def effort(req: MessagesBase) -> str | None:
     return req.output_config.effort if req.output_config is not None else None
 
 
-def output_format_schema(req: _Base) -> dict[str, Any] | None:
+def output_format_schema(req: MessagesBase) -> dict[str, Any] | None:
     """``output_config.format`` (``{"type": "json_schema", "schema": {...}}``) -> the schema."""
     fmt = req.output_config.format if req.output_config is not None else None
     if not fmt:

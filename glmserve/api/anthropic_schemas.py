@@ -128,7 +128,7 @@ class OutputConfig(_Loose):
     format: dict[str, Any] | None = None
 
 
-class _Base(_Loose):
+class MessagesBase(_Loose):
     """Fields shared by ``/v1/messages`` and ``/v1/messages/count_tokens``."""
 
     model: str | None = None
@@ -163,7 +163,7 @@ class _Base(_Loose):
         return v
 
 
-class MessagesRequest(_Base):
+class MessagesRequest(MessagesBase):
     max_tokens: int = Field(ge=1)
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -182,5 +182,5 @@ class MessagesRequest(_Base):
         return v
 
 
-class CountTokensRequest(_Base):
+class CountTokensRequest(MessagesBase):
     pass

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api import anthropic_mapping as am
-from glmserve.api.anthropic_schemas import CountTokensRequest, MessagesRequest, _Base
+from glmserve.api.anthropic_schemas import CountTokensRequest, MessagesRequest, MessagesBase
 from glmserve.api.anthropic_shape import BlockFolder, error_body, sse, stop_reason, usage
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
@@ -69,7 +69,7 @@ class MessagesHandle:
         return self.run.request_id
 
 
-def chat_request(body: _Base, services: Services) -> tuple[ChatRequest, list[str]]:
+def chat_request(body: MessagesBase, services: Services) -> tuple[ChatRequest, list[str]]:
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
     left out because their type only runs in Anthropic's cloud."""
     limits = services.settings.limits
