@@ -443,7 +443,8 @@ def test_thinking_budget_keeps_the_tool_constraint(srv: ScriptedServer) -> None:
                                      messages=[{"role": "user", "content": "q"}])
     assert m.content[0].thinking == "short" and m.content[1].input == {"city": "北京"} and m.stop_reason == "tool_use"
     reasoning, answer = ph.params
-    assert reasoning.constraint is None  # the reasoning is free text
+    # the reasoning: free text without call markers, up to </think> (as inside the full constraint)
+    assert reasoning.constraint is not None and "</think>" in reasoning.constraint.structural_tag
     fmt = get_format("glm45")
     from glmserve.formats.base import ChatRequest, Tool
 

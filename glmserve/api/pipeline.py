@@ -208,7 +208,8 @@ class ChatPipeline:
         answer = self.constraint(switch.answer) or opts.output_constraint
         return BudgetPlan(budget=opts.thinking_budget, opener_ids=self.engine.encode_parts(list(switch.opener)),
                           opener_text=switch.opener_text, closer=switch.closer,
-                          closer_ids=self.engine.encode_parts([Control(switch.closer)]), answer_constraint=answer)
+                          closer_ids=self.engine.encode_parts([Control(switch.closer)]), answer_constraint=answer,
+                          reasoning_constraint=switch.reasoning)
 
     # ------------------------------------------------------------------- run
 

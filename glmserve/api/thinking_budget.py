@@ -25,13 +25,14 @@ class BudgetPlan:
     closer: str
     closer_ids: list[int]
     answer_constraint: Constraint | None
+    reasoning_constraint: Constraint | None = None
 
 
 async def generate_with_budget(engine: Engine, prompt_ids: list[int], params: GenerateParams, request_id: str,
                                plan: BudgetPlan) -> AsyncIterator[Delta]:
     """The deltas of one choice (``params.n == 1``) whose reasoning is cut at the budget."""
     ids = prompt_ids + plan.opener_ids
-    reasoning_params = replace(params, max_tokens=min(plan.budget, params.max_tokens), constraint=None,
+    reasoning_params = replace(params, max_tokens=min(plan.budget, params.max_tokens), constraint=plan.reasoning_constraint,
                                stop=[*params.stop, plan.closer])
     current = request_id
     finished = False

@@ -218,6 +218,9 @@ class ReasoningSwitch:
     """The control token that ends reasoning (``</think>``)."""
     answer: "ChatRequest"
     """The request whose :meth:`ChatFormat.constraint` applies after the reasoning."""
+    reasoning: "Constraint | None" = None
+    """What the request's constraint allows inside the reasoning (no call markers...), for
+    the reasoning part; None when the request is unconstrained."""
 
     @property
     def opener_text(self) -> str:
