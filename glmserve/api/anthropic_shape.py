@@ -45,8 +45,8 @@ def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-def tool_use_id(call_id: str) -> str:
-    return "toolu_" + call_id.removeprefix("call_")
+def new_tool_use_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
 def signature(thinking: str) -> str:
@@ -137,8 +137,7 @@ class BlockFolder:
                 out.append({"type": "content_block_delta", "index": self._open,
                             "delta": {"type": "text_delta", "text": ev.text}})
             elif isinstance(ev, ToolCallStart):
-                block = {"type": "tool_use", "id": tool_use_id(f"call_{uuid.uuid4().hex[:24]}"),
-                         "name": ev.name, "input": {}}
+                block = {"type": "tool_use", "id": new_tool_use_id(), "name": ev.name, "input": {}}
                 self._call_block[ev.index] = self._start("tool_use", block, out)
                 self._args[ev.index] = []
             elif isinstance(ev, ToolCallArgs):
