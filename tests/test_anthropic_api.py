@@ -490,3 +490,14 @@ def test_disconnect_aborts_the_budgeted_answer() -> None:
         assert s.engine.running == 0
     finally:
         s.stop()
+
+
+def test_output_config_format_constrains_the_answer(srv: ScriptedServer) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    m = create(srv, '{"answer": "晴"}', output_config={"format": {"type": "json_schema", "schema": schema},
+                                                       "effort": "low"}, thinking={"type": "disabled"})
+    assert json.loads(m.content[0].text) == {"answer": "晴"}
+    assert srv.engine.last_params.constraint.json == schema
+    with pytest.raises(anthropic.BadRequestError):
+        create(srv, "x", output_config={"format": {"type": "json_schema", "schema": {"type": 5}}})
