@@ -135,3 +135,20 @@ def test_thinking_budget_on_chat_completions(glm45_server) -> None:
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert choice.message.model_extra.get("reasoning_content")
     assert 8 < r.usage.completion_tokens < 300
+
+
+def test_async_client(glm45_server) -> None:
+    import asyncio
+
+    kw = dict(model=MODEL, max_tokens=200, extra_body={"temperature": 0}, tools=TOOLS, messages=MSGS,
+              tool_choice={"type": "tool", "name": "get_weather"}, thinking={"type": "disabled"})
+
+    async def go():
+        async with anthropic.AsyncAnthropic(base_url=glm45_server.url, api_key="none", max_retries=0, timeout=120) as c:
+            whole = await c.messages.create(**kw)
+            async with c.messages.stream(**kw) as st:
+                return whole, await st.get_final_message()
+
+    whole, final = asyncio.run(go())
+    tool_uses(whole, ["get_weather"])
+    assert no_ids(final) == no_ids(whole)
