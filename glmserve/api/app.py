@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 import glmserve
-from glmserve.api import chat, completions, info, responses
+from glmserve.api import chat, completions, info, messages, responses
 from glmserve.api.errors import install_handlers
 from glmserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from glmserve.api.runner import Services
@@ -23,7 +23,8 @@ from glmserve.formats.base import ChatFormat
 
 __all__ = ["ArgumentHook", "ROUTERS", "Settings", "create_app"]
 
-ROUTERS: list[Callable[[Services], APIRouter]] = [chat.router, completions.router, responses.router, info.router]
+ROUTERS: list[Callable[[Services], APIRouter]] = [chat.router, completions.router, messages.router, responses.router,
+                                                   info.router]
 """Every endpoint module's router factory, in the order their routes are matched."""
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from glmserve.api.errors import openai_stream_error
+from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
 from glmserve.api.runner import STREAMS, Services
@@ -46,7 +46,22 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
         ignore_eos=req.ignore_eos,
         output_constraint=openai_output_constraint(req, services.settings.limits),
         schema_param="tools[{}].function.parameters" if req.tools else "functions[{}].parameters",
+        thinking_budget=thinking_budget(req),
     )
+
+
+def thinking_budget(req: ChatCompletionRequest) -> int | None:
+    """``thinking_budget``, or ``chat_template_kwargs.thinking_budget`` (how vLLM users pass
+    template switches); a positive integer."""
+    if req.thinking_budget is not None:
+        return req.thinking_budget
+    value = (req.chat_template_kwargs or {}).get("thinking_budget")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise APIError(400, "chat_template_kwargs.thinking_budget must be a positive integer",
+                       param="chat_template_kwargs.thinking_budget")
+    return value
 
 
 @dataclass

@@ -23,8 +23,9 @@ from referencing.exceptions import Unresolvable
 
 from glmserve.api.errors import APIError
 from glmserve.api.settings import ArgumentHook
+from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
-from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Event, Prompt, StreamParser, ToolCallEnd
+from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
 from glmserve.formats.grammar import UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.metrics import Metrics
@@ -59,6 +60,10 @@ class GenerationOptions:
     """The response format's constraint, used when no tool constraint applies."""
     schema_param: str = "tools[{}].function.parameters"
     """The request field (formatted with the tool's index) a 400 about a strict tool's schema names."""
+    thinking_budget: int | None = None
+    """At most this many reasoning tokens: then the reasoning is closed and the answer
+    generated under the same constraints (:mod:`glmserve.api.thinking_budget`).  Needs n=1;
+    ignored where thinking is off or the format cannot close its reasoning."""
 
 
 @dataclass
@@ -76,6 +81,8 @@ class Prepared:
     """Filled in while running (for usage and the request log)."""
     tool_names: list[str] = field(default_factory=list)
     """The finished calls' tool names, filled in while running (for the request log)."""
+    budget: BudgetPlan | None = None
+    """How the thinking budget is enforced, when the request has one."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -94,6 +101,8 @@ class ChoiceUpdate:
     finish_reason: str | None
     """On the choice's last update: ``stop`` / ``length`` / ``tool_calls``."""
     num_tokens: int
+    stop_sequence: str | None = None
+    """On the last update: the request's stop string that ended the choice, if one did."""
 
 
 @dataclass
@@ -200,7 +209,21 @@ class ChatPipeline:
                       for t in chat.tools if t.parameters is not None}
         return Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
                         model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
-                        validators=validators)
+                        validators=validators, budget=self._budget(chat, opts))
+
+    def _budget(self, chat: ChatRequest, opts: GenerationOptions) -> BudgetPlan | None:
+        if opts.thinking_budget is None:
+            return None
+        if opts.n != 1:
+            raise APIError(400, "a thinking budget needs n=1", param="n")
+        switch = self.fmt.reasoning_switch(chat)
+        if switch is None:  # thinking off, or a format without a reasoning block to close
+            return None
+        answer = self.constraint(switch.answer) or opts.output_constraint
+        return BudgetPlan(budget=opts.thinking_budget, opener_ids=self.engine.encode_parts(list(switch.opener)),
+                          opener_text=switch.opener_text, closer=switch.closer,
+                          closer_ids=self.engine.encode_parts([Control(switch.closer)]), answer_constraint=answer,
+                          reasoning_constraint=switch.reasoning)
 
     # ------------------------------------------------------------------- run
 
@@ -214,8 +237,12 @@ class ChatPipeline:
         finished = 0
         t0 = time.perf_counter()
         first = True
+        if p.budget is None:
+            deltas = self.engine.generate(p.prompt_ids, p.params, p.request_id)
+        else:
+            deltas = generate_with_budget(self.engine, p.prompt_ids, p.params, p.request_id, p.budget)
         try:
-            async for d in self.engine.generate(p.prompt_ids, p.params, p.request_id):
+            async for d in deltas:
                 if first and d.num_tokens:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                     first = False
@@ -238,11 +265,14 @@ class ChatPipeline:
                     reason = self._finish(p, d.finish_reason, parser, builder)
                     if raws:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
-                yield ChoiceUpdate(d.index, events, builder, d.logprobs, reason, d.num_tokens)
+                stop = d.stop_sequence if d.stop_sequence in p.params.stop and d.stop_sequence not in self._stop_strs else None
+                yield ChoiceUpdate(d.index, events, builder, d.logprobs, reason, d.num_tokens, stop)
             self.metrics.prompt_tokens.inc(len(p.prompt_ids))
             self.metrics.completion_tokens.inc(p.completion_tokens)
             self.metrics.e2e.observe(time.perf_counter() - t0)
         finally:
+            if p.budget is not None:
+                await deltas.aclose()  # type: ignore[attr-defined]  # aborts its current engine request
             if finished < n:
                 await self.engine.abort(p.request_id)
 

@@ -168,6 +168,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    thinking_budget: int | None = Field(default=None, ge=1)
+    """At most this many reasoning tokens (also ``chat_template_kwargs.thinking_budget``)."""
 
     # Field validators (not a model validator) so that the 400 names the field.
     @field_validator("functions")

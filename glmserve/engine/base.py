@@ -32,6 +32,8 @@ class GenerateParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None
+    """None (or 0): no top-k cut."""
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -61,6 +63,8 @@ class Delta:
     finish_reason: str | None = None
     """``stop`` / ``length`` / ``abort`` once the choice is finished."""
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None
+    """The string of ``GenerateParams.stop`` that ended the choice (it is not in ``text``)."""
 
 
 class Engine(ABC):

@@ -56,10 +56,11 @@ class ScriptedEngine(Engine):
         await self.check_health()
         self.last_params = params
         prompt = "".join(chr(i) for i in prompt_ids)
+        self.last_prompt = prompt
         self._running.add(request_id)
         try:
             for index in range(params.n):
-                pieces = self.script(prompt, params)
+                pieces, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
                 budget = params.max_tokens
                 for i, piece in enumerate(pieces[:budget]):
                     if self.delay:
@@ -68,9 +69,10 @@ class ScriptedEngine(Engine):
                     reason = None
                     if last:
                         reason = "length" if len(pieces) > budget else "stop"
-                    yield Delta(index=index, text=piece, num_tokens=1, finish_reason=reason)
+                    yield Delta(index=index, text=piece, num_tokens=1, finish_reason=reason,
+                                stop_sequence=matched if last and reason == "stop" else None)
                 if not pieces:
-                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop")
+                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched)
         finally:
             self._running.discard(request_id)
 
@@ -80,3 +82,25 @@ class ScriptedEngine(Engine):
     async def check_health(self) -> None:
         if self.dead:
             raise EngineUnavailable("scripted engine marked dead")
+
+
+def _cut_at_stop(pieces: list[str], stops: list[str], max_tokens: int) -> tuple[list[str], str | None]:
+    """The pieces up to the first stop string within the first ``max_tokens`` pieces, and
+    that string (None if none occurs), as vLLM stops: the stop string itself is not output."""
+    if not stops:
+        return pieces, None
+    text = "".join(pieces[:max_tokens])
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return pieces, None
+    cut, matched = min(hits)
+    out: list[str] = []
+    pos = 0
+    for piece in pieces:
+        if pos + len(piece) >= cut:
+            out.append(piece[: cut - pos])
+            break
+        out.append(piece)
+        pos += len(piece)
+    # the piece that held the stop string ends the output (it was one token's worth)
+    return out, matched

@@ -102,6 +102,7 @@ class VLLMEngine(Engine):
             max_tokens=p.max_tokens,
             temperature=p.temperature,
             top_p=p.top_p,
+            top_k=p.top_k or 0,
             seed=p.seed,
             stop=list(p.stop) or None,
             stop_token_ids=list(p.stop_token_ids) or None,
@@ -131,6 +132,7 @@ class VLLMEngine(Engine):
                         num_tokens=len(c.token_ids),
                         finish_reason=c.finish_reason,
                         logprobs=self._logprobs(c) if params.logprobs is not None else None,
+                        stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
                     )
         except EngineDeadError as exc:
             self._dead = str(exc) or "engine died"

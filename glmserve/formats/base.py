@@ -219,6 +219,34 @@ class Constraint:
     relaxed: tuple[str, ...] = ()
 
 
+# --------------------------------------------------------------------------- reasoning budget
+
+
+@dataclass(frozen=True)
+class ReasoningSwitch:
+    """How a format's reasoning can be closed before the model closes it (a thinking budget).
+
+    The server generates the reasoning with ``opener`` appended to the prompt (so the output
+    starts inside it), and when the budget is spent it appends ``closer`` and generates the
+    rest under ``answer``'s constraint (the one for what follows the reasoning).  ``opener``
+    and ``closer`` are also fed to the format's parser, as if the model had written them.
+    """
+
+    opener: tuple[PromptPart, ...]
+    """Parts appended to the prompt; empty when the generation prompt already opens reasoning."""
+    closer: str
+    """The control token that ends reasoning (``</think>``)."""
+    answer: "ChatRequest"
+    """The request whose :meth:`ChatFormat.constraint` applies after the reasoning."""
+    reasoning: "Constraint | None" = None
+    """What the request's constraint allows inside the reasoning (no call markers...), for
+    the reasoning part; None when the request is unconstrained."""
+
+    @property
+    def opener_text(self) -> str:
+        return "".join(p.token if isinstance(p, Control) else p for p in self.opener)
+
+
 # --------------------------------------------------------------------------- format
 
 
@@ -258,6 +286,11 @@ class ChatFormat(ABC):
     def control_tokens(self) -> tuple[str, ...]:
         """Every string that is a control token of this format (for tests and token-id checks)."""
         return ()
+
+    def reasoning_switch(self, request: ChatRequest) -> ReasoningSwitch | None:
+        """How to close this request's reasoning early; None where the format has no
+        reasoning, thinking is off, or the format cannot (the budget is then not enforced)."""
+        return None
 
 
 # --------------------------------------------------------------------------- helpers

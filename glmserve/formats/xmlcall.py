@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterable, Literal
 
 from glmserve.formats import grammar
@@ -101,6 +101,7 @@ from glmserve.formats.base import (
     Event,
     Prompt,
     ReasoningEvent,
+    ReasoningSwitch,
     StreamParser,
     TextEvent,
     Tool,
@@ -779,6 +780,16 @@ def structural_tag_for_key(key: str) -> str:
     return StructuralTag(format=fmt).model_dump_json(by_alias=True)
 
 
+@grammar.cached(maxsize=1)
+def reasoning_tag() -> str:
+    """The structural tag for reasoning alone (after the opener): text without call or think
+    markers, up to ``</think>``, as the constraints above allow inside a think block."""
+    from xgrammar.structural_tag import AnyTextFormat, StructuralTag, TagFormat
+
+    fmt = TagFormat(begin="", content=AnyTextFormat(excludes=_REASONING_EXCLUDES), end=THINK_CLOSE)
+    return StructuralTag(format=fmt).model_dump_json(by_alias=True)
+
+
 _ANY_WS = "[ \\n\\r\\t]*"
 _BOUNDED_WS = "[ \\n\\r\\t]{0, 2}"
 
@@ -830,6 +841,16 @@ class XmlFormat(ChatFormat):
 
     def control_tokens(self) -> tuple[str, ...]:
         return CONTROL_TOKENS
+
+    def reasoning_switch(self, request: ChatRequest) -> ReasoningSwitch | None:
+        if not request.enable_thinking:
+            return None
+        # GLM-4.5 writes "\n<think>" itself (its thinking-off prompt is "\n<think></think>");
+        # GLM-4.7's generation prompt already ends inside <think>.
+        opener: tuple[Any, ...] = ("\n", _ctl(THINK_OPEN)) if self.thinking == "lead" else ()
+        reasoning = Constraint(structural_tag=reasoning_tag()) if request.tools_in_prompt else None
+        return ReasoningSwitch(opener=opener, closer=THINK_CLOSE, answer=replace(request, enable_thinking=False),
+                               reasoning=reasoning)
 
 
 __all__ = [

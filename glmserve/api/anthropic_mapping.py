@@ -1,0 +1,221 @@
+"""Anthropic Messages request -> the pieces glmserve's pipeline takes.
+
+Pure functions over :mod:`glmserve.api.anthropic_schemas` models: the conversation becomes
+OpenAI-style message dicts (what every format renders), tools become OpenAI tool dicts
+(validated by the shared ``build_tools``), and ``tool_choice`` / ``thinking`` /
+``output_config`` become the ChatRequest switches.  Nothing here touches HTTP or the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmserve.api.anthropic_schemas import (
+    DocumentBlock,
+    ImageBlock,
+    InputMessage,
+    RedactedThinkingBlock,
+    TextBlock,
+    ThinkingAdaptive,
+    ThinkingBlock,
+    ThinkingDisabled,
+    ThinkingEnabled,
+    ToolChoiceAny,
+    ToolChoiceNone,
+    ToolChoiceTool,
+    ToolResultBlock,
+    ToolUseBlock,
+    MessagesBase,
+)
+from glmserve.api.errors import APIError
+
+log = logging.getLogger("glmserve.messages")
+
+TEXT_ONLY = "this model accepts text only"
+
+
+def system_text(system: str | list[TextBlock] | None) -> str | None:
+    """The top-level ``system`` as one string (text blocks joined by newlines)."""
+    if system is None:
+        return None
+    if isinstance(system, str):
+        return system
+    return "\n".join(b.text for b in system)
+
+
+def _result_text(block: ToolResultBlock, param: str) -> str:
+    content = block.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts: list[str] = []
+    for k, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image", "document"):
+            raise APIError(400, f"{param}.content[{k}]: {TEXT_ONLY}", param=f"{param}.content")
+        else:
+            raise APIError(400, f"{param}.content[{k}]: unsupported block type {kind!r} in a tool_result",
+                           param=f"{param}.content")
+    return "\n".join(texts)
+
+
+def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage]) -> list[dict[str, Any]]:
+    """The conversation as OpenAI message dicts (content flattened to strings).
+
+    User turns: text blocks join into one user message; each ``tool_result`` becomes a
+    ``tool`` message (named after the call it answers), in block order.  Assistant turns:
+    text -> content, ``thinking`` -> ``reasoning_content`` (the family's reasoning history),
+    ``tool_use`` -> ``tool_calls``; ``redacted_thinking`` carries nothing a GLM can read.
+    ``system`` messages inside the array stay system turns where they are.
+    """
+    out: list[dict[str, Any]] = []
+    top = system_text(system)
+    if top:
+        out.append({"role": "system", "content": top})
+    names: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        param = f"messages[{i}].content"
+        blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if m.role == "assistant":
+            texts: list[str] = []
+            reasoning: list[str] = []
+            calls: list[dict[str, Any]] = []
+            for j, b in enumerate(blocks):
+                if isinstance(b, TextBlock):
+                    texts.append(b.text)
+                elif isinstance(b, ThinkingBlock):
+                    reasoning.append(b.thinking)
+                elif isinstance(b, RedactedThinkingBlock):
+                    continue
+                elif isinstance(b, ToolUseBlock):
+                    names[b.id] = b.name
+                    calls.append({"id": b.id, "type": "function",
+                                  "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}})
+                else:
+                    raise APIError(400, f"{param}[{j}]: a {b.type} block cannot appear in an assistant message",
+                                   param=param)
+            msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+            if reasoning:
+                msg["reasoning_content"] = "".join(reasoning)
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+            continue
+        pending: list[str] = []
+
+        def flush() -> None:
+            if pending:
+                out.append({"role": m.role, "content": "\n".join(pending)})
+                pending.clear()
+
+        for j, b in enumerate(blocks):
+            if isinstance(b, TextBlock):
+                pending.append(b.text)
+            elif isinstance(b, (ImageBlock, DocumentBlock)):
+                raise APIError(400, f"{param}[{j}]: {TEXT_ONLY}", param=param)
+            elif isinstance(b, ToolResultBlock) and m.role == "user":
+                flush()
+                tool: dict[str, Any] = {"role": "tool", "tool_call_id": b.tool_use_id,
+                                        "content": _result_text(b, f"{param}[{j}]")}
+                if b.tool_use_id in names:
+                    tool["name"] = names[b.tool_use_id]
+                out.append(tool)
+            else:
+                raise APIError(400, f"{param}[{j}]: a {b.type} block cannot appear in a {m.role} message",
+                               param=param)
+        flush()
+        if not blocks and m.role == "user":
+            out.append({"role": "user", "content": ""})
+    return out
+
+
+@dataclass
+class ToolSelection:
+    """The tools a request declares, split into what this server can offer the model."""
+
+    defs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """``(param path, OpenAI tool dict)`` for the callable custom tools."""
+    unsupported: list[str] = field(default_factory=list)
+    """Names of tools of Anthropic-run types (web_search, code_execution...): left out."""
+    deferred: list[str] = field(default_factory=list)
+    """Names of ``defer_loading`` tools: left out of the prompt until named by tool_choice."""
+
+
+def select_tools(tools: list[dict[str, Any]] | None, forced: str | None = None) -> ToolSelection:
+    sel = ToolSelection()
+    for i, t in enumerate(tools or []):
+        name = t["name"]
+        kind = t.get("type")
+        if kind not in (None, "custom"):
+            sel.unsupported.append(name)
+            continue
+        if t.get("defer_loading") and name != forced:
+            sel.deferred.append(name)
+            continue
+        fn: dict[str, Any] = {"name": name}
+        if t.get("description") is not None:
+            fn["description"] = t["description"]
+        fn["parameters"] = t["input_schema"]
+        if t.get("strict") is not None:
+            fn["strict"] = t["strict"]
+        sel.defs.append((f"tools[{i}]", {"type": "function", "function": fn}))
+    return sel
+
+
+def tool_choice(req: MessagesBase) -> tuple[Any, bool]:
+    """``(OpenAI-style tool_choice, parallel_tool_calls)``: any -> required, tool -> named,
+    none -> none, auto / absent -> auto; ``disable_parallel_tool_use`` -> one call at most."""
+    tc = req.tool_choice
+    if tc is None:
+        return None, True
+    parallel = not getattr(tc, "disable_parallel_tool_use", False)
+    if isinstance(tc, ToolChoiceNone):
+        return "none", True
+    if isinstance(tc, ToolChoiceAny):
+        return "required", parallel
+    if isinstance(tc, ToolChoiceTool):
+        return {"type": "function", "function": {"name": tc.name}}, parallel
+    return "auto", parallel
+
+
+@dataclass(frozen=True)
+class ThinkingOptions:
+    enable: bool | None
+    """None: the family's default (thinking on for the reasoning families)."""
+    budget: int | None = None
+    omit: bool = False
+    """``display: "omitted"``: thinking blocks carry a signature but no text."""
+
+
+def thinking_options(req: MessagesBase) -> ThinkingOptions:
+    t = req.thinking
+    if t is None:
+        return ThinkingOptions(enable=None)
+    if isinstance(t, ThinkingDisabled):
+        return ThinkingOptions(enable=False)
+    omit = t.display == "omitted"
+    if isinstance(t, ThinkingEnabled):
+        return ThinkingOptions(enable=True, budget=t.budget_tokens, omit=omit)
+    assert isinstance(t, ThinkingAdaptive)
+    return ThinkingOptions(enable=True, omit=omit)
+
+
+def effort(req: MessagesBase) -> str | None:
+    return req.output_config.effort if req.output_config is not None else None
+
+
+def output_format_schema(req: MessagesBase) -> dict[str, Any] | None:
+    """``output_config.format`` (``{"type": "json_schema", "schema": {...}}``) -> the schema."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    if not fmt:
+        return None
+    if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise APIError(400, "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                       param="output_config.format")
+    return fmt["schema"]

@@ -1,0 +1,186 @@
+"""Request models for Anthropic's Messages API (``/v1/messages``).
+
+Shaped after the ``anthropic`` package's ``MessageCreateParams`` types, which the tests use
+as the reference.  Unknown fields (``metadata``, ``context_management``, ``container``,
+``service_tier``, ``cache_control`` on any block...) are accepted and ignored, since
+Claude Code and the SDK send new ones with each release.  Content blocks are a tagged
+union on ``type``, so a malformed block is a 400 that names it.  ``tools`` stay plain
+dicts here: tools of types only Anthropic's cloud runs are left out by the mapping, not
+refused by validation.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from glmserve.api.schemas import find_invalid_unicode
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --------------------------------------------------------------------------- content blocks
+
+
+class TextBlock(_Loose):
+    type: Literal["text"]
+    text: str
+
+
+class ImageBlock(_Loose):
+    type: Literal["image"]
+    source: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentBlock(_Loose):
+    type: Literal["document"]
+    source: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolUseBlock(_Loose):
+    type: Literal["tool_use", "server_tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResultBlock(_Loose):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    is_error: bool = False
+
+
+class ThinkingBlock(_Loose):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Loose):
+    type: Literal["redacted_thinking"]
+    data: str = ""
+
+
+ContentBlock = Annotated[
+    Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+    Field(discriminator="type"),
+]
+
+
+class InputMessage(_Loose):
+    role: Literal["user", "assistant", "system"]
+    """``system`` is not in Anthropic's schema, but Claude Code sends such messages inside
+    the array (instructions that arrive mid-conversation); they become system turns."""
+    content: Union[str, list[ContentBlock]]
+
+
+# --------------------------------------------------------------------------- options
+
+
+class ToolChoiceAuto(_Loose):
+    type: Literal["auto"]
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceAny(_Loose):
+    type: Literal["any"]
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceTool(_Loose):
+    type: Literal["tool"]
+    name: str
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceNone(_Loose):
+    type: Literal["none"]
+
+
+ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone], Field(discriminator="type")]
+
+
+class ThinkingEnabled(_Loose):
+    type: Literal["enabled"]
+    budget_tokens: int = Field(ge=1)
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class ThinkingAdaptive(_Loose):
+    type: Literal["adaptive"]
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class ThinkingDisabled(_Loose):
+    type: Literal["disabled"]
+
+
+Thinking = Annotated[Union[ThinkingEnabled, ThinkingAdaptive, ThinkingDisabled], Field(discriminator="type")]
+
+
+class OutputConfig(_Loose):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: dict[str, Any] | None = None
+
+
+class MessagesBase(_Loose):
+    """Fields shared by ``/v1/messages`` and ``/v1/messages/count_tokens``."""
+
+    model: str | None = None
+    messages: list[InputMessage] = Field(min_length=1)
+    system: Union[str, list[TextBlock], None] = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_invalid_unicode(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
+                {"param": where},
+            )
+        return data
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, t in enumerate(v or []):
+            if not isinstance(t.get("name"), str) or not t["name"]:
+                raise ValueError(f"tools[{i}].name: a tool needs a non-empty name")
+            if t.get("type") in (None, "custom"):
+                schema = t.get("input_schema")
+                if not isinstance(schema, dict):
+                    raise ValueError(f"tools[{i}].input_schema: a custom tool needs an input_schema object")
+        return v
+
+
+class MessagesRequest(MessagesBase):
+    max_tokens: int = Field(ge=1)
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    stop_sequences: list[str] | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) > 16:
+                raise ValueError("at most 16 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+
+class CountTokensRequest(MessagesBase):
+    pass
