@@ -28,7 +28,7 @@ from glmserve.api.responses_store import ChainBroken, ResponseStore
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.formats.message import MessageBuilder
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 EVENT = TypeAdapter(ResponseStreamEvent)
 
 

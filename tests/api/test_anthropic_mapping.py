@@ -24,7 +24,7 @@ from glmserve.api.anthropic_shape import BlockFolder, error_body, signature, sto
 from glmserve.api.errors import APIError
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 
-DATA = Path(__file__).parent / "data" / "claude-code"
+DATA = Path(__file__).parents[1] / "data" / "claude-code"
 
 
 def claude_code_request(n: int) -> dict:

@@ -22,7 +22,7 @@ from glmserve.formats.message import MessageBuilder
 from glmserve.formats.grammar import clear_caches
 from glmserve.formats.xmlcall import is_string_schema, property_schema, render_value, write_call
 
-DATA = Path(__file__).parent / "data" / "bfcl"
+DATA = Path(__file__).parents[1] / "data" / "bfcl"
 FAMILIES = {"glm45": "glm4.5/4.6", "glm47": "glm4.7"}
 CASES = [json.loads(line) for line in (DATA / "bfcl-sample.jsonl").read_text().splitlines() if line.strip()]
 PROMPTS = {
@@ -31,7 +31,7 @@ PROMPTS = {
 }
 IDS = [c["id"] for c in CASES]
 GLM5 = {"glm51": "GLM-5.1", "glm53": "GLM-5.3-Flash"}
-TEMPLATES = Path(__file__).parent / "data" / "templates"
+TEMPLATES = Path(__file__).parents[1] / "data" / "templates"
 
 
 def chat_request(case: dict[str, Any], **kw: Any) -> ChatRequest:

@@ -61,7 +61,7 @@ if not hasattr(cu.many, "more"):
 
 # The XML-call families; the GLM-5 ones join this list when they exist.
 FAMILIES = ["glm45", "glm47", "glm51", "glm53"]
-DATA = Path(__file__).parent / "data" / "bfcl"
+DATA = Path(__file__).parents[1] / "data" / "bfcl"
 
 
 def fmt_of(family: str) -> XmlFormat:

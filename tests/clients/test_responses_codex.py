@@ -56,7 +56,7 @@ def test_codex_runs_a_command_and_finishes(tmp_path: Path) -> None:
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "scripted_server.py"), "--port", str(port), "--program", "codex",
+        [sys.executable, str(Path(__file__).parents[1] / "scripted_server.py"), "--port", str(port), "--program", "codex",
          "--responses-db", str(tmp_path / "r.sqlite3"), "--api-key", "codex-key"],
         stdout=log, stderr=subprocess.STDOUT)
     try:

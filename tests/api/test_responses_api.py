@@ -405,7 +405,7 @@ def test_codex_captured_request_replays(srv):
     from openai.types.responses import ResponseStreamEvent
     from pydantic import TypeAdapter
 
-    captured = json.loads((Path(__file__).parent / "data" / "codex_exec_request.json").read_text())
+    captured = json.loads((Path(__file__).parents[1] / "data" / "codex_exec_request.json").read_text())
     body = {**captured["body"], "model": "m"}
     srv.output, srv.size = "Say hi.</think>hi", 2
     srv.engine.max_model_len = 65536  # one scripted "token" per character: ~40K for Codex's prompt

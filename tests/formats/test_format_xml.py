@@ -18,7 +18,7 @@ from glmserve.formats import get_format
 from glmserve.formats.base import ChatRequest, Control, Tool
 from glmserve.formats.xmlcall import CONTROL_TOKENS
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 FAMILIES = ["glm45", "glm47"]
 GOLDEN_FAMILY = {"glm45": "glm4.5/4.6", "glm47": "glm4.7"}
 # What every golden prompt (thinking on, generation prompt added) ends with.

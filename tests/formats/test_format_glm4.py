@@ -24,7 +24,7 @@ from glmserve.formats.base import (
 from glmserve.formats.jsoncall import BUILTIN_ARG_KEY, GLMCallParser
 from glmserve.formats.message import MessageBuilder, merge_events
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 FAMILY = {"glm4-9b-chat": "glm4", "glm4-0414": "glm4-0414"}
 GOLDEN = [
     json.loads(line)

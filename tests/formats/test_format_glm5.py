@@ -27,7 +27,7 @@ from glmserve.formats import get_format
 from glmserve.formats.base import ChatRequest, Control, ReasoningEvent, TextEvent, Tool, ToolCallStart
 from glmserve.formats.xmlcall import CONTROL_TOKENS, write_call
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TEMPLATES = DATA / "templates"
 FAMILY = {"glm5.1": "glm51", "glm5.3-flash": "glm53"}
 GOLDEN = [json.loads(line) for line in (DATA / "glm5-prompts.jsonl").read_text(encoding="utf-8").splitlines() if line]

@@ -41,7 +41,7 @@ def test_detect_from_hub_id_uses_engine_facts():
 
 # --------------------------------------------------------------------------- GLM-5.x
 
-TEMPLATES = Path(__file__).parent / "data" / "templates"
+TEMPLATES = Path(__file__).parents[1] / "data" / "templates"
 
 
 def _template(name: str) -> str:

@@ -18,7 +18,7 @@ from glmserve.formats.base import ChatRequest, Tool
 from glmserve.formats.grammar import clear_caches
 from glmserve.formats.message import MessageBuilder, merge_events
 
-DATA = Path(__file__).parent / "data" / "bfcl"
+DATA = Path(__file__).parents[1] / "data" / "bfcl"
 CASES = [json.loads(line) for line in (DATA / "bfcl-sample.jsonl").read_text(encoding="utf-8").splitlines() if line]
 BY_ID = {c["id"]: c for c in CASES}
 FAMILY = {"glm4-9b-chat": "glm4", "glm4-0414": "glm4-0414"}
