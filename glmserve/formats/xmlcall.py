@@ -781,13 +781,13 @@ def structural_tag_for_key(key: str) -> str:
 
 
 @grammar.cached(maxsize=1)
-def reasoning_tag() -> str:
-    """The structural tag for reasoning alone (after the opener): text without call or think
+def reasoning_grammar() -> str:
+    """The grammar for reasoning alone (after the opener): text without call or think
     markers, up to ``</think>``, as the constraints above allow inside a think block."""
-    from xgrammar.structural_tag import AnyTextFormat, StructuralTag, TagFormat
+    from xgrammar.structural_tag import AnyTextFormat, TagFormat
 
-    fmt = TagFormat(begin="", content=AnyTextFormat(excludes=_REASONING_EXCLUDES), end=THINK_CLOSE)
-    return StructuralTag(format=fmt).model_dump_json(by_alias=True)
+    return grammar.compile_format(TagFormat(begin="", content=AnyTextFormat(excludes=_REASONING_EXCLUDES),
+                                            end=THINK_CLOSE))
 
 
 _ANY_WS = "[ \\n\\r\\t]*"
@@ -848,7 +848,7 @@ class XmlFormat(ChatFormat):
         # GLM-4.5 writes "\n<think>" itself (its thinking-off prompt is "\n<think></think>");
         # GLM-4.7's generation prompt already ends inside <think>.
         opener: tuple[Any, ...] = ("\n", _ctl(THINK_OPEN)) if self.thinking == "lead" else ()
-        reasoning = Constraint(structural_tag=reasoning_tag()) if request.tools_in_prompt else None
+        reasoning = Constraint(grammar=reasoning_grammar()) if request.tools_in_prompt else None
         return ReasoningSwitch(opener=opener, closer=THINK_CLOSE, answer=replace(request, enable_thinking=False),
                                reasoning=reasoning)
 

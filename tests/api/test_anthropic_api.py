@@ -236,7 +236,7 @@ def test_tool_choice_reaches_the_constraint(srv: ScriptedServer, choice, constra
     assert (c is not None) == constrained
     assert ("get_weather" in srv.engine.last_prompt) == tools_shown
     if choice["type"] == "tool":
-        assert "search" in (c.structural_tag or c.grammar or "") and "get_weather" not in (c.structural_tag or c.grammar or "")
+        assert "search" in c.grammar and "get_weather" not in c.grammar
 
 
 def test_system_messages_in_the_array_and_thinking_switch(srv: ScriptedServer) -> None:
@@ -444,7 +444,7 @@ def test_thinking_budget_keeps_the_tool_constraint(srv: ScriptedServer) -> None:
     assert m.content[0].thinking == "short" and m.content[1].input == {"city": "北京"} and m.stop_reason == "tool_use"
     reasoning, answer = ph.params
     # the reasoning: free text without call markers, up to </think> (as inside the full constraint)
-    assert reasoning.constraint is not None and "</think>" in reasoning.constraint.structural_tag
+    assert reasoning.constraint is not None and "</think>" in reasoning.constraint.grammar
     fmt = get_format("glm45")
     from glmserve.formats.base import ChatRequest, Tool
 

@@ -24,7 +24,7 @@ def test_xml_families_close_reasoning(name: str, opener: str) -> None:
     assert sw is not None and sw.opener_text == opener and sw.closer == "</think>"
     assert not sw.answer.enable_thinking and sw.answer.tools == req.tools
     assert fmt.constraint(sw.answer) != fmt.constraint(req)  # no reasoning part in the answer's
-    assert sw.reasoning is not None and "<tool_call>" in sw.reasoning.structural_tag
+    assert sw.reasoning is not None and "<tool_call>" in sw.reasoning.grammar
     # what the parser reads: opener, reasoning, closer, then the answer
     call = "\n<tool_call>w\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>\n</tool_call>" if name == "glm45" \
         else "<tool_call>w<arg_key>a</arg_key><arg_value>x</arg_value></tool_call>"
