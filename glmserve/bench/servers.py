@@ -100,6 +100,8 @@ def server_command(which: str, args: argparse.Namespace, model: str, port: int) 
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--served-model-name", args.served_name]
     if args.enforce_eager:
         common.append("--enforce-eager")
+    # glmserve turns prefix caching on explicitly (engine.vllm_args); vLLM gets the same flag
+    common.append("--enable-prefix-caching")
     if which == "glmserve":
         cmd = [sys.executable, "-m", "glmserve", "serve", model, "--host", "127.0.0.1", *common]
         if args.chat_format:
