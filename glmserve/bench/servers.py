@@ -111,8 +111,19 @@ def server_command(which: str, args: argparse.Namespace, model: str, port: int) 
                *common, "--disable-uvicorn-access-log"]
         if args.vllm_tools == "auto":
             cmd += ["--enable-auto-tool-choice", "--tool-call-parser", args.vllm_tool_parser]
+            if args.vllm_tool_parser.startswith("glmserve-"):
+                cmd += glmserve_plugin_args()
     extra = args.glmserve_arg if which == "glmserve" else args.vllm_arg
     return cmd + [x for item in (extra or []) for x in item.split()]
+
+
+def glmserve_plugin_args() -> list[str]:
+    """vLLM flags for glmserve's GLM-4 tool-parser plugin and the template that shows the model the
+    request's tools as glmserve's ``glm4`` format does (so both servers prefill the same tokens)."""
+    import glmserve
+
+    pkg = Path(glmserve.__file__).parent
+    return ["--tool-parser-plugin", str(pkg / "vllm_plugin.py"), "--chat-template", str(pkg / "templates" / "glm4_tools.jinja")]
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
