@@ -129,7 +129,8 @@ def glmserve_plugin_args() -> list[str]:
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.kv_cache_gib is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+        # vLLM reads it with int(): "2.0" fails to start, so whole numbers are written without ".0"
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
     return env
 
 

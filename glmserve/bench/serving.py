@@ -82,7 +82,7 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
             summary = summarize_level(results, wall, c)
             summary.update(wl.level_extra())
             out["workloads"][wl_name][str(c)] = summary
-            log(f"{name:<8} {wl_name:<6} conc {c:>3}: {n} requests in {wall:6.1f} s, "
+            log(f"{name:<8} {wl_name:<6} conc {c:>3}: {summary['requests']} requests in {wall:6.1f} s, "
                 f"{_f(summary['throughput_tok_s'])} tok/s, TTFT p50 {_ms(summary['ttft_s']['p50'])} ms, "
                 f"errors {summary['errors']}" + (f" ({summary['error_samples'][0]})" if summary["errors"] else ""))
     return out

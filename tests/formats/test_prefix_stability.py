@@ -128,3 +128,19 @@ def test_new_user_message_after_a_reasoning_loop(family: str) -> None:
     if family != "glm45":
         kept = ids(family, loop[:-1], gen=False, clear_thinking=False)
         assert common_prefix(kept, ids(family, after_msgs, clear_thinking=False)) == len(kept)
+
+
+def test_segment_cache_gives_the_same_ids():
+    """The tokenizer's segment cache (long system prompts and tool blocks resent every turn) returns
+    exactly what tokenizing afresh does, and is used on the next turn."""
+    from glmserve.engine.tokenize import PromptTokenizer
+
+    hf = tokenizer("glm45").hf
+    cached, fresh = PromptTokenizer(hf), PromptTokenizer(hf, cache_entries=0)
+    fmt = get_format("glm45")
+    long_system = {"role": "system", "content": "Rules: read before you edit. " * 200 + "<think> is text here."}
+    for n in range(3):
+        req = ChatRequest(messages=[long_system] + agent_messages(n, reasoning=True)[1:], tools=TOOLS)
+        parts = fmt.render(req).parts
+        assert cached.encode_parts(parts) == fresh.encode_parts(parts)
+    assert cached.cache_hits >= 4 and fresh.cache_hits == 0
