@@ -13,7 +13,7 @@ Everything is synthesised and deterministic, so glmserve and vLLM prefill the sa
   conversation's own cache;
 * 20 tools (``AGENT_TOOLS``) with realistic schemas (enums, arrays, nested objects, bounds);
 * turn k's history holds turns 1..k-1 as an assistant tool call with fixed arguments and a
-  ~250-token tool result (``history_step``) -- whatever the model answered is not fed back.
+  ~650-token tool result (``history_step``) -- whatever the model answered is not fed back.
 
 Each turn is one streamed request with ``tool_choice: "auto"``, temperature 0 and
 ``max_tokens = --output-tokens``. Three workloads share the conversation: ``agent`` (Chat
@@ -166,7 +166,7 @@ _ARGS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 
 def history_step(k: int) -> tuple[str, dict[str, Any], str]:
-    """Turn ``k``'s tool call ``(name, arguments)`` and its result (~300 tokens), fixed."""
+    """Turn ``k``'s tool call ``(name, arguments)`` and its result (~650 tokens), fixed."""
     name = AGENT_TOOLS[(3 * k) % len(AGENT_TOOLS)]["function"]["name"]
     lines = [f"{n:4d}  def handler_{k}_{n}(request, context):  # returns the value of step {k}.{n}" for n in range(1, 25)]
     return name, _ARGS[name](k), "\n".join(lines)
