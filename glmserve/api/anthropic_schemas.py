@@ -13,55 +13,52 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator
 
-from glmserve.api.schemas import find_invalid_unicode
+from glmserve.api.schemas import Loose, RequestBody
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 # --------------------------------------------------------------------------- content blocks
 
 
-class TextBlock(_Loose):
+class TextBlock(Loose):
     type: Literal["text"]
     text: str
 
 
-class ImageBlock(_Loose):
+class ImageBlock(Loose):
     type: Literal["image"]
     source: dict[str, Any] = Field(default_factory=dict)
 
 
-class DocumentBlock(_Loose):
+class DocumentBlock(Loose):
     type: Literal["document"]
     source: dict[str, Any] = Field(default_factory=dict)
 
 
-class ToolUseBlock(_Loose):
+class ToolUseBlock(Loose):
     type: Literal["tool_use", "server_tool_use"]
     id: str
     name: str
     input: dict[str, Any] = Field(default_factory=dict)
 
 
-class ToolResultBlock(_Loose):
+class ToolResultBlock(Loose):
     type: Literal["tool_result"]
     tool_use_id: str
     content: Union[str, list[dict[str, Any]], None] = None
     is_error: bool = False
 
 
-class ThinkingBlock(_Loose):
+class ThinkingBlock(Loose):
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
 
 
-class RedactedThinkingBlock(_Loose):
+class RedactedThinkingBlock(Loose):
     type: Literal["redacted_thinking"]
     data: str = ""
 
@@ -72,7 +69,7 @@ ContentBlock = Annotated[
 ]
 
 
-class InputMessage(_Loose):
+class InputMessage(Loose):
     role: Literal["user", "assistant", "system"]
     """``system`` is not in Anthropic's schema, but Claude Code sends such messages inside
     the array (instructions that arrive mid-conversation); they become system turns."""
@@ -82,53 +79,53 @@ class InputMessage(_Loose):
 # --------------------------------------------------------------------------- options
 
 
-class ToolChoiceAuto(_Loose):
+class ToolChoiceAuto(Loose):
     type: Literal["auto"]
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceAny(_Loose):
+class ToolChoiceAny(Loose):
     type: Literal["any"]
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceTool(_Loose):
+class ToolChoiceTool(Loose):
     type: Literal["tool"]
     name: str
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceNone(_Loose):
+class ToolChoiceNone(Loose):
     type: Literal["none"]
 
 
 ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone], Field(discriminator="type")]
 
 
-class ThinkingEnabled(_Loose):
+class ThinkingEnabled(Loose):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=1)
     display: Literal["summarized", "omitted"] | None = None
 
 
-class ThinkingAdaptive(_Loose):
+class ThinkingAdaptive(Loose):
     type: Literal["adaptive"]
     display: Literal["summarized", "omitted"] | None = None
 
 
-class ThinkingDisabled(_Loose):
+class ThinkingDisabled(Loose):
     type: Literal["disabled"]
 
 
 Thinking = Annotated[Union[ThinkingEnabled, ThinkingAdaptive, ThinkingDisabled], Field(discriminator="type")]
 
 
-class OutputConfig(_Loose):
+class OutputConfig(Loose):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: dict[str, Any] | None = None
 
 
-class MessagesBase(_Loose):
+class MessagesBase(RequestBody):
     """Fields shared by ``/v1/messages`` and ``/v1/messages/count_tokens``."""
 
     model: str | None = None
@@ -138,17 +135,6 @@ class MessagesBase(_Loose):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        where = find_invalid_unicode(data)
-        if where is not None:
-            raise PydanticCustomError(
-                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
-                {"param": where},
-            )
-        return data
 
     @field_validator("tools")
     @classmethod

@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from glmserve.api.schemas import find_invalid_unicode
-
-
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
+from glmserve.api.schemas import Loose, RequestBody
 
 
-class MessageItem(_Loose):
+
+
+class MessageItem(Loose):
     """``{"role", "content"}`` (EasyInputMessage) or ``{"type": "message", ...}``."""
 
     type: Literal["message"] = "message"
@@ -31,7 +28,7 @@ class MessageItem(_Loose):
     id: str | None = None
 
 
-class FunctionCallItem(_Loose):
+class FunctionCallItem(Loose):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
@@ -46,14 +43,14 @@ class FunctionCallItem(_Loose):
         return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
-class FunctionCallOutputItem(_Loose):
+class FunctionCallOutputItem(Loose):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1)
     output: Union[str, list[dict[str, Any]]]
     id: str | None = None
 
 
-class ReasoningItem(_Loose):
+class ReasoningItem(Loose):
     type: Literal["reasoning"]
     id: str | None = None
     summary: list[dict[str, Any]] = Field(default_factory=list)
@@ -61,12 +58,12 @@ class ReasoningItem(_Loose):
     encrypted_content: str | None = None
 
 
-class ItemReference(_Loose):
+class ItemReference(Loose):
     type: Literal["item_reference"]
     id: str
 
 
-class OtherItem(_Loose):
+class OtherItem(Loose):
     """An item type glmserve does not run (computer_call, shell_call...): refused in mapping."""
 
     type: str
@@ -91,12 +88,12 @@ _BRANCHES = tuple(Annotated[cls, Tag(_tag(kind))] for kind, cls in [*_ITEMS.item
 InputItem = Annotated[Union[_BRANCHES], Discriminator(_item_tag)]  # type: ignore[valid-type]
 
 
-class ReasoningParam(_Loose):
+class ReasoningParam(Loose):
     effort: str | None = None
     summary: str | None = None
 
 
-class TextFormat(_Loose):
+class TextFormat(Loose):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -104,12 +101,12 @@ class TextFormat(_Loose):
     description: str | None = None
 
 
-class TextParam(_Loose):
+class TextParam(Loose):
     format: TextFormat | None = None
     verbosity: str | None = None
 
 
-class ResponsesRequest(_Loose):
+class ResponsesRequest(RequestBody):
     model: str | None = None
     input: list[InputItem] = Field(default_factory=list)
     """A string ``input`` arrives here as one user message (see ``_string_input``)."""
@@ -131,17 +128,6 @@ class ResponsesRequest(_Loose):
     prompt_cache_key: str | None = None
     client_metadata: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        where = find_invalid_unicode(data)
-        if where is not None:
-            raise PydanticCustomError(
-                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
-                {"param": where},
-            )
-        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -42,11 +42,28 @@ def find_invalid_unicode(data: Any) -> str | None:
     return None
 
 
-class _Loose(BaseModel):
+class Loose(BaseModel):
+    """Unknown fields are accepted (clients send vendor extensions) and kept."""
+
     model_config = ConfigDict(extra="allow")
 
 
-class FunctionCallParam(_Loose):
+class RequestBody(Loose):
+    """A whole request body: text that is not valid Unicode is a 400 naming where it is."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_invalid_unicode(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
+                {"param": where},
+            )
+        return data
+
+
+class FunctionCallParam(Loose):
     name: str
     arguments: str = "{}"
 
@@ -59,13 +76,13 @@ class FunctionCallParam(_Loose):
         return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
-class ToolCallParam(_Loose):
+class ToolCallParam(Loose):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCallParam
 
 
-class ChatMessage(_Loose):
+class ChatMessage(Loose):
     role: Role
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
@@ -75,14 +92,14 @@ class ChatMessage(_Loose):
     reasoning_content: str | None = None
 
 
-class FunctionDef(_Loose):
+class FunctionDef(Loose):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(_Loose):
+class ToolDef(Loose):
     type: Literal["function"] = "function"
     function: FunctionDef
 
@@ -91,27 +108,27 @@ class NamedFunction(BaseModel):
     name: str
 
 
-class NamedToolChoice(_Loose):
+class NamedToolChoice(Loose):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class StreamOptions(_Loose):
+class StreamOptions(Loose):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Loose):
+class JSONSchemaFormat(Loose):
     name: str = "response"
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Loose):
+class ResponseFormat(Loose):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class SamplingFields(_Loose):
+class SamplingFields(RequestBody):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -125,17 +142,6 @@ class SamplingFields(_Loose):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        where = find_invalid_unicode(data)
-        if where is not None:
-            raise PydanticCustomError(
-                "invalid_unicode", "text is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800)",
-                {"param": where},
-            )
-        return data
 
     @field_validator("stop")
     @classmethod
