@@ -25,7 +25,7 @@ def format_report(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     s = report.get("settings", {})
     lines.append(f"model {report.get('model_name')}  |  {m.get('cpu_count')} CPUs ({m.get('cpu_model') or m.get('machine')}), "
-                 f"vllm {m.get('vllm')}  |  prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok")
+                 f"vllm {m.get('vllm')}  |  {_prompt_desc(s)}, output {s.get('output_tokens')} tok")
     head = (f"{'server':<9}{'workload':<16}{'conc':>5}{'req':>5}{'err':>4}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
             f"{'ITL p50':>9}{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'out tok':>8}{'prompt':>7}")
     lines.append(head)
@@ -56,6 +56,15 @@ def format_report(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append("note: " + note)
     return "\n".join(lines)
+
+
+def _prompt_desc(s: dict[str, Any]) -> str:
+    """What the prompts were: the plain/tools message size, or the agent workloads' prefix."""
+    wls = s.get("workloads") or []
+    if wls and all(str(w).startswith("agent") for w in wls):
+        return (f"agent: ~{s.get('agent_system_tokens')}-token system prompt, 20 tools, "
+                f"{s.get('agent_turns')} turns")
+    return f"prompt ~{s.get('prompt_tokens')} tok"
 
 
 def agent_lines(report: dict[str, Any]) -> list[str]:
@@ -144,7 +153,7 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
     m = report.get("machine", {})
     s = report.get("settings", {})
     fig.suptitle(f"{report.get('model_name')}: glmserve vs vLLM {m.get('vllm')}  ({m.get('cpu_count')} CPUs, "
-                 f"prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok)", fontsize=10)
+                 f"{_prompt_desc(s)}, output {s.get('output_tokens')} tok)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
