@@ -9,6 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+_SERVER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SERVER_PHASES = ("render", "tokenize", "constraint", "prepare", "output", "total")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -31,6 +34,14 @@ class Metrics:
         self.schema_fallbacks = Counter(
             "glmserve_tool_schema_fallbacks", "Non-strict tools whose schema xgrammar cannot compile, "
             "decoded as any JSON object (one per tool per request)", registry=r,
+        )
+        self.server_seconds = Histogram(
+            "glmserve_server_time_seconds",
+            "Time glmserve itself spends on a request outside the engine, by phase: render, tokenize, "
+            "constraint (each part of prepare), prepare (all of it), output (parsing, folding and "
+            "serializing the engine's deltas, wall time between receiving a delta and asking for the "
+            "next), total (prepare + output, once per finished request)",
+            ["phase"], buckets=_SERVER_BUCKETS, registry=r,
         )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
 

@@ -83,6 +83,8 @@ class Prepared:
     """The finished calls' tool names, filled in while running (for the request log)."""
     budget: BudgetPlan | None = None
     """How the thinking budget is enforced, when the request has one."""
+    server_seconds: float = 0.0
+    """glmserve's own time on this request so far (prepare, then output): the ``total`` phase."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -166,7 +168,11 @@ class ChatPipeline:
     def prepare(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str) -> Prepared:
         """Render, tokenize, check the context, build the constraint and the engine's params.
         The request id is ``id_prefix`` followed by 32 hex digits."""
-        prompt_ids = self.engine.encode_parts(self.render(chat).parts)
+        t0 = time.perf_counter()
+        prompt = self.render(chat)
+        t1 = time.perf_counter()
+        prompt_ids = self.engine.encode_parts(prompt.parts)
+        t2 = time.perf_counter()
         limit = self.engine.max_model_len
         room = limit - len(prompt_ids)
         if room <= 0:
@@ -183,6 +189,7 @@ class ChatPipeline:
                                 f"model's context of {limit} tokens (at most {room} can be generated)",
                            param=opts.max_tokens_param, code="context_length_exceeded")
         constraint = self.constraint(chat, opts.schema_param) or opts.output_constraint
+        t3 = time.perf_counter()
         extra: dict[str, Any] = {}
         if opts.top_k is not None:
             if not _ENGINE_TAKES_TOP_K:
@@ -207,9 +214,16 @@ class ChatPipeline:
         )
         validators = {t.name: jsonschema.validators.validator_for(t.parameters)(t.parameters)
                       for t in chat.tools if t.parameters is not None}
-        return Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
-                        model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
-                        validators=validators, budget=self._budget(chat, opts))
+        prepared = Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
+                            model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
+                            validators=validators, budget=self._budget(chat, opts))
+        prepared.server_seconds = time.perf_counter() - t0
+        server = self.metrics.server_seconds
+        server.labels("render").observe(t1 - t0)
+        server.labels("tokenize").observe(t2 - t1)
+        server.labels("constraint").observe(t3 - t2)
+        server.labels("prepare").observe(prepared.server_seconds)
+        return prepared
 
     def _budget(self, chat: ChatRequest, opts: GenerationOptions) -> BudgetPlan | None:
         if opts.thinking_budget is None:
@@ -237,12 +251,14 @@ class ChatPipeline:
         finished = 0
         t0 = time.perf_counter()
         first = True
+        output_seconds = 0.0  # our own time on the deltas: from receiving one to asking for the next
         if p.budget is None:
             deltas = self.engine.generate(p.prompt_ids, p.params, p.request_id)
         else:
             deltas = generate_with_budget(self.engine, p.prompt_ids, p.params, p.request_id, p.budget)
         try:
             async for d in deltas:
+                t_delta = time.perf_counter()
                 if first and d.num_tokens:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                     first = False
@@ -267,6 +283,10 @@ class ChatPipeline:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
                 stop = d.stop_sequence if d.stop_sequence in p.params.stop and d.stop_sequence not in self._stop_strs else None
                 yield ChoiceUpdate(d.index, events, builder, d.logprobs, reason, d.num_tokens, stop)
+                output_seconds += time.perf_counter() - t_delta  # the consumer's shaping and sending included
+            self.metrics.server_seconds.labels("output").observe(output_seconds)
+            self.metrics.server_seconds.labels("total").observe(p.server_seconds + output_seconds)
+            p.server_seconds += output_seconds
             self.metrics.prompt_tokens.inc(len(p.prompt_ids))
             self.metrics.completion_tokens.inc(p.completion_tokens)
             self.metrics.e2e.observe(time.perf_counter() - t0)

@@ -25,8 +25,8 @@ def format_report(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     s = report.get("settings", {})
     lines.append(f"model {report.get('model_name')}  |  {m.get('cpu_count')} CPUs ({m.get('cpu_model') or m.get('machine')}), "
-                 f"vllm {m.get('vllm')}  |  prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok")
-    head = (f"{'server':<9}{'workload':<9}{'conc':>5}{'req':>5}{'err':>4}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+                 f"vllm {m.get('vllm')}  |  {_prompt_desc(s)}, output {s.get('output_tokens')} tok")
+    head = (f"{'server':<9}{'workload':<16}{'conc':>5}{'req':>5}{'err':>4}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
             f"{'ITL p50':>9}{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'out tok':>8}{'prompt':>7}")
     lines.append(head)
     lines.append("-" * len(head))
@@ -34,7 +34,7 @@ def format_report(report: dict[str, Any]) -> str:
         for wl, levels in srv.get("workloads", {}).items():
             for level, r in levels.items():
                 lines.append(
-                    f"{name:<9}{wl:<9}{level:>5}{r['requests']:>5}{r['errors']:>4}{_f(r['throughput_tok_s']):>8}"
+                    f"{name:<9}{wl:<16}{level:>5}{r['requests']:>5}{r['errors']:>4}{_f(r['throughput_tok_s']):>8}"
                     f"{_ms(r['ttft_s']['p50']):>10}{_ms(r['ttft_s']['p99']):>10}{_ms(r['itl_s']['p50']):>9}"
                     f"{_ms(r['itl_s']['p99']):>9}{_ms(r['e2e_s']['p50']):>9}{_ms(r['e2e_s']['p99']):>9}"
                     f"{_f(r['completion_tokens_mean']):>8}{_f(r['prompt_tokens_p50'], '{:.0f}'):>7}")
@@ -43,16 +43,57 @@ def format_report(report: dict[str, Any]) -> str:
     ratios = report.get("ratios") or {}
     if ratios:
         lines.append("")
-        lines.append("glmserve / vLLM      throughput  TTFT p50  TTFT p99   ITL p50   E2E p50")
+        lines.append("glmserve / vLLM             throughput  TTFT p50  TTFT p99   ITL p50   E2E p50")
         for wl, levels in ratios.items():
             for level, r in levels.items():
-                lines.append(f"  {wl:<8} conc {level:>3}  {_f(r['throughput'], '{:.2f}x'):>10}"
+                lines.append(f"  {wl:<15} conc {level:>3}  {_f(r['throughput'], '{:.2f}x'):>10}"
                              f"{_f(r['ttft_p50'], '{:.2f}x'):>10}{_f(r['ttft_p99'], '{:.2f}x'):>10}"
                              f"{_f(r['itl_p50'], '{:.2f}x'):>10}{_f(r['e2e_p50'], '{:.2f}x'):>10}")
         lines.append("  throughput > 1: glmserve faster; latency ratios < 1: glmserve faster")
+    agent = agent_lines(report)
+    if agent:
+        lines += [""] + agent
     for note in report.get("notes", []):
         lines.append("note: " + note)
     return "\n".join(lines)
+
+
+def _prompt_desc(s: dict[str, Any]) -> str:
+    """What the prompts were: the plain/tools message size, or the agent workloads' prefix."""
+    wls = s.get("workloads") or []
+    if wls and all(str(w).startswith("agent") for w in wls):
+        return (f"agent: ~{s.get('agent_system_tokens')}-token system prompt, 20 tools, "
+                f"{s.get('agent_turns')} turns")
+    return f"prompt ~{s.get('prompt_tokens')} tok"
+
+
+def agent_lines(report: dict[str, Any]) -> list[str]:
+    """Per-turn figures of the agent workloads: TTFT, prompt tokens, glmserve's own time."""
+    lines: list[str] = []
+    for name, srv in report.get("servers", {}).items():
+        for wl, levels in srv.get("workloads", {}).items():
+            for level, r in levels.items():
+                a = r.get("agent")
+                if not a:
+                    continue
+                req = a.get("server_s_per_request") or {}
+                own = (f"; glmserve's own time per request: prepare {_ms(req.get('prepare'))} ms, "
+                       f"total {_ms(req.get('total'))} ms" if req else "")
+                ratio = a.get("later_over_first_ttft")
+                lines.append(f"{name} {wl} conc {level} ({a['conversations']} conversations x {a['turns']} turns"
+                             f"{own}); turn>=2 / turn 1 TTFT {_f(ratio, '{:.2f}')}")
+                for t in a["per_turn"]:
+                    st = t.get("server_s") or {}
+                    share = t.get("prepare_share_of_ttft")
+                    extra = (f"  prepare {_ms(st.get('prepare'))} ms (render {_ms(st.get('render'))}, tokenize "
+                             f"{_ms(st.get('tokenize'))}, constraint {_ms(st.get('constraint'))}) = "
+                             f"{_f(None if share is None else 100 * share, '{:.1f}')} % of TTFT; output "
+                             f"{_ms(st.get('output'))} ms" if st else "")
+                    prompts = sorted({p for p in t["prompt_tokens"] if p is not None})
+                    lines.append(f"    turn {t['turn']}: TTFT p50 {_ms(t['ttft_p50_s'])} ms, prompt "
+                                 f"{'/'.join(map(str, prompts)) or '-'} tok{extra}"
+                                 + (f", {t['errors']} errors" if t["errors"] else ""))
+    return lines
 
 
 def _slug(s: str) -> str:
@@ -112,7 +153,7 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
     m = report.get("machine", {})
     s = report.get("settings", {})
     fig.suptitle(f"{report.get('model_name')}: glmserve vs vLLM {m.get('vllm')}  ({m.get('cpu_count')} CPUs, "
-                 f"prompt ~{s.get('prompt_tokens')} tok, output {s.get('output_tokens')} tok)", fontsize=10)
+                 f"{_prompt_desc(s)}, output {s.get('output_tokens')} tok)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -100,6 +100,8 @@ def server_command(which: str, args: argparse.Namespace, model: str, port: int) 
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--served-model-name", args.served_name]
     if args.enforce_eager:
         common.append("--enforce-eager")
+    # glmserve turns prefix caching on explicitly (engine.vllm_args); vLLM gets the same flag
+    common.append("--enable-prefix-caching")
     if which == "glmserve":
         cmd = [sys.executable, "-m", "glmserve", "serve", model, "--host", "127.0.0.1", *common]
         if args.chat_format:
@@ -109,14 +111,26 @@ def server_command(which: str, args: argparse.Namespace, model: str, port: int) 
                *common, "--disable-uvicorn-access-log"]
         if args.vllm_tools == "auto":
             cmd += ["--enable-auto-tool-choice", "--tool-call-parser", args.vllm_tool_parser]
+            if args.vllm_tool_parser.startswith("glmserve-"):
+                cmd += glmserve_plugin_args()
     extra = args.glmserve_arg if which == "glmserve" else args.vllm_arg
     return cmd + [x for item in (extra or []) for x in item.split()]
+
+
+def glmserve_plugin_args() -> list[str]:
+    """vLLM flags for glmserve's GLM-4 tool-parser plugin and the template that shows the model the
+    request's tools as glmserve's ``glm4`` format does (so both servers prefill the same tokens)."""
+    import glmserve
+
+    pkg = Path(glmserve.__file__).parent
+    return ["--tool-parser-plugin", str(pkg / "vllm_plugin.py"), "--chat-template", str(pkg / "templates" / "glm4_tools.jinja")]
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.kv_cache_gib is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+        # vLLM reads it with int(): "2.0" fails to start, so whole numbers are written without ".0"
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
     return env
 
 

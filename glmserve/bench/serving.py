@@ -30,10 +30,12 @@ from typing import Any, Callable
 from glmserve.bench.report import _f, _ms, format_report, loadavg, machine_info, plot_results, write_results
 from glmserve.bench.servers import ManagedServer, free_port, server_command, server_env, served_model_id
 from glmserve.bench.stats import compute_ratios, summarize_level
+from glmserve.bench.agent import DEFAULT_SYSTEM_TOKENS, DEFAULT_TURNS, prompt_token_check
 from glmserve.bench.workloads import WORKLOADS, LevelSpec, build_prompt_text, token_counter
 
 SERVERS = ("glmserve", "vllm")
 DEFAULT_CONCURRENCY = (1, 8, 32)
+DEFAULT_WORKLOADS = ("plain", "tools")
 
 
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
@@ -51,6 +53,9 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
     req_id = 0
     for wl_name in args.workloads:
         wl = WORKLOADS[wl_name]
+        if not wl.applies_to(name):
+            log(f"{name}: workload {wl_name} is not sent to this server")
+            continue
         fields = wl.fields(name, args.vllm_tools)
         out["request_fields"][wl_name] = {
             "tools": [t["function"]["name"] for t in fields.get("tools", [])] or None,
@@ -60,7 +65,10 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
         def spec(c: int, n: int, first: int) -> LevelSpec:
             return LevelSpec(server=name, url=url, model_id=model_id, text=text, first_id=first, requests=n,
                              concurrency=c, output_tokens=args.output_tokens, temperature=args.temperature,
-                             timeout=args.timeout, vllm_tools=args.vllm_tools)
+                             timeout=args.timeout, vllm_tools=args.vllm_tools,
+                             options={"agent_turns": getattr(args, "agent_turns", None),
+                                      "agent_system_tokens": getattr(args, "agent_system_tokens", None),
+                                      "token_count": getattr(args, "token_count", None)})
 
         if args.warmup:
             bad = [r.error for r in asyncio.run(wl.warm_up(spec(1, 0, 0), args.warmup)) if not r.ok]
@@ -72,8 +80,9 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
             results, wall = asyncio.run(wl.run_level(spec(c, n, req_id + 1)))
             req_id += n
             summary = summarize_level(results, wall, c)
+            summary.update(wl.level_extra())
             out["workloads"][wl_name][str(c)] = summary
-            log(f"{name:<8} {wl_name:<6} conc {c:>3}: {n} requests in {wall:6.1f} s, "
+            log(f"{name:<8} {wl_name:<6} conc {c:>3}: {summary['requests']} requests in {wall:6.1f} s, "
                 f"{_f(summary['throughput_tok_s'])} tok/s, TTFT p50 {_ms(summary['ttft_s']['p50'])} ms, "
                 f"errors {summary['errors']}" + (f" ({summary['error_samples'][0]})" if summary["errors"] else ""))
     return out
@@ -159,12 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "parser flags), omit (no tools)")
     s.add_argument("--vllm-tool-parser", default="hermes",
                    help="vLLM's --tool-call-parser with --vllm-tools auto (default hermes, the ChatML/Hermes call syntax; "
-                        "glm45 or glm47 for GLM-4.5/4.7 models)")
+                        "glm45 or glm47 for GLM-4.5/4.7 models; glmserve-glm4 or glmserve-glm4-0414 load glmserve's "
+                        "plugin (glmserve/vllm_plugin.py) and its tools-aware template glm4_tools.jinja, so vLLM "
+                        "prefills the same tokens as glmserve on GLM-4 models: use it with the agent workload)")
 
     w = p.add_argument_group("workload")
-    w.add_argument("--workloads", type=_name_list(tuple(WORKLOADS)), default=list(WORKLOADS),
+    w.add_argument("--workloads", type=_name_list(tuple(WORKLOADS)), default=list(DEFAULT_WORKLOADS),
                    help="comma-separated, from: " + "; ".join(f"{n} ({wl.help})" for n, wl in WORKLOADS.items())
-                        + f" (default {','.join(WORKLOADS)})")
+                        + f" (default {','.join(DEFAULT_WORKLOADS)})")
+    w.add_argument("--agent-turns", type=int, default=DEFAULT_TURNS,
+                   help=f"turns per conversation in the agent workloads (default {DEFAULT_TURNS}); a level of "
+                        "concurrency c runs c conversations at once")
+    w.add_argument("--agent-system-tokens", type=int, default=DEFAULT_SYSTEM_TOKENS,
+                   help=f"size of the agent workloads' system prompt in tokens (default {DEFAULT_SYSTEM_TOKENS}; "
+                        "needs --max-model-len above it plus the tools and history)")
     w.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
                    help="concurrency levels, comma-separated (default 1,8,32)")
     w.add_argument("--requests", type=int, default=None,
@@ -214,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             urls[k] = urls[k].rstrip("/")
 
     count = token_counter(model)
+    args.token_count = count
     text = build_prompt_text(max(1, args.prompt_tokens - 4), count)  # "[rN] " takes ~4 tokens
     log_dir = Path(tempfile.mkdtemp(prefix="glmserve-bench-"))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -225,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens, "prompt_tokens_measured_with": "model tokenizer" if count else "word estimate",
         "output_tokens": args.output_tokens, "ignore_eos": True, "temperature": args.temperature,
         "workloads": args.workloads, "vllm_tools": args.vllm_tools,
+        "agent_turns": args.agent_turns, "agent_system_tokens": args.agent_system_tokens,
         "vllm_tool_parser": args.vllm_tool_parser if args.vllm_tools == "auto" else None,
         "warmup": args.warmup, "timeout_s": args.timeout,
         "client": "httpx.AsyncClient on the same machine (shares its CPUs with the server)",
@@ -275,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     report["load_average"]["end"] = loadavg()
     report["ratios"] = compute_ratios(report["servers"])
+    for line in prompt_token_check(report["servers"]):
+        report["notes"].append(line)
     for name, srv_entry in report["servers"].items():
         for wl, levels in srv_entry.get("workloads", {}).items():
             for level, r in levels.items():

@@ -10,7 +10,7 @@ subclasses :class:`Workload`, overrides :meth:`Workload.run_level`, and is added
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from glmserve.bench.client import run_level
@@ -124,6 +124,9 @@ class LevelSpec:
     temperature: float
     timeout: float
     vllm_tools: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """Workload-specific settings from the command line (the agent workload's turns, system
+    prompt size and the model's token counter)."""
 
 
 class Workload:
@@ -134,6 +137,14 @@ class Workload:
 
     def fields(self, server: str, vllm_tools: str) -> dict[str, Any]:
         """Request fields beyond the message (recorded in the report as what each server got)."""
+        return {}
+
+    def applies_to(self, server: str) -> bool:
+        """Whether ``server`` is sent this workload (an endpoint only glmserve has is not sent to vLLM)."""
+        return True
+
+    def level_extra(self) -> dict[str, Any]:
+        """Figures of the level just run beyond the per-request ones, merged into its summary."""
         return {}
 
     def payloads(self, spec: LevelSpec, max_tokens: int | None = None, first_id: int | None = None,
@@ -172,3 +183,7 @@ WORKLOADS: dict[str, Workload] = {
                      tools=True),
     )
 }
+
+
+# the agent workloads register themselves (glmserve.bench.agent); importing it here makes them known
+import glmserve.bench.agent  # noqa: E402,F401

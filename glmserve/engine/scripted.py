@@ -29,6 +29,9 @@ class ScriptedEngine(Engine):
         self.model_name = model_name
         self.model_path = model_name
         self.max_model_len = max_model_len
+        # its "tokens" are Unicode code points: a raw prompt id beyond them is the client's 400
+        # (the fuzz test found chr() failing on one), as an id beyond a real vocabulary is
+        self.vocab_size = 0x110000
         self.delay = delay
         self.dead = False
         self.last_prompt: str = ""

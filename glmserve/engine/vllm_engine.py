@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from glmserve.engine.base import Delta, Engine, EngineRequestError, EngineUnavailable, GenerateParams, TokenLogprob
-from glmserve.formats.base import Control
+from glmserve.engine.tokenize import PromptTokenizer
 
 log = logging.getLogger("glmserve.engine")
 
@@ -26,15 +25,14 @@ class VLLMEngine(Engine):
         self._hf = hf
         # token ids a raw prompt may hold (as vLLM's own check: tokenizer or model, the larger)
         self.vocab_size = max(len(hf), int(self._llm.model_config.get_vocab_size()))
-        added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
-        self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        self._tok = PromptTokenizer(hf)
         self._running: set[str] = set()
         self._dead: str | None = None
 
     # ---------------------------------------------------------------- tokenization
 
     def token_id(self, token: str) -> int | None:
-        return _token_id(self._hf, token)
+        return self._tok.token_id(token)
 
     def vocab(self) -> set[str]:
         return set(self._hf.get_added_vocab().keys())
@@ -46,42 +44,11 @@ class VLLMEngine(Engine):
         t = getattr(self._hf, "chat_template", None)
         return t if isinstance(t, str) else None
 
-    def _encode_plain(self, text: str) -> list[int]:
-        """Plain text: no added token (special or not) may be formed from it."""
-        if not text:
-            return []
-        ids: list[int] = []
-        pos = 0
-        if self._added_re is not None:
-            for m in self._added_re.finditer(text):
-                ids += self._hf.encode(text[pos : m.start()], add_special_tokens=False, split_special_tokens=True) if m.start() > pos else []
-                # Spell the look-alike character by character: it reaches the model as text.
-                for ch in m.group(0):
-                    ids += self._hf.encode(ch, add_special_tokens=False, split_special_tokens=True)
-                pos = m.end()
-        if pos < len(text):
-            ids += self._hf.encode(text[pos:], add_special_tokens=False, split_special_tokens=True)
-        return ids
-
     def encode_parts(self, parts: list[Any]) -> list[int]:
-        ids: list[int] = []
-        buf: list[str] = []
-        for part in parts:
-            if isinstance(part, Control):
-                tid = self.token_id(part.token)
-                if tid is None:  # not a token of this vocabulary: template text then
-                    buf.append(part.token)
-                    continue
-                ids += self._encode_plain("".join(buf))
-                buf.clear()
-                ids.append(tid)
-            else:
-                buf.append(part)
-        ids += self._encode_plain("".join(buf))
-        return ids
+        return self._tok.encode_parts(parts)
 
     def encode_raw(self, text: str) -> list[int]:
-        return list(self._hf.encode(text, add_special_tokens=False))
+        return self._tok.encode_raw(text)
 
     # ---------------------------------------------------------------- generation
 
@@ -179,10 +146,3 @@ class VLLMEngine(Engine):
     async def shutdown(self) -> None:
         self._llm.shutdown()
 
-
-def _token_id(hf: Any, token: str) -> int | None:
-    tid = hf.convert_tokens_to_ids(token)
-    # an unknown token maps to unk, whose id may be a real token's (SmolLM2: 0 is <|endoftext|>)
-    if tid is None or hf.convert_ids_to_tokens(int(tid)) != token:
-        return None
-    return int(tid)

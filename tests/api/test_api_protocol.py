@@ -388,3 +388,48 @@ def test_rejected_requests_give_their_admission_slot_back():
         assert s.app.state.admission.in_flight == 0
     finally:
         s.stop()
+
+
+def test_server_time_is_exported_per_phase_and_excludes_the_engine():
+    """``glmserve_server_time_seconds``: glmserve's own time per request (render, tokenize,
+    constraint, the output fold), from every endpoint, streamed or not -- and not the engine's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    delay = 0.02  # the scripted engine sleeps this long before each piece: engine time
+    s = Scripted("glm4", output='get_weather\n{"city": "北京"}', size=4, delay=delay)
+    try:
+        url = s.base_url
+        msgs = [{"role": "user", "content": "北京天气？"}]
+        anth_tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+        resp_tools = [{"type": "function", **t["function"]} for t in TOOLS]
+        bodies = [
+            ("/chat/completions", {"model": "m", "messages": msgs, "tools": TOOLS}),
+            ("/chat/completions", {"model": "m", "messages": msgs, "tools": TOOLS, "stream": True}),
+            ("/messages", {"model": "m", "max_tokens": 100, "messages": msgs, "tools": anth_tools}),
+            ("/messages", {"model": "m", "max_tokens": 100, "messages": msgs, "tools": anth_tools, "stream": True}),
+            ("/responses", {"model": "m", "input": "北京天气？", "tools": resp_tools}),
+            ("/responses", {"model": "m", "input": "北京天气？", "tools": resp_tools, "stream": True}),
+        ]
+        for path, body in bodies:
+            r = httpx.post(url + path, json=body, timeout=30)
+            assert r.status_code == 200, r.text
+        text = httpx.get(url.replace("/v1", "/metrics")).text
+    finally:
+        s.stop()
+    samples = {(m.name, m.labels.get("phase")): m.value
+               for f in text_string_to_metric_families(text) for m in f.samples}
+    n = len(bodies)
+    for phase in ("render", "tokenize", "constraint", "prepare", "output", "total"):
+        assert samples[("glmserve_server_time_seconds_count", phase)] == n, phase
+        assert samples[("glmserve_server_time_seconds_sum", phase)] > 0, phase
+    total = samples[("glmserve_server_time_seconds_sum", "total")]
+    prepare = samples[("glmserve_server_time_seconds_sum", "prepare")]
+    output = samples[("glmserve_server_time_seconds_sum", "output")]
+    assert total == pytest.approx(prepare + output)
+    parts = sum(samples[("glmserve_server_time_seconds_sum", p)] for p in ("render", "tokenize", "constraint"))
+    assert parts <= prepare
+    # each request waited len(pieces) * delay in the engine; none of that is glmserve's time
+    pieces_per_request = len(pieces(s.output, s.size))
+    e2e = samples[("glmserve_request_latency_seconds_sum", None)]
+    assert e2e >= n * pieces_per_request * delay
+    assert total < e2e - 0.5 * n * pieces_per_request * delay

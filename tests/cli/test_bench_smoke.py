@@ -289,3 +289,102 @@ def test_parser_cost_is_a_bench_mode(tmp_path):
     assert "glm4" in r.stdout and "wrote" in r.stdout
     (jpath,) = tmp_path.glob("*-parser-cost.json")
     assert json.loads(jpath.read_text())["results"]["glm4"]["500"]["correct"] is True
+
+
+# --------------------------------------------------------------------------- the agent workload
+
+
+@pytest.fixture(scope="module")
+def scripted_glm4_url():
+    """The real app on the scripted engine (glm4 format), answering every turn with a tool call."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from glmserve.api.app import Settings, create_app
+    from glmserve.engine.scripted import ScriptedEngine
+    from glmserve.formats import get_format
+
+    out = 'read_file\n{"path": "src/a.py"}'
+    engine = ScriptedEngine(lambda prompt, params: [out[i:i + 3] for i in range(0, len(out), 3)],
+                            model_name="m", max_model_len=200_000)
+    app = create_app(engine, get_format("glm4"), Settings())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_agent_workload_runs_every_endpoint(scripted_glm4_url):
+    """1 conversation x 2 turns through Chat Completions, Anthropic Messages and Responses: turn 2
+    resends turn 1's prompt plus a tool call and its result, and glmserve's own time is read per turn."""
+    from glmserve.bench import agent
+
+    names = ("agent", "agent-messages", "agent-responses")
+    args = serving.build_parser().parse_args(["--workloads", ",".join(names), "--concurrency", "1",
+                                              "--agent-turns", "2", "--agent-system-tokens", "300",
+                                              "--output-tokens", "64", "--warmup", "1"])
+    args.served_name = "m"
+    out = serving.bench_server("glmserve", scripted_glm4_url, args, "", log=lambda s: None)
+    for name in names:
+        level = out["workloads"][name]["1"]
+        assert level["errors"] == 0, level["error_samples"]
+        a = level["agent"]
+        assert a["tools"] == len(agent.AGENT_TOOLS) == 20 and a["turns"] == 2
+        t1, t2 = a["per_turn"]
+        (p1,), (p2,) = t1["prompt_tokens"], t2["prompt_tokens"]
+        assert 1000 < p1 < p2, (p1, p2)  # scripted tokens are characters: ~300 words of prompt, then more
+        for t in (t1, t2):
+            assert t["ttft_p50_s"] > 0
+            assert t["server_s"]["prepare"] > 0 and t["server_s"]["total"] >= t["server_s"]["prepare"]
+            assert 0 < t["prepare_share_of_ttft"] < 1
+        assert a["server_s_per_request"]["total"] > 0 and a["later_over_first_ttft"] > 0
+        assert level["responses_with_tool_calls"] == 2
+    text = format_report({"servers": {"glmserve": out}, "machine": {}, "settings": {}})
+    assert "agent-responses conc 1 (1 conversations x 2 turns" in text and "turn 2: TTFT p50" in text
+
+
+def test_agent_workload_prompts_are_the_same_for_every_server():
+    """Deterministic: glmserve and vLLM get byte-identical requests; sessions never share a prefix."""
+    from glmserve.bench import agent
+
+    a = agent.chat_payload("m", agent.system_prompt(2000, "s1"), "task", 3, 16, 0.0)
+    b = agent.chat_payload("m", agent.system_prompt(2000, "s1"), "task", 3, 16, 0.0)
+    assert a == b and len(a["messages"]) == 2 + 2 * 3 and len(a["tools"]) == 20
+    assert agent.system_prompt(2000, "s1")[:40] != agent.system_prompt(2000, "s2")[:40]
+    count = lambda s: len(s.split())  # noqa: E731
+    assert 1900 <= count(agent.system_prompt(2000, "x", count)) <= 2200
+    import jsonschema
+
+    for k in range(20):  # every synthesised call is valid for its tool's schema
+        name, args, result = agent.history_step(k)
+        schema = next(t["function"]["parameters"] for t in agent.AGENT_TOOLS if t["function"]["name"] == name)
+        jsonschema.validate(args, schema)
+    assert {agent.history_step(k)[0] for k in range(20)} == {t["function"]["name"] for t in agent.AGENT_TOOLS}
+    assert not workloads.WORKLOADS["agent-messages"].applies_to("vllm")
+    assert workloads.WORKLOADS["agent"].applies_to("vllm")
+
+
+def test_vllm_gets_the_plugin_and_template_for_like_for_like_prompts():
+    a = serving.build_parser().parse_args(["--vllm-tool-parser", "glmserve-glm4", "--workloads", "agent"])
+    a.served_name = "m"
+    v = servers.server_command("vllm", a, "/models/x", 1)
+    assert v[v.index("--tool-call-parser") + 1] == "glmserve-glm4"
+    assert v[v.index("--tool-parser-plugin") + 1].endswith("vllm_plugin.py")
+    assert v[v.index("--chat-template") + 1].endswith("glm4_tools.jinja")
+    assert "--tool-parser-plugin" not in servers.server_command("vllm", serving.build_parser().parse_args([]), "/m", 1)
+    from glmserve.bench.agent import prompt_token_check
+
+    per_turn = lambda ps: {"1": {"agent": {"per_turn": [{"turn": 1, "prompt_tokens": ps}]}}}  # noqa: E731
+    lines = prompt_token_check({"glmserve": {"workloads": {"agent": per_turn([100])}},
+                                "vllm": {"workloads": {"agent": per_turn([101])}}})
+    assert lines == ["agent conc 1 turn 1: prompt tokens glmserve [100] vLLM [101]: DIFFER"]

@@ -38,3 +38,28 @@ def test_explicit_engine_settings_are_kept(monkeypatch):
     import os
 
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_prefix_caching_is_on_and_can_be_turned_off():
+    """Agents resend a 15-20K-token prefix each turn: the cache must be on (and reach the engine)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tiny_models import build_tiny
+
+    model = str(build_tiny("glm4"))
+    ea = vllm_args.engine_args(_serve_parser().parse_args([model, "--max-model-len", "1024"]), model)
+    assert ea.enable_prefix_caching is True
+    assert ea.create_engine_config().cache_config.enable_prefix_caching is True
+    off = vllm_args.engine_args(_serve_parser().parse_args([model, "--no-enable-prefix-caching"]), model)
+    assert off.enable_prefix_caching is False
+
+
+def test_bench_gives_both_servers_prefix_caching():
+    from glmserve.bench.serving import build_parser
+    from glmserve.bench.servers import server_command
+
+    args = build_parser().parse_args([])
+    for which in ("glmserve", "vllm"):
+        assert "--enable-prefix-caching" in server_command(which, args, "m", 1234)
