@@ -109,7 +109,6 @@ def test_new_user_message_after_a_reasoning_loop(family: str) -> None:
     """A new user message keeps the prefix, except where the official template clears old
     reasoning: there the first change is the first assistant turn after the previous user message."""
     loop = agent_messages(2, reasoning=True) + [{"role": "assistant", "content": "Fixed.", "reasoning_content": "Tests pass."}]
-    before = ids(family, loop[:-1])
     base = ids(family, loop[:-1], gen=False)
     after_msgs = loop + [{"role": "user", "content": "Thanks. Now run the linter."}]
     after = ids(family, after_msgs)
