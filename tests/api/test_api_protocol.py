@@ -292,12 +292,13 @@ def test_unusable_schemas_are_client_errors_not_crashes():
         bad = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
             "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]
         r = httpx.post(s.base_url + "/chat/completions", json={
-            "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad, "tool_choice": "required"})
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": bad, "tool_choice": "required"},
+            timeout=60)  # the first xgrammar compile may take seconds on a busy machine
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
         r = httpx.post(s.base_url + "/chat/completions", json={
             "model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {
                 "type": "json_schema", "json_schema": {"name": "x", "schema": {
-                    "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}})
+                    "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
     finally:
         s.stop()
