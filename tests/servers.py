@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 START_TIMEOUT = float(os.environ.get("GLMSERVE_TEST_START_TIMEOUT", "420"))
 
@@ -70,6 +71,33 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+class ThreadServer:
+    """An ASGI app served by uvicorn in a thread on a free loopback port: the protocol tests'
+    real HTTP stack without a subprocess (subclasses build the app, then call ``__init__``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
 
 
 def start_server(model: str | None, *args: str, api_key: str | None = None, env: dict | None = None,

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable
 
 import anthropic
 import httpx
 import pytest
-import uvicorn
+
+from servers import ThreadServer
 
 from glmserve.api.app import create_app
 from glmserve.api.settings import Settings
@@ -41,7 +40,7 @@ def pieces(text: str, size: int = 3) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 
-class ScriptedServer:
+class ScriptedServer(ThreadServer):
     """A uvicorn server in a thread around a ScriptedEngine with the GLM-4.5 format.
     ``script(prompt) -> output text`` decides each answer."""
 
@@ -51,34 +50,18 @@ class ScriptedServer:
         """Every engine request: its prompt and params."""
         self.engine = ScriptedEngine(self._script, model_name=model, max_model_len=max_model_len)
         self.app = create_app(self.engine, get_format("glm45"), settings or Settings())
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        super().__init__(self.app)
 
     def _script(self, prompt: str, params: GenerateParams) -> list[str]:
         self.calls.append((prompt, params))
         out = self.output(prompt) if callable(self.output) else self.output
         return pieces(out)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def client(self, key: str = "none", **kw) -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, timeout=30, **kw)
 
     def async_client(self, key: str = "none") -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0, timeout=30)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from servers import ThreadServer
 
 from glmserve.api.app import Settings, create_app
 from glmserve.engine.scripted import ScriptedEngine
@@ -37,7 +36,7 @@ def pieces(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 
-class Scripted:
+class Scripted(ThreadServer):
     """A uvicorn server in a thread around a ScriptedEngine."""
 
     def __init__(self, fmt: str, output: str = "", size: int = 1, settings: Settings | None = None,
@@ -47,26 +46,10 @@ class Scripted:
         self.engine = ScriptedEngine(lambda prompt, params: pieces(self.output, self.size), model_name="m",
                                      delay=delay)
         self.app = create_app(self.engine, get_format(fmt), settings or Settings())
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        super().__init__(self.app)
 
     def client(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
