@@ -10,58 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 
 import anthropic
 import httpx
 import pytest
 
-from servers import ThreadServer
+from anthropic_scripted import ScriptedServer, pieces, xml_call
 
-from glmserve.api.app import create_app
 from glmserve.api.settings import Settings
 from glmserve.engine.base import EngineUnavailable, GenerateParams
-from glmserve.engine.scripted import ScriptedEngine
 from glmserve.formats import get_format
 
 WEATHER = {"name": "get_weather", "description": "天气",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
                             "required": ["city"]}}
 SEARCH = {"name": "search", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
-
-
-def xml_call(name: str, args: dict) -> str:
-    body = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>\n"
-                   for k, v in args.items())
-    return f"<tool_call>{name}\n{body}</tool_call>"
-
-
-def pieces(text: str, size: int = 3) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
-class ScriptedServer(ThreadServer):
-    """A uvicorn server in a thread around a ScriptedEngine with the GLM-4.5 format.
-    ``script(prompt) -> output text`` decides each answer."""
-
-    def __init__(self, settings: Settings | None = None, max_model_len: int = 4096, model: str = "glm-test") -> None:
-        self.output: str | Callable[[str], str] = ""
-        self.calls: list[tuple[str, GenerateParams]] = []
-        """Every engine request: its prompt and params."""
-        self.engine = ScriptedEngine(self._script, model_name=model, max_model_len=max_model_len)
-        self.app = create_app(self.engine, get_format("glm45"), settings or Settings())
-        super().__init__(self.app)
-
-    def _script(self, prompt: str, params: GenerateParams) -> list[str]:
-        self.calls.append((prompt, params))
-        out = self.output(prompt) if callable(self.output) else self.output
-        return pieces(out)
-
-    def client(self, key: str = "none", **kw) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, timeout=30, **kw)
-
-    def async_client(self, key: str = "none") -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def run_claude(base_url: str, key: str, model: str, prompt: str, cwd: Path, *arg
 
 
 def test_claude_code_tool_loop_on_scripted_engine(tmp_path: Path) -> None:
-    from test_anthropic_api import ScriptedServer, xml_call
+    from anthropic_scripted import ScriptedServer, xml_call
 
     from glmserve.api.settings import Settings
 
