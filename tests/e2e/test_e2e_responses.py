@@ -22,7 +22,7 @@ import pytest
 from openai.types.responses import Response
 
 from servers import start_server
-from test_responses_codex import run_codex
+from codex_cli import run_codex
 
 pytestmark = pytest.mark.e2e
 
