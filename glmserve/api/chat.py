@@ -128,14 +128,14 @@ class ChatCompletions:
 
     async def stream(self, h: ChatHandle) -> AsyncIterator[str]:
         p = h.run
-        usage_null = {"usage": None} if h.include_usage else {}
+        # the fields every chunk repeats are serialised once; a chunk encodes only its choice
+        head = "data: " + json.dumps({"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
+                                      "model": p.model, "system_fingerprint": None}, ensure_ascii=False)[:-1]
+        tail = ', "usage": null}\n\n' if h.include_usage else "}\n\n"
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-            body = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                    **usage_null}
-            return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return f'{head}, "choices": [{json.dumps(choice, ensure_ascii=False)}]{tail}'
 
         for i in range(p.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})

@@ -88,10 +88,17 @@ class ValueScanner:
 
 
 def partial_suffix(s: str, marker: str) -> int:
-    """Length of the longest suffix of ``s`` that is a proper prefix of ``marker``."""
-    for k in range(min(len(marker) - 1, len(s)), 0, -1):
-        if marker.startswith(s[-k:]):
-            return k
+    """Length of the longest suffix of ``s`` that is a proper prefix of ``marker``.
+
+    Such a suffix starts with the marker's first character, so only those positions are tried:
+    on ordinary text (no ``<`` near the end) this is one ``find`` per delta.
+    """
+    first = marker[0]
+    i = s.find(first, max(0, len(s) - len(marker) + 1))
+    while i >= 0:
+        if marker.startswith(s[i:]):
+            return len(s) - i
+        i = s.find(first, i + 1)
     return 0
 
 
