@@ -298,12 +298,7 @@ async def stream_turn(client: Any, url: str, endpoint: str, payload: dict[str, A
         res.ok, res.error = False, f"timeout after {timeout:.0f} s"
     except Exception as exc:  # network errors, bad JSON: recorded, never raised
         res.ok, res.error = False, f"{type(exc).__name__}: {exc}"[:300]
-    res.end = time.perf_counter()
-    if res.ok and res.first_chunk is not None:
-        res.ttft = res.first_chunk - start
-        n = res.completion_tokens
-        if n and n > 1 and res.last_chunk is not None:
-            res.itl = (res.last_chunk - res.first_chunk) / (n - 1)
+    res.finish(time.perf_counter())
     return res
 
 

@@ -1,4 +1,5 @@
-"""The streaming Chat Completions client: sends one level's requests and times every chunk."""
+"""The Chat Completions client: sends one level's requests, times every chunk of a streamed answer
+and the whole of a non-streamed one."""
 
 from __future__ import annotations
 
@@ -56,24 +57,37 @@ async def _stream_into(res: RequestResult, client: Any, url: str, payload: dict[
             res.error = "stream ended without [DONE]"
 
 
+async def _whole_into(res: RequestResult, client: Any, url: str, payload: dict[str, Any]) -> None:
+    """A non-streamed answer: only its end-to-end time exists (no TTFT or ITL)."""
+    resp = await client.post(url + "/v1/chat/completions", json=payload)
+    if resp.status_code != 200:
+        res.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+        return
+    body = resp.json()
+    usage = body.get("usage") or {}
+    res.prompt_tokens = usage.get("prompt_tokens")
+    res.completion_tokens = usage.get("completion_tokens")
+    for ch in body.get("choices") or []:
+        res.finish_reason = ch.get("finish_reason")
+        res.tool_calls = res.tool_calls or bool((ch.get("message") or {}).get("tool_calls"))
+    res.ok = True
+
+
 async def one_request(client: Any, url: str, payload: dict[str, Any], timeout: float) -> RequestResult:
-    """Send one streamed chat completion and time it; failures are recorded, never raised."""
+    """Send one chat completion (streamed unless ``payload["stream"]`` is false) and time it; failures
+    are recorded, never raised."""
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start, end=start)
+    fill = _stream_into if payload.get("stream", True) else _whole_into
     try:
-        await asyncio.wait_for(_stream_into(res, client, url, payload), timeout)
+        await asyncio.wait_for(fill(res, client, url, payload), timeout)
     except asyncio.TimeoutError:
         res.ok = False
         res.error = f"timeout after {timeout:.0f} s"
     except Exception as exc:  # network errors, bad JSON
         res.ok = False
         res.error = f"{type(exc).__name__}: {exc}"[:300]
-    res.end = time.perf_counter()
-    if res.ok and res.first_chunk is not None:
-        res.ttft = res.first_chunk - start
-        n = res.completion_tokens
-        if n and n > 1 and res.last_chunk is not None:
-            res.itl = (res.last_chunk - res.first_chunk) / (n - 1)
+    res.finish(time.perf_counter())
     return res
 
 

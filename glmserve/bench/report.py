@@ -27,7 +27,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"model {report.get('model_name')}  |  {m.get('cpu_count')} CPUs ({m.get('cpu_model') or m.get('machine')}), "
                  f"vllm {m.get('vllm')}  |  {_prompt_desc(s)}, output {s.get('output_tokens')} tok")
     head = (f"{'server':<9}{'workload':<16}{'conc':>5}{'req':>5}{'err':>4}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
-            f"{'ITL p50':>9}{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'out tok':>8}{'prompt':>7}")
+            f"{'ITL p50':>9}{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'out tok':>8}{'prompt':>7}{'API CPU':>9}")
     lines.append(head)
     lines.append("-" * len(head))
     for name, srv in report.get("servers", {}).items():
@@ -37,19 +37,31 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{name:<9}{wl:<16}{level:>5}{r['requests']:>5}{r['errors']:>4}{_f(r['throughput_tok_s']):>8}"
                     f"{_ms(r['ttft_s']['p50']):>10}{_ms(r['ttft_s']['p99']):>10}{_ms(r['itl_s']['p50']):>9}"
                     f"{_ms(r['itl_s']['p99']):>9}{_ms(r['e2e_s']['p50']):>9}{_ms(r['e2e_s']['p99']):>9}"
-                    f"{_f(r['completion_tokens_mean']):>8}{_f(r['prompt_tokens_p50'], '{:.0f}'):>7}")
+                    f"{_f(r['completion_tokens_mean']):>8}{_f(r['prompt_tokens_p50'], '{:.0f}'):>7}"
+                    f"{_f((r.get('cpu_s_per_1k_tokens') or {}).get('api'), '{:.3f}'):>9}")
     lines.append("(latencies in ms; tok/s = output tokens per second over all requests of the level; "
-                 "out tok = mean completion tokens; prompt = median prompt tokens)")
+                 "out tok = mean completion tokens; prompt = median prompt tokens; API CPU = CPU seconds of the "
+                 "server's API process per 1,000 output tokens)")
     ratios = report.get("ratios") or {}
+    by_round = report.get("ratios_by_round") or []
     if ratios:
         lines.append("")
-        lines.append("glmserve / vLLM             throughput  TTFT p50  TTFT p99   ITL p50   E2E p50")
+        if by_round:
+            lines.append(f"(the table shows round 1; the ratios below are medians of {len(by_round)} rounds "
+                         "with alternating server order)")
+        lines.append("glmserve / vLLM             throughput  TTFT p50  TTFT p99   ITL p50   E2E p50  API CPU/1K")
         for wl, levels in ratios.items():
             for level, r in levels.items():
                 lines.append(f"  {wl:<15} conc {level:>3}  {_f(r['throughput'], '{:.2f}x'):>10}"
                              f"{_f(r['ttft_p50'], '{:.2f}x'):>10}{_f(r['ttft_p99'], '{:.2f}x'):>10}"
-                             f"{_f(r['itl_p50'], '{:.2f}x'):>10}{_f(r['e2e_p50'], '{:.2f}x'):>10}")
-        lines.append("  throughput > 1: glmserve faster; latency ratios < 1: glmserve faster")
+                             f"{_f(r['itl_p50'], '{:.2f}x'):>10}{_f(r['e2e_p50'], '{:.2f}x'):>10}"
+                             f"{_f(r.get('api_cpu_per_1k'), '{:.2f}x'):>12}")
+                if by_round:
+                    per = [(rr.get(wl) or {}).get(level) or {} for rr in by_round]
+                    lines.append(f"  {'':<15} by round  throughput "
+                                 + " ".join(_f(x.get("throughput"), "{:.2f}") for x in per)
+                                 + "; API CPU/1K " + " ".join(_f(x.get("api_cpu_per_1k"), "{:.2f}") for x in per))
+        lines.append("  throughput > 1: glmserve faster; latency and CPU ratios < 1: glmserve faster or cheaper")
     agent = agent_lines(report)
     if agent:
         lines += [""] + agent
@@ -117,14 +129,31 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     series = []  # (label, levels, throughput, ttft_p50)
+    cpu_series = []  # (label, levels, API CPU s per 1K output tokens)
     for name, srv in report.get("servers", {}).items():
         for wl, levels in srv.get("workloads", {}).items():
             keys = sorted(levels, key=int)
             series.append((f"{name} / {wl}", keys, [levels[k]["throughput_tok_s"] or 0 for k in keys],
                            [(levels[k]["ttft_s"]["p50"] or 0) * 1000 for k in keys]))
+            cpu = [(levels[k].get("cpu_s_per_1k_tokens") or {}).get("api") for k in keys]
+            if any(c is not None for c in cpu):
+                cpu_series.append((f"{name} / {wl}", keys, [c or 0 for c in cpu]))
     all_levels = sorted({k for _, ks, _, _ in series for k in ks}, key=int)
     pos = {k: i for i, k in enumerate(all_levels)}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if cpu_series else 2, figsize=(16 if cpu_series else 11, 4.2))
+    a1, a2 = axes[0], axes[1]
+    if cpu_series:
+        a3 = axes[2]
+        for label, keys, cpu in cpu_series:
+            a3.plot([pos[k] for k in keys], cpu, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
+                    label=label)
+        a3.set_xticks(range(len(all_levels)), all_levels)
+        a3.set_ylim(bottom=0)
+        a3.set_xlabel("concurrent requests")
+        a3.set_ylabel("API process CPU s / 1,000 output tokens")
+        a3.set_title("Server's own CPU per token (lower is cheaper)")
+        a3.grid(True, alpha=0.3)
+        a3.legend(fontsize=8)
     for label, keys, tput, _ in series:
         a1.plot([pos[k] for k in keys], tput, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
                 label=label)

@@ -27,9 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from glmserve.bench.cpu import CpuMeter
 from glmserve.bench.report import _f, _ms, format_report, loadavg, machine_info, plot_results, write_results
 from glmserve.bench.servers import ManagedServer, free_port, server_command, server_env, served_model_id
-from glmserve.bench.stats import compute_ratios, summarize_level
+from glmserve.bench.stats import compute_ratios, median_ratios, summarize_level
 from glmserve.bench.agent import DEFAULT_SYSTEM_TOKENS, DEFAULT_TURNS, prompt_token_check
 from glmserve.bench.workloads import WORKLOADS, LevelSpec, build_prompt_text, token_counter
 
@@ -45,8 +46,11 @@ def requests_for(concurrency: int, args: argparse.Namespace) -> int:
 
 
 def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: Callable[[str], None],
-                 out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every workload and level against one server; figures are added to ``out`` as they come."""
+                 out: dict[str, Any] | None = None, cpu: CpuMeter | None = None) -> dict[str, Any]:
+    """Run every workload and level against one server; figures are added to ``out`` as they come.
+
+    ``cpu`` (servers the bench started) measures the server's CPU seconds over each level.
+    """
     model_id = served_model_id(url, args.served_name)
     out = {} if out is None else out
     out.update({"url": url, "model_id": model_id, "workloads": {}, "request_fields": {}})
@@ -77,13 +81,17 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
         out["workloads"][wl_name] = {}
         for c in args.concurrency:
             n = requests_for(c, args)
+            before = cpu.snapshot() if cpu else None
             results, wall = asyncio.run(wl.run_level(spec(c, n, req_id + 1)))
+            cpu_s = cpu.since(before) if cpu and before is not None else None
             req_id += n
-            summary = summarize_level(results, wall, c)
+            summary = summarize_level(results, wall, c, cpu_s)
             summary.update(wl.level_extra())
             out["workloads"][wl_name][str(c)] = summary
+            per_1k = summary["cpu_s_per_1k_tokens"] or {}
             log(f"{name:<8} {wl_name:<6} conc {c:>3}: {summary['requests']} requests in {wall:6.1f} s, "
                 f"{_f(summary['throughput_tok_s'])} tok/s, TTFT p50 {_ms(summary['ttft_s']['p50'])} ms, "
+                f"API CPU {_f(per_1k.get('api'), '{:.3f}')} s/1K tok, "
                 f"errors {summary['errors']}" + (f" ({summary['error_samples'][0]})" if summary["errors"] else ""))
     return out
 
@@ -194,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output-tokens", type=int, default=64,
                    help="max_tokens of every request, with ignore_eos so each runs to it (default 64)")
     w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    w.add_argument("--rounds", type=int, default=1,
+                   help="run everything this many times, alternating which server goes first (glmserve,vllm then "
+                        "vllm,glmserve, ...); ratios are the medians over rounds, the table shows round 1 "
+                        "(default 1; use 3 or more on a shared machine)")
     w.add_argument("--warmup", type=int, default=2,
                    help="short untimed requests per server and workload before measuring (default 2)")
     w.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take before it counts as failed (default 300)")
@@ -206,8 +218,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_round(order: list[str], urls: dict[str, str | None], args: argparse.Namespace, model: str | None, text: str,
+              log_dir: Path, log: Callable[[str], None], notes: list[str]) -> tuple[dict[str, Any], int]:
+    """Each server in ``order``: start it (unless given by URL), run the workloads, stop it."""
+    servers: dict[str, Any] = {}
+    rc = 0
+    for name in order:
+        srv: ManagedServer | None = None
+        entry: dict[str, Any] = {"started_by_bench": not urls[name], "load_average_before": loadavg()}
+        try:
+            cpu = None
+            if urls[name]:
+                url = urls[name]
+            else:
+                port = free_port()
+                cmd = server_command(name, args, model, port)
+                entry["command"] = cmd
+                log(f"starting {name}: {' '.join(cmd)}")
+                srv = ManagedServer(name, cmd, server_env(args), port, log_dir)
+                entry["startup_s"] = round(srv.wait_healthy(args.start_timeout), 2)
+                log(f"{name} healthy after {entry['startup_s']} s")
+                url = srv.url
+                cpu = CpuMeter(srv.proc.pid)
+            bench_server(name, url, args, text, log, out=entry, cpu=cpu)
+        except KeyboardInterrupt:
+            entry["error"] = "interrupted"
+            notes.append(f"interrupted during {name}: partial results")
+            rc = 130
+        except Exception as exc:
+            entry["error"] = str(exc)[:4000]
+            log(f"{name}: {exc}")
+            rc = 1
+        finally:
+            if srv is not None:
+                log(f"stopping {name}")
+                srv.stop()
+                entry["log"] = str(srv.log_path) if args.keep_logs else None
+        servers[name] = entry
+        if rc == 130:
+            break
+    return servers, rc
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     urls = {"glmserve": args.glmserve_url, "vllm": args.vllm_url}
     if any(u and not re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/?$", u) for u in urls.values()):
@@ -245,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": args.workloads, "vllm_tools": args.vllm_tools,
         "agent_turns": args.agent_turns, "agent_system_tokens": args.agent_system_tokens,
         "vllm_tool_parser": args.vllm_tool_parser if args.vllm_tools == "auto" else None,
-        "warmup": args.warmup, "timeout_s": args.timeout,
+        "warmup": args.warmup, "timeout_s": args.timeout, "rounds": args.rounds,
         "client": "httpx.AsyncClient on the same machine (shares its CPUs with the server)",
     }
     report: dict[str, Any] = {
@@ -260,43 +317,25 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"start": loadavg()},
     }
     rc = 0
-    for name in args.servers:
-        srv: ManagedServer | None = None
-        entry: dict[str, Any] = {"started_by_bench": not urls[name], "load_average_before": loadavg()}
-        try:
-            if urls[name]:
-                url = urls[name]
-            else:
-                port = free_port()
-                cmd = server_command(name, args, model, port)
-                entry["command"] = cmd
-                log(f"starting {name}: {' '.join(cmd)}")
-                srv = ManagedServer(name, cmd, server_env(args), port, log_dir)
-                entry["startup_s"] = round(srv.wait_healthy(args.start_timeout), 2)
-                log(f"{name} healthy after {entry['startup_s']} s")
-                url = srv.url
-            bench_server(name, url, args, text, log, out=entry)
-        except KeyboardInterrupt:
-            entry["error"] = "interrupted"
-            report["notes"].append(f"interrupted during {name}: partial results")
-            rc = 130
-        except Exception as exc:
-            entry["error"] = str(exc)[:4000]
-            log(f"{name}: {exc}")
-            rc = 1
-        finally:
-            if srv is not None:
-                log(f"stopping {name}")
-                srv.stop()
-                entry["log"] = str(srv.log_path) if args.keep_logs else None
-        report["servers"][name] = entry
+    rounds: list[dict[str, Any]] = []
+    for k in range(args.rounds):
+        order = list(args.servers) if k % 2 == 0 else list(reversed(args.servers))
+        if args.rounds > 1:
+            log(f"round {k + 1} of {args.rounds}: {', '.join(order)}")
+        servers, round_rc = run_round(order, urls, args, model, text, log_dir, log, report["notes"])
+        rc = round_rc if round_rc == 130 else max(rc, round_rc)
+        rounds.append({"order": order, "servers": servers, "ratios": compute_ratios(servers)})
         if rc == 130:
             break
+    report["servers"] = rounds[0]["servers"]
+    if len(rounds) > 1:
+        report["rounds"] = rounds
+        report["ratios_by_round"] = [r["ratios"] for r in rounds]
     report["load_average"]["end"] = loadavg()
-    report["ratios"] = compute_ratios(report["servers"])
+    report["ratios"] = median_ratios([r["ratios"] for r in rounds])
     for line in prompt_token_check(report["servers"]):
         report["notes"].append(line)
-    for name, srv_entry in report["servers"].items():
+    for name, srv_entry in ((n, e) for r in rounds for n, e in r["servers"].items()):
         for wl, levels in srv_entry.get("workloads", {}).items():
             for level, r in levels.items():
                 cm = r.get("completion_tokens_min")

@@ -49,6 +49,15 @@ class RequestResult:
     def e2e(self) -> float:
         return self.end - self.start
 
+    def finish(self, end: float) -> None:
+        """Close the request at ``end``: TTFT from the first generated chunk, ITL over the rest."""
+        self.end = end
+        if self.ok and self.first_chunk is not None:
+            self.ttft = self.first_chunk - self.start
+            n = self.completion_tokens
+            if n and n > 1 and self.last_chunk is not None:
+                self.itl = (self.last_chunk - self.first_chunk) / (n - 1)
+
 
 def _stats(values: list[float]) -> dict[str, float | None]:
     return {
@@ -59,10 +68,16 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize_level(results: list[RequestResult], wall_s: float, concurrency: int) -> dict[str, Any]:
-    """Figures for one concurrency level; ``requests`` keeps the raw per-request numbers."""
+def summarize_level(results: list[RequestResult], wall_s: float, concurrency: int,
+                    cpu_s: dict[str, float] | None = None) -> dict[str, Any]:
+    """Figures for one concurrency level; ``requests`` keeps the raw per-request numbers.
+
+    ``cpu_s`` is the CPU time the server's processes spent during the level (``cpu.py``): the
+    API process (HTTP, rendering, parsing, detokenizing) and the engine processes below it.
+    """
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
+    per_1k = ({k: v * 1000 / out_tokens for k, v in cpu_s.items()} if cpu_s is not None and out_tokens else None)
     finish: dict[str, int] = {}
     for r in ok:
         finish[str(r.finish_reason)] = finish.get(str(r.finish_reason), 0) + 1
@@ -85,6 +100,8 @@ def summarize_level(results: list[RequestResult], wall_s: float, concurrency: in
         "completion_tokens_min": min(comp) if comp else None,
         "prompt_tokens_p50": percentile(prompt, 50),
         "responses_with_tool_calls": sum(1 for r in ok if r.tool_calls),
+        "cpu_s": cpu_s,
+        "cpu_s_per_1k_tokens": per_1k,
         "finish_reasons": finish,
         "per_request": [
             {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in results
@@ -110,5 +127,23 @@ def compute_ratios(servers: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
                 "ttft_p99": ratio(gs["ttft_s"]["p99"], vs["ttft_s"]["p99"]),
                 "itl_p50": ratio(gs["itl_s"]["p50"], vs["itl_s"]["p50"]),
                 "e2e_p50": ratio(gs["e2e_s"]["p50"], vs["e2e_s"]["p50"]),
+                "api_cpu_per_1k": ratio(_api_cpu(gs), _api_cpu(vs)),
             }
     return out
+
+
+def _api_cpu(summary: dict[str, Any]) -> float | None:
+    return (summary.get("cpu_s_per_1k_tokens") or {}).get("api")
+
+
+def median_ratios(rounds: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Each ratio's median over rounds (alternating server order evens out drift on a shared machine)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for r in rounds:
+        for wl, levels in r.items():
+            for level, figures in levels.items():
+                slot = out.setdefault(wl, {}).setdefault(level, {})
+                for k, v in figures.items():
+                    slot.setdefault(k, []).append(v)  # type: ignore[union-attr]
+    return {wl: {level: {k: percentile(vs, 50) for k, vs in figs.items()}  # type: ignore[arg-type]
+                 for level, figs in levels.items()} for wl, levels in out.items()}

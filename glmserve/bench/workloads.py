@@ -96,17 +96,19 @@ def tools_for(server: str, workload: str, vllm_tools: str) -> dict[str, Any]:
 
 
 def make_payload(model: str, text: str, req_id: int, max_tokens: int, temperature: float,
-                 tool_fields: dict[str, Any]) -> dict[str, Any]:
-    return {
+                 tool_fields: dict[str, Any], stream: bool = True) -> dict[str, Any]:
+    body = {
         "model": model,
         "messages": [{"role": "user", "content": f"[r{req_id}] {text}"}],
         "max_tokens": max_tokens,
         "ignore_eos": True,
         "temperature": temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": stream,
         **tool_fields,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class Workload:
 
     name: str = ""
     help: str = ""
+    stream: bool = True
 
     def fields(self, server: str, vllm_tools: str) -> dict[str, Any]:
         """Request fields beyond the message (recorded in the report as what each server got)."""
@@ -153,7 +156,7 @@ class Workload:
         first = spec.first_id if first_id is None else first_id
         n = spec.requests if requests is None else requests
         return [make_payload(spec.model_id, spec.text, first + i, spec.output_tokens if max_tokens is None else max_tokens,
-                             spec.temperature, fields) for i in range(n)]
+                             spec.temperature, fields, self.stream) for i in range(n)]
 
     async def run_level(self, spec: LevelSpec) -> tuple[list[RequestResult], float]:
         """Send the level; results per request and the level's wall time."""
@@ -167,10 +170,10 @@ class Workload:
 
 
 class ChatWorkload(Workload):
-    """Single-turn streamed chat: a unique user message per request, with or without tools."""
+    """Single-turn chat: a unique user message per request, with or without tools, streamed or not."""
 
-    def __init__(self, name: str, help: str, tools: bool) -> None:
-        self.name, self.help, self.tools = name, help, tools
+    def __init__(self, name: str, help: str, tools: bool, stream: bool = True) -> None:
+        self.name, self.help, self.tools, self.stream = name, help, tools, stream
 
     def fields(self, server: str, vllm_tools: str) -> dict[str, Any]:
         return tools_for(server, self.name if self.tools else "plain", vllm_tools)
@@ -179,6 +182,8 @@ class ChatWorkload(Workload):
 WORKLOADS: dict[str, Workload] = {
     w.name: w for w in (
         ChatWorkload("plain", "no tools", tools=False),
+        ChatWorkload("plain-whole", "no tools, not streamed (no TTFT or ITL: end-to-end time and throughput)",
+                     tools=False, stream=False),
         ChatWorkload("tools", "two function tools; glmserve gets tool_choice auto, vLLM what --vllm-tools says",
                      tools=True),
     )

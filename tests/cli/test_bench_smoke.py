@@ -66,6 +66,52 @@ def test_summarize_level_figures():
     assert len(s["per_request"]) == 11
 
 
+def test_summarize_level_gives_cpu_per_thousand_tokens():
+    s = summarize_level(_synthetic(10, ttft=0.1, itl=0.02, tokens=64), wall_s=4.0, concurrency=8,
+                        cpu_s={"api": 0.32, "engine": 6.4})
+    assert s["cpu_s"] == {"api": 0.32, "engine": 6.4}
+    assert s["cpu_s_per_1k_tokens"]["api"] == pytest.approx(0.5) and s["cpu_s_per_1k_tokens"]["engine"] == pytest.approx(10)
+    assert summarize_level([], wall_s=1.0, concurrency=1, cpu_s={"api": 1.0, "engine": 1.0})["cpu_s_per_1k_tokens"] is None
+
+
+def test_cpu_meter_counts_a_running_child_as_engine_time():
+    """The engine core is a child of the API process: a busy child is engine time, an idle parent is not API time."""
+    import subprocess
+    import sys
+
+    from glmserve.bench.cpu import CpuMeter
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\n"
+                               "subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+                               "while time.process_time() - t < 60: pass'])\nimport time\ntime.sleep(60)"])
+    try:
+        meter = CpuMeter(parent.pid)
+        deadline = time.monotonic() + 20
+        while len(meter.snapshot()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = meter.snapshot()
+        time.sleep(1.0)
+        spent = meter.since(before)
+        assert spent["engine"] > 0.3 and spent["api"] < 0.2, spent
+    finally:
+        import psutil
+
+        for c in psutil.Process(parent.pid).children(recursive=True):
+            c.kill()
+        parent.kill()
+        parent.wait()
+
+
+def test_ratios_are_medians_over_rounds():
+    rounds = [{"plain": {"1": {"throughput": x, "api_cpu_per_1k": y}}} for x, y in ((0.9, 1.2), (1.1, 0.8), (1.02, 0.95))]
+    m = stats.median_ratios(rounds)
+    assert m["plain"]["1"]["throughput"] == pytest.approx(1.02) and m["plain"]["1"]["api_cpu_per_1k"] == pytest.approx(0.95)
+    rep = _report()
+    rep["ratios_by_round"] = rounds
+    text = format_report(rep)
+    assert "medians of 3 rounds" in text and "by round  throughput 0.90 1.10 1.02" in text
+
+
 def _report():
     servers = {}
     for name, scale in (("glmserve", 1.0), ("vllm", 1.25)):
@@ -130,6 +176,8 @@ def test_argument_validation():
     for bad in (["--concurrency", "0"], ["--workloads", "x"], ["--servers", "sglang"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
+    with pytest.raises(SystemExit):
+        serving.main(["--rounds", "0"])
 
 
 def test_non_loopback_urls_are_refused():
@@ -187,6 +235,31 @@ def test_one_request_measures_a_stream():
     assert r.ok and r.content_chunks == 5 and r.completion_tokens == 5 and r.prompt_tokens == 12
     assert r.finish_reason == "length" and r.ttft is not None and r.ttft >= 0 and r.itl is not None
     assert r.e2e >= r.ttft
+
+
+def test_one_request_measures_a_whole_answer():
+    httpx = pytest.importorskip("httpx")
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"index": 0, "finish_reason": "length",
+                                                      "message": {"role": "assistant", "content": "t" * 5}}],
+                                         "usage": {"prompt_tokens": 12, "completion_tokens": 5}})
+
+    payload = workloads.WORKLOADS["plain-whole"].payloads(workloads.LevelSpec(
+        server="glmserve", url="http://127.0.0.1:1", model_id="m", text="hi", first_id=3, requests=1, concurrency=1,
+        output_tokens=5, temperature=0.0, timeout=10, vllm_tools="auto"))[0]
+    assert payload["stream"] is False and "stream_options" not in payload
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            return await client.one_request(c, "http://127.0.0.1:1", payload, timeout=10)
+
+    r = asyncio.run(go())
+    assert seen["stream"] is False and seen["messages"][0]["content"] == "[r3] hi"
+    assert r.ok and r.completion_tokens == 5 and r.prompt_tokens == 12 and r.finish_reason == "length"
+    assert r.ttft is None and r.itl is None and r.e2e > 0  # a whole answer has no first token to time
 
 
 def test_one_request_records_http_errors():
@@ -388,3 +461,22 @@ def test_vllm_gets_the_plugin_and_template_for_like_for_like_prompts():
     lines = prompt_token_check({"glmserve": {"workloads": {"agent": per_turn([100])}},
                                 "vllm": {"workloads": {"agent": per_turn([101])}}})
     assert lines == ["agent conc 1 turn 1: prompt tokens glmserve [100] vLLM [101]: DIFFER"]
+
+
+def test_rounds_alternate_the_server_order_and_report_median_ratios(scripted_glm4_url, tmp_path, capsys):
+    """Two rounds against two URLs (the same scripted server twice): the second round runs the servers
+    in the other order, every round's figures are kept, and streamed and whole answers are both timed."""
+    rc = serving.main(["--model", "/nonexistent/m", "--glmserve-url", scripted_glm4_url, "--vllm-url", scripted_glm4_url,
+                       "--rounds", "2", "--workloads", "plain,plain-whole", "--concurrency", "1", "--requests", "2",
+                       "--warmup", "0", "--output-tokens", "8", "--no-plot", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("*.json")
+    rep = json.loads(path.read_text())
+    assert [r["order"] for r in rep["rounds"]] == [["glmserve", "vllm"], ["vllm", "glmserve"]]
+    assert len(rep["ratios_by_round"]) == 2
+    whole = rep["servers"]["glmserve"]["workloads"]["plain-whole"]["1"]
+    assert whole["ok"] == 2 and whole["ttft_s"]["p50"] is None and whole["e2e_s"]["p50"] > 0
+    assert whole["cpu_s"] is None  # servers given by URL: their processes are not the bench's to measure
+    assert rep["ratios"]["plain-whole"]["1"]["throughput"] is not None
+    assert rep["ratios"]["plain"]["1"]["ttft_p50"] is not None
+    assert "medians of 2 rounds" in capsys.readouterr().out
