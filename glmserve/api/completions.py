@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -118,13 +118,14 @@ class CompletionService:
     async def complete(self, p: PreparedCompletion) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
+        params = replace(p.params, final_only=True)  # nothing is sent before the end: no per-token deltas
         for k, ids in enumerate(p.prompts):
             texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
             reasons: list[str | None] = [None] * p.params.n
             lps: list[dict[str, list[Any]] | None] = [None] * p.params.n
             rid = f"{p.request_id}-{k}"
             try:
-                async for d in self.engine.generate(ids, p.params, rid):
+                async for d in self.engine.generate(ids, params, rid):
                     if p.params.logprobs is not None:
                         lps[d.index] = _extend_logprobs(lps[d.index], d.logprobs or [], len(texts[d.index]))
                     texts[d.index] += d.text

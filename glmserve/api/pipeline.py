@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import jsonschema
@@ -259,7 +259,7 @@ class ChatPipeline:
         try:
             async for d in deltas:
                 t_delta = time.perf_counter()
-                if first and d.num_tokens:
+                if first and d.num_tokens and not p.params.final_only:  # a whole answer has no first token to time
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                     first = False
                 p.completion_tokens += d.num_tokens
@@ -297,7 +297,13 @@ class ChatPipeline:
                 await self.engine.abort(p.request_id)
 
     async def complete(self, p: Prepared) -> list[ChoiceResult]:
-        """Every choice, run to the end."""
+        """Every choice, run to the end.
+
+        The engine hands each choice over whole (``final_only``) unless a thinking budget must
+        watch the reasoning as it grows: the parsers take any split of the output alike.
+        """
+        if p.budget is None:
+            p.params = replace(p.params, final_only=True)
         results = [ChoiceResult(i, MessageBuilder()) for i in range(p.params.n)]
         async for u in self.run(p):
             r = results[u.index]

@@ -44,6 +44,10 @@ class GenerateParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     constraint: Constraint | None = None
+    final_only: bool = False
+    """Deliver each choice once, whole, when it finishes (a non-streamed answer): the engine then
+    spares the per-token wake-up of the request, which vLLM's own server also skips for
+    ``stream: false``. The one :class:`Delta` per choice carries all its text and tokens."""
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
-        """Stream deltas until every choice finishes."""
+        """Stream deltas until every choice finishes (one per choice with ``params.final_only``)."""
 
     @abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -65,6 +65,7 @@ class ScriptedEngine(Engine):
             for index in range(params.n):
                 pieces, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
                 budget = params.max_tokens
+                held: list[str] = []  # final_only: the choice's pieces, sent whole at its end
                 for i, piece in enumerate(pieces[:budget]):
                     if self.delay:
                         await asyncio.sleep(self.delay)
@@ -72,8 +73,13 @@ class ScriptedEngine(Engine):
                     reason = None
                     if last:
                         reason = "length" if len(pieces) > budget else "stop"
-                    yield Delta(index=index, text=piece, num_tokens=1, finish_reason=reason,
-                                stop_sequence=matched if last and reason == "stop" else None)
+                    if params.final_only:
+                        held.append(piece)
+                        if not last:
+                            continue
+                        piece = "".join(held)
+                    yield Delta(index=index, text=piece, num_tokens=len(held) if params.final_only else 1,
+                                finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None)
                 if not pieces:
                     yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched)
         finally:

@@ -79,7 +79,7 @@ class VLLMEngine(Engine):
             ignore_eos=p.ignore_eos,
             skip_special_tokens=p.skip_special_tokens,
             structured_outputs=so,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY if p.final_only else RequestOutputKind.DELTA,
         )
 
     async def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:

@@ -413,6 +413,7 @@ def test_thinking_budget_on_chat_completions(srv: ScriptedServer) -> None:
         msg = r.choices[0].message
         assert msg.content == "ok" and msg.model_extra["reasoning_content"] == "r" * 12
         assert ph.params[0].max_tokens == 4
+        assert not any(p.final_only for p in ph.params)  # the budget watches the reasoning token by token
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="glm-test", messages=[{"role": "user", "content": "q"}],
                                        extra_body={"chat_template_kwargs": {"thinking_budget": "lots"}})

@@ -150,6 +150,11 @@ def test_n_choices_and_usage(glm4):
     assert [ch.index for ch in r.choices] == [0, 1, 2]
     assert all(ch.message.content == "hello there" for ch in r.choices)
     assert r.usage.completion_tokens == 3 * 6
+    # a whole answer is asked of the engine whole (vLLM's FINAL_ONLY): no per-token wake-ups
+    assert glm4.engine.last_params.final_only is True
+    r = c.completions.create(model="m", prompt="x", n=2)
+    assert [ch.text for ch in r.choices] == ["\nhello there"] * 2 and r.usage.completion_tokens == 12
+    assert glm4.engine.last_params.final_only is True
     chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2, stream=True,
                                             stream_options={"include_usage": True}))
     per = {0: "", 1: ""}
@@ -158,6 +163,7 @@ def test_n_choices_and_usage(glm4):
             per[choice.index] += choice.delta.content or ""
     assert per == {0: "hello there", 1: "hello there"}
     assert chunks[-1].usage.completion_tokens == 12
+    assert glm4.engine.last_params.final_only is False
 
 
 def test_history_renders_tool_results(glm4):
