@@ -164,8 +164,9 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
     a1.set_title("Throughput")
     a1.grid(True, alpha=0.3)
     a1.legend(fontsize=8)
-    width = 0.8 / max(1, len(series))
-    for i, (label, keys, _, ttft) in enumerate(series):
+    timed = [x for x in series if any(x[3])]  # whole answers (plain-whole) have no TTFT
+    width = 0.8 / max(1, len(timed))
+    for i, (label, keys, _, ttft) in enumerate(timed):
         a2.bar([pos[k] - 0.4 + width * (i + 0.5) for k in keys], ttft, width, label=label)
     a2.set_xticks(range(len(all_levels)), all_levels)
     a2.set_xlabel("concurrent requests")
@@ -178,7 +179,10 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
         a2.yaxis.set_major_formatter(ScalarFormatter())
     a2.set_title("Time to first token (median)")
     a2.grid(True, axis="y", alpha=0.3)
-    a2.legend(fontsize=8)
+    if timed:
+        a2.legend(fontsize=8)
+    else:
+        a2.text(0.5, 0.5, "no streamed workload", ha="center", va="center", transform=a2.transAxes)
     m = report.get("machine", {})
     s = report.get("settings", {})
     fig.suptitle(f"{report.get('model_name')}: glmserve vs vLLM {m.get('vllm')}  ({m.get('cpu_count')} CPUs, "
