@@ -142,28 +142,22 @@ def plot_results(report: dict[str, Any], path: Path) -> Path:
     pos = {k: i for i, k in enumerate(all_levels)}
     fig, axes = plt.subplots(1, 3 if cpu_series else 2, figsize=(16 if cpu_series else 11, 4.2))
     a1, a2 = axes[0], axes[1]
-    if cpu_series:
-        a3 = axes[2]
-        for label, keys, cpu in cpu_series:
-            a3.plot([pos[k] for k in keys], cpu, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
+
+    def lines(ax: Any, data: list[tuple[str, list[str], list[float]]], ylabel: str, title: str) -> None:
+        for label, keys, ys in data:
+            ax.plot([pos[k] for k in keys], ys, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
                     label=label)
-        a3.set_xticks(range(len(all_levels)), all_levels)
-        a3.set_ylim(bottom=0)
-        a3.set_xlabel("concurrent requests")
-        a3.set_ylabel("API process CPU s / 1,000 output tokens")
-        a3.set_title("Server's own CPU per token (lower is cheaper)")
-        a3.grid(True, alpha=0.3)
-        a3.legend(fontsize=8)
-    for label, keys, tput, _ in series:
-        a1.plot([pos[k] for k in keys], tput, marker="o", linestyle="-" if label.startswith("glmserve") else "--",
-                label=label)
-    a1.set_xticks(range(len(all_levels)), all_levels)
-    a1.set_ylim(bottom=0)
-    a1.set_xlabel("concurrent requests")
-    a1.set_ylabel("output tokens / s (all requests)")
-    a1.set_title("Throughput")
-    a1.grid(True, alpha=0.3)
-    a1.legend(fontsize=8)
+        ax.set_xticks(range(len(all_levels)), all_levels)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+
+    lines(a1, [(label, keys, tput) for label, keys, tput, _ in series], "output tokens / s (all requests)", "Throughput")
+    if cpu_series:
+        lines(axes[2], cpu_series, "API process CPU s / 1,000 output tokens", "Server's own CPU per token (lower is cheaper)")
     timed = [x for x in series if any(x[3])]  # whole answers (plain-whole) have no TTFT
     width = 0.8 / max(1, len(timed))
     for i, (label, keys, _, ttft) in enumerate(timed):
