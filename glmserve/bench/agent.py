@@ -347,6 +347,8 @@ def server_time_delta(before: dict[str, tuple[float, float]] | None,
 class AgentWorkload(Workload):
     """Multi-turn agent conversations through one endpoint (see the module docstring)."""
 
+    answers_with_text = False  # every turn is an agent step: tool calls are the expected answer
+
     def __init__(self, name: str, endpoint: str, help: str, servers: tuple[str, ...]) -> None:
         self.name, self.endpoint, self.help, self.servers = name, endpoint, help, servers
         self._extra: dict[str, Any] = {}

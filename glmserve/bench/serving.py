@@ -335,17 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = median_ratios([r["ratios"] for r in rounds])
     for line in prompt_token_check(report["servers"]):
         report["notes"].append(line)
-    for name, srv_entry in ((n, e) for r in rounds for n, e in r["servers"].items()):
-        for wl, levels in srv_entry.get("workloads", {}).items():
-            for level, r in levels.items():
-                cm = r.get("completion_tokens_min")
-                if cm is not None and cm < args.output_tokens:
-                    report["notes"].append(f"{name}/{wl}/conc {level}: some requests stopped before max_tokens "
-                                           f"(min {cm} of {args.output_tokens} tokens; mean "
-                                           f"{r['completion_tokens_mean']:.1f}); throughput counts the tokens served")
-                if r.get("responses_with_tool_calls"):
-                    report["notes"].append(f"{name}/{wl}/conc {level}: {r['responses_with_tool_calls']} responses "
-                                           "carried tool calls instead of text")
+    for k, rd in enumerate(rounds):
+        where = f"round {k + 1}: " if len(rounds) > 1 else ""
+        for name, srv_entry in rd["servers"].items():
+            for wl, levels in srv_entry.get("workloads", {}).items():
+                for level, r in levels.items():
+                    cm = r.get("completion_tokens_min")
+                    if cm is not None and cm < args.output_tokens:
+                        report["notes"].append(f"{where}{name}/{wl}/conc {level}: some requests stopped before "
+                                               f"max_tokens (min {cm} of {args.output_tokens} tokens; mean "
+                                               f"{r['completion_tokens_mean']:.1f}); throughput counts the tokens served")
+                    if r.get("responses_with_tool_calls") and WORKLOADS[wl].answers_with_text:
+                        report["notes"].append(f"{where}{name}/{wl}/conc {level}: {r['responses_with_tool_calls']} "
+                                               "responses carried tool calls instead of text")
     path = write_results(report, args.out_dir, model_name, stamp)
     print(format_report(report))
     print(f"\nwrote {path}")

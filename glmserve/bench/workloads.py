@@ -137,6 +137,8 @@ class Workload:
     name: str = ""
     help: str = ""
     stream: bool = True
+    answers_with_text: bool = True
+    """Whether its requests expect text (a tool call in the answer is then worth a note)."""
 
     def fields(self, server: str, vllm_tools: str) -> dict[str, Any]:
         """Request fields beyond the message (recorded in the report as what each server got)."""
