@@ -6,12 +6,15 @@ would otherwise steal the other's CPU): start glmserve, run the workloads, stop 
 eager mode and KV-cache size, run the same workloads, stop it. ``--glmserve-url`` /
 ``--vllm-url`` use servers that are already running instead.
 
-The workloads (``workloads.py``; ``plain`` and ``tools`` today) send streamed requests with a
-fixed prompt length (a user message padded to ``--prompt-tokens`` tokens of the model's own
+The chat workloads (``workloads.py``: ``plain``, ``plain-whole``, ``tools``) send requests with
+a fixed prompt length (a user message padded to ``--prompt-tokens`` tokens of the model's own
 tokenizer, made unique per request so the prefix cache cannot skip its prefill) and a fixed
-output length (``max_tokens`` with ``ignore_eos: true``) at each level of ``--concurrency``.
-Per request: TTFT, inter-token latency, end-to-end latency; per level: output tokens/s over the
-level's wall time; glmserve/vLLM ratios (``stats.py``), a table, JSON and a plot (``report.py``).
+output length (``max_tokens`` with ``ignore_eos: true``) at each level of ``--concurrency``; the
+agent workloads (``agent.py``) run multi-turn conversations. Per request: TTFT, inter-token
+latency, end-to-end latency; per level: output tokens/s over the level's wall time and, for
+servers the bench started, the CPU seconds of the API process and of the engine (``cpu.py``);
+glmserve/vLLM ratios (``stats.py``), a table, JSON and a plot (``report.py``). ``--rounds N``
+repeats it all with the server order alternated and reports median ratios.
 """
 
 from __future__ import annotations
@@ -128,16 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Benchmark glmserve against vLLM's own OpenAI server on the same model.\n\n"
             "Starts each server itself on a free loopback port, one after the other (never both at once), with the\n"
             "same model, dtype, --max-model-len, --enforce-eager, --gpu-memory-utilization and KV-cache size, runs\n"
-            "the same streamed workloads against it and stops it. Measures TTFT, inter-token latency,\n"
-            "end-to-end latency (p50/p99) and output tokens/s per concurrency level, and reports glmserve/vLLM\n"
-            "ratios. Writes <out-dir>/<timestamp>-<model>.json and a .png next to it, and prints a table."
+            "the same workloads against it and stops it. Measures TTFT, inter-token latency, end-to-end\n"
+            "latency (p50/p99), output tokens/s and the API process's CPU seconds per 1,000 output tokens per\n"
+            "concurrency level, and reports glmserve/vLLM ratios (medians over --rounds). Writes\n"
+            "<out-dir>/<timestamp>-<model>.json and a .png next to it, and prints a table."
         ),
         epilog=(
             "What each server gets in the 'tools' workload: glmserve gets two tools with tool_choice \"auto\"; vLLM\n"
             "gets what --vllm-tools says (auto: the same tools and tool_choice \"auto\", with the server started with\n"
             "--enable-auto-tool-choice --tool-call-parser hermes; none: the tools with tool_choice \"none\", no parser\n"
-            "flags; omit: no tools). Every request: max_tokens=--output-tokens, ignore_eos=true, stream=true,\n"
-            "stream_options.include_usage=true, a unique user message of about --prompt-tokens tokens.\n\n"
+            "flags; omit: no tools). Every chat request: max_tokens=--output-tokens, ignore_eos=true, stream=true\n"
+            "with stream_options.include_usage=true (plain-whole: stream=false), a unique user message of about\n"
+            "--prompt-tokens tokens.\n\n"
             "Ratios are glmserve/vLLM: throughput above 1 means glmserve served more tokens/s; TTFT, ITL and E2E\n"
             "ratios below 1 mean glmserve answered sooner.\n\n"
             "Other mode: 'glmserve bench parser-cost --help' times the streaming tool-call parsers per delta."
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     report["servers"] = rounds[0]["servers"]
     if len(rounds) > 1:
-        report["rounds"] = rounds
+        # round 1's figures are the top-level "servers"; later rounds keep theirs in their entry
+        report["rounds"] = [{k: v for k, v in r.items() if i or k != "servers"} for i, r in enumerate(rounds)]
         report["ratios_by_round"] = [r["ratios"] for r in rounds]
     report["load_average"]["end"] = loadavg()
     report["ratios"] = median_ratios([r["ratios"] for r in rounds])

@@ -473,6 +473,7 @@ def test_rounds_alternate_the_server_order_and_report_median_ratios(scripted_glm
     (path,) = tmp_path.glob("*.json")
     rep = json.loads(path.read_text())
     assert [r["order"] for r in rep["rounds"]] == [["glmserve", "vllm"], ["vllm", "glmserve"]]
+    assert "servers" not in rep["rounds"][0] and set(rep["rounds"][1]["servers"]) == {"glmserve", "vllm"}
     assert len(rep["ratios_by_round"]) == 2
     whole = rep["servers"]["glmserve"]["workloads"]["plain-whole"]["1"]
     assert whole["ok"] == 2 and whole["ttft_s"]["p50"] is None and whole["e2e_s"]["p50"] > 0
