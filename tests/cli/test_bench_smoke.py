@@ -90,9 +90,9 @@ def test_cpu_meter_counts_a_running_child_as_engine_time():
         while len(meter.snapshot()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         before = meter.snapshot()
-        time.sleep(1.0)
+        time.sleep(1.5)
         spent = meter.since(before)
-        assert spent["engine"] > 0.3 and spent["api"] < 0.2, spent
+        assert spent["engine"] > 0.2 and spent["api"] < 0.2, spent  # loose: a loaded CI machine shares its cores
     finally:
         import psutil
 
