@@ -17,19 +17,11 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from servers import ThreadServer
+from tool_sets import CHAT_TOOLS as TOOLS
 
 from glmserve.api.app import Settings, create_app
 from glmserve.engine.scripted import ScriptedEngine
 from glmserve.formats import get_format
-
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "天气",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                                                    "days": {"type": "integer"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "search", "parameters": {"type": "object",
-                                                                     "properties": {"q": {"type": "string"}}}}},
-]
 
 
 def pieces(text: str, size: int) -> list[str]:

@@ -32,14 +32,7 @@ from glmserve.formats.base import (
 )
 from glmserve.formats.xmlcall import write_call
 
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "天气",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                                                    "days": {"type": "integer"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "search", "parameters": {"type": "object",
-                                                                     "properties": {"q": {"type": "string"}}}}},
-]
+from tool_sets import CHAT_TOOLS as TOOLS
 
 
 # ----------------------------------------------------------------------------- parser fuzzing
