@@ -30,13 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
+class LoopbackURLs:
+    """The addresses of a server listening on ``self.port`` on loopback."""
+
     port: int
-    log_path: Path
-    api_key: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -45,6 +42,15 @@ class Server:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+
+@dataclass
+class Server(LoopbackURLs):
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    api_key: str | None = None
+    extra: dict = field(default_factory=dict)
 
     def client(self, **kw):
         import openai
@@ -73,7 +79,7 @@ class Server:
         return self.proc.returncode
 
 
-class ThreadServer:
+class ThreadServer(LoopbackURLs):
     """An ASGI app served by uvicorn in a thread on a free loopback port: the protocol tests'
     real HTTP stack without a subprocess (subclasses build the app, then call ``__init__``)."""
 
@@ -86,14 +92,6 @@ class ThreadServer:
         deadline = time.monotonic() + 20
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -370,10 +370,7 @@ def test_parser_cost_is_a_bench_mode(tmp_path):
 @pytest.fixture(scope="module")
 def scripted_glm4_url():
     """The real app on the scripted engine (glm4 format), answering every turn with a tool call."""
-    import socket
-    import threading
-
-    import uvicorn
+    from servers import ThreadServer
 
     from glmserve.api.app import Settings, create_app
     from glmserve.engine.scripted import ScriptedEngine
@@ -382,19 +379,9 @@ def scripted_glm4_url():
     out = 'read_file\n{"path": "src/a.py"}'
     engine = ScriptedEngine(lambda prompt, params: [out[i:i + 3] for i in range(0, len(out), 3)],
                             model_name="m", max_model_len=200_000)
-    app = create_app(engine, get_format("glm4"), Settings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    server = ThreadServer(create_app(engine, get_format("glm4"), Settings()))
+    yield server.url
+    server.stop()
 
 
 def test_agent_workload_runs_every_endpoint(scripted_glm4_url):
