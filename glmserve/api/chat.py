@@ -21,7 +21,7 @@ from starlette.responses import Response
 from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
-from glmserve.api.runner import STREAMS, Services
+from glmserve.api.runner import STREAMS, Services, chunk_encoder
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -128,14 +128,11 @@ class ChatCompletions:
 
     async def stream(self, h: ChatHandle) -> AsyncIterator[str]:
         p = h.run
-        # the fields every chunk repeats are serialised once; a chunk encodes only its choice
-        head = "data: " + json.dumps({"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
-                                      "model": p.model, "system_fingerprint": None}, ensure_ascii=False)[:-1]
-        tail = ', "usage": null}\n\n' if h.include_usage else "}\n\n"
+        encode = chunk_encoder({"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
+                                "model": p.model, "system_fingerprint": None}, h.include_usage)
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return f'{head}, "choices": [{json.dumps(choice, ensure_ascii=False)}]{tail}'
+            return encode({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
         for i in range(p.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
-from glmserve.api.runner import STREAMS, Services
+from glmserve.api.runner import STREAMS, Services, chunk_encoder
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -153,15 +153,11 @@ class CompletionService:
         completion_tokens = 0
         n = p.params.n
 
+        encode = chunk_encoder({"id": p.request_id, "object": "text_completion", "created": p.created,
+                                "model": p.model, "system_fingerprint": None}, p.include_usage)
+
         def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
-            body: dict[str, Any] = {
-                "id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-                "system_fingerprint": None,
-            }
-            if p.include_usage:
-                body["usage"] = None
-            return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+            return encode({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
 
         for k, ids in enumerate(p.prompts):
             rid = f"{p.request_id}-{k}"

@@ -11,9 +11,10 @@ released and one request-log line.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -43,6 +44,15 @@ STREAMS: dict[int | str, dict[str, Any]] = {
           "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}},
 }
 """``responses=`` for a route that may stream (the OpenAPI document says so)."""
+
+
+def chunk_encoder(head: dict[str, Any], usage_null: bool) -> Callable[[dict[str, Any]], str]:
+    """The ``data:`` line of each one-choice OpenAI chunk of a stream. The fields every chunk repeats
+    (``head``: id, object, created, model, ...) are encoded once per stream; a chunk encodes only
+    its choice, which is per-token work saved on every delta."""
+    prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+    suffix = ']' + (', "usage": null}\n\n' if usage_null else "}\n\n")
+    return lambda choice: prefix + json.dumps(choice, ensure_ascii=False) + suffix
 
 
 class Handle(Protocol):
