@@ -9,15 +9,17 @@
 - ``mapping.py``: request fields -> ``ChatRequest`` (tools, tool_choice, thinking, formats).
 - ``pipeline.py``: prompt, context, constraint, generation and the one per-choice fold.
 - ``thinking_budget.py``: reasoning cut at its budget, then the answer (two engine requests).
-- ``chat.py``, ``completions.py``: the OpenAI endpoints; ``info.py``: models, health, metrics.
-- ``responses.py``: the OpenAI Responses endpoint, with ``responses_schemas.py`` (request
-  models), ``responses_mapping.py`` (items/tools -> chat), ``responses_shape.py`` (output items
-  and stream events), ``responses_store.py`` (SQLite) and ``reasoning_seal.py`` (encrypted_content).
-- ``messages.py``: Anthropic's Messages API, with ``anthropic_schemas.py`` (request models),
-  ``anthropic_mapping.py`` (request -> ``ChatRequest``) and ``anthropic_shape.py`` (content
-  blocks, stream events, error bodies).
+- ``schemas.py``: the Chat Completions request models, the canonical internal request shape
+  (and ``RequestBody``, the base of every protocol's request models); ``info.py``: models,
+  health, metrics.
 
-A new endpoint is a module with a request mapping (body -> ``ChatRequest`` +
+One package per protocol, each with its schemas, mapping, shape and routes:
+
+- ``openai/``: Chat Completions and Completions.
+- ``anthropic/``: Anthropic's Messages API.
+- ``responses/``: the OpenAI Responses API (with its store and reasoning seal).
+
+A new endpoint is a module (a new protocol, a package) with a request mapping (body -> ``ChatRequest`` +
 ``GenerationOptions``) and a response shape (final JSON, stream events), listed in
 ``app.ROUTERS``.
 """

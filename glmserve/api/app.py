@@ -1,6 +1,6 @@
 """The HTTP app: shared services, middleware, one router per endpoint module.
 
-To add an endpoint, write a module with a ``router(services)`` whose generating routes call
+To add an endpoint (or a protocol: a package like ``anthropic/``), write a module with a ``router(services)`` whose generating routes call
 ``services.serve(endpoint, body, request)`` (:mod:`glmserve.api.runner`), and list it in
 :data:`ROUTERS`.
 """
@@ -13,7 +13,10 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 import glmserve
-from glmserve.api import chat, completions, info, messages, responses
+from glmserve.api import info
+from glmserve.api.anthropic import routes as anthropic_routes
+from glmserve.api.openai import chat, completions
+from glmserve.api.responses import routes as responses_routes
 from glmserve.api.errors import install_handlers
 from glmserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from glmserve.api.runner import Services
@@ -23,8 +26,8 @@ from glmserve.formats.base import ChatFormat
 
 __all__ = ["ArgumentHook", "ROUTERS", "Settings", "create_app"]
 
-ROUTERS: list[Callable[[Services], APIRouter]] = [chat.router, completions.router, messages.router, responses.router,
-                                                   info.router]
+ROUTERS: list[Callable[[Services], APIRouter]] = [chat.router, completions.router, anthropic_routes.router,
+                                                   responses_routes.router, info.router]
 """Every endpoint module's router factory, in the order their routes are matched."""
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from glmserve.api.anthropic_mapping import (
+from glmserve.api.anthropic.mapping import (
     select_tools,
     system_text,
     thinking_options,
     to_openai_messages,
     tool_choice,
 )
-from glmserve.api.anthropic_schemas import CountTokensRequest, MessagesRequest
-from glmserve.api.anthropic_shape import BlockFolder, error_body, signature, stop_reason
+from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest
+from glmserve.api.anthropic.shape import BlockFolder, error_body, signature, stop_reason
 from glmserve.api.errors import APIError
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 

@@ -13,8 +13,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from glmserve.api.errors import APIError
-from glmserve.api.reasoning_seal import InvalidSeal, ReasoningSeal
-from glmserve.api.responses_mapping import (
+from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
+from glmserve.api.responses.mapping import (
     collect_tools,
     items_to_messages,
     parse_items,
@@ -22,9 +22,9 @@ from glmserve.api.responses_mapping import (
     thinking,
     tool_choice,
 )
-from glmserve.api.responses_schemas import ResponsesRequest
-from glmserve.api.responses_shape import ResponseAssembler
-from glmserve.api.responses_store import ChainBroken, ResponseStore
+from glmserve.api.responses.schemas import ResponsesRequest
+from glmserve.api.responses.shape import ResponseAssembler
+from glmserve.api.responses.store import ChainBroken, ResponseStore
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.formats.message import MessageBuilder
 
@@ -197,7 +197,7 @@ def test_assembler_events_are_valid_and_rebuild_the_response(tmp_path):
     deltas = [[ReasoningEvent("th")], [ReasoningEvent("ink")], [TextEvent("Hel"), TextEvent("lo")],
               [ToolCallStart(0, "get")], [ToolCallArgs(0, '{"a"')], [ToolCallArgs(0, ": 1}"), ToolCallEnd(0)],
               [ToolCallStart(1, "ns__f")], [ToolCallArgs(1, "{}"), ToolCallEnd(1)]]
-    from glmserve.api.responses_mapping import ToolNames
+    from glmserve.api.responses.mapping import ToolNames
 
     asm, events, builder = _run(deltas, "tool_calls", include=True, seal=seal,
                                 names=ToolNames({"ns__f": ("ns", "f")}))

@@ -1,8 +1,8 @@
 """``/v1/messages`` and ``/v1/messages/count_tokens``: Anthropic's Messages API on the chat
 pipeline, so Claude Code and the ``anthropic`` SDK drive a self-hosted GLM.
 
-The request mapping is :mod:`glmserve.api.anthropic_mapping`; the answer, streamed or whole,
-is one :class:`~glmserve.api.anthropic_shape.BlockFolder` over the pipeline's updates.
+The request mapping is :mod:`glmserve.api.anthropic.mapping`; the answer, streamed or whole,
+is one :class:`~glmserve.api.anthropic.shape.BlockFolder` over the pipeline's updates.
 Differences from Chat Completions that clients rely on: ``max_tokens`` beyond the room the
 context leaves is clamped to it (Claude Code always asks for 32000), the key may come in
 ``x-api-key``, and errors take Anthropic's shape (registered for the ``/v1/messages`` prefix).
@@ -19,9 +19,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from glmserve.api import anthropic_mapping as am
-from glmserve.api.anthropic_schemas import CountTokensRequest, MessagesRequest, MessagesBase
-from glmserve.api.anthropic_shape import BlockFolder, error_body, sse, stop_reason, usage
+from glmserve.api.anthropic import mapping as am
+from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
+from glmserve.api.anthropic.shape import BlockFolder, error_body, sse, stop_reason, usage
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header

@@ -1,6 +1,6 @@
 """Anthropic Messages request -> the pieces glmserve's pipeline takes.
 
-Pure functions over :mod:`glmserve.api.anthropic_schemas` models: the conversation becomes
+Pure functions over :mod:`glmserve.api.anthropic.schemas` models: the conversation becomes
 OpenAI-style message dicts (what every format renders), tools become OpenAI tool dicts
 (validated by the shared ``build_tools``), and ``tool_choice`` / ``thinking`` /
 ``output_config`` become the ChatRequest switches.  Nothing here touches HTTP or the engine.
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmserve.api.anthropic_schemas import (
+from glmserve.api.anthropic.schemas import (
     DocumentBlock,
     ImageBlock,
     InputMessage,

@@ -4,7 +4,7 @@ Pydantic models, so a client mistake becomes a 400 naming the field (``input[2].
 Unknown fields are accepted and ignored, as Responses clients (Codex CLI, the Agents SDK)
 send many that a self-hosted model has no use for (``client_metadata``, ``prompt_cache_key``...).
 Tools and content parts stay plain dicts here: which of them glmserve can serve is decided,
-with the path of the offending one, in :mod:`glmserve.api.responses_mapping`.
+with the path of the offending one, in :mod:`glmserve.api.responses.mapping`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """``/v1/responses``: the OpenAI Responses API on the chat pipeline.
 
 What Codex CLI and the OpenAI Agents SDK speak.  An endpoint of the runner
-(:mod:`glmserve.api.runner`): the request mapping is :mod:`responses_mapping` (items, tools,
+(:mod:`glmserve.api.runner`): the request mapping is :mod:`glmserve.api.responses.mapping` (items, tools,
 tool choice, reasoning, text format -> :class:`ChatRequest` + :class:`GenerationOptions`,
 validated by the helpers Chat Completions uses), the response shape is
-:class:`~glmserve.api.responses_shape.ResponseAssembler` (one fold for the streamed events
+:class:`~glmserve.api.responses.shape.ResponseAssembler` (one fold for the streamed events
 and the whole response).  Responses are stored (``store``, default true) in
-:class:`~glmserve.api.responses_store.ResponseStore`, per API key; ``GET`` and ``DELETE``
+:class:`~glmserve.api.responses.store.ResponseStore`, per API key; ``GET`` and ``DELETE``
 ``/v1/responses/{id}`` read and remove them, ``previous_response_id`` continues them.
 """
 
@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 from glmserve.api.errors import APIError
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.pipeline import GenerationOptions, Prepared
-from glmserve.api.reasoning_seal import ReasoningSeal
-from glmserve.api.responses_mapping import (
+from glmserve.api.responses.seal import ReasoningSeal
+from glmserve.api.responses.mapping import (
     collect_tools,
     items_to_messages,
     parse_items,
@@ -35,9 +35,9 @@ from glmserve.api.responses_mapping import (
     thinking,
     tool_choice,
 )
-from glmserve.api.responses_schemas import ResponsesRequest
-from glmserve.api.responses_shape import ResponseAssembler, sse
-from glmserve.api.responses_store import ChainBroken, ResponseStore
+from glmserve.api.responses.schemas import ResponsesRequest
+from glmserve.api.responses.shape import ResponseAssembler, sse
+from glmserve.api.responses.store import ChainBroken, ResponseStore
 from glmserve.api.runner import Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest

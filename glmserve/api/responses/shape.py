@@ -19,8 +19,8 @@ import time
 import uuid
 from typing import Any
 
-from glmserve.api.reasoning_seal import ReasoningSeal
-from glmserve.api.responses_mapping import ToolNames
+from glmserve.api.responses.seal import ReasoningSeal
+from glmserve.api.responses.mapping import ToolNames
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.formats.message import MessageBuilder
 

@@ -13,7 +13,7 @@ as for ``/v1/chat/completions``.
   reported, so a client that always declares them (Codex does) still works.
 * A ``reasoning`` item becomes the next assistant turn's ``reasoning_content`` (the family's
   reasoning history): its ``reasoning_text`` content, or the ``encrypted_content`` this
-  server sealed (:mod:`glmserve.api.reasoning_seal`).
+  server sealed (:mod:`glmserve.api.responses.seal`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from glmserve.api.errors import APIError
-from glmserve.api.reasoning_seal import InvalidSeal, ReasoningSeal
-from glmserve.api.responses_schemas import (
+from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
+from glmserve.api.responses.schemas import (
     FunctionCallItem,
     FunctionCallOutputItem,
     InputItem,
@@ -222,7 +222,7 @@ class _Turns:
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
                       params: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Chat messages for input items (models from :mod:`responses_schemas`); ``instructions``
+    """Chat messages for input items (models from :mod:`glmserve.api.responses.schemas`); ``instructions``
     become the leading system message.  ``params[n]`` names item ``n`` in errors
     (default ``input[n]``)."""
     turns = _Turns()
