@@ -19,7 +19,7 @@ class Metrics:
         self.requests = Counter("glmserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("glmserve_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("glmserve_completion_tokens", "Completion tokens generated", registry=r)
-        self.ttft = Histogram("glmserve_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("glmserve_time_to_first_token_seconds", "Time from preparing a streamed request to its first token (when its first chunk leaves)", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("glmserve_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("glmserve_requests_running", "Requests generating in the engine", registry=r)
         self.waiting = Gauge("glmserve_requests_waiting", "Requests admitted but not yet generating", registry=r)

@@ -260,7 +260,9 @@ class ChatPipeline:
             async for d in deltas:
                 t_delta = time.perf_counter()
                 if first and d.num_tokens and not p.params.final_only:  # a whole answer has no first token to time
-                    self.metrics.ttft.observe(time.perf_counter() - t0)
+                    # from the start of preparing (render, tokenize) to the first token, which is
+                    # when a stream's first chunk leaves: what a client timing it measures
+                    self.metrics.ttft.observe(p.server_seconds + time.perf_counter() - t0)
                     first = False
                 p.completion_tokens += d.num_tokens
                 parser, builder = parsers[d.index], builders[d.index]

@@ -55,6 +55,15 @@ def chunk_encoder(head: dict[str, Any], usage_null: bool) -> Callable[[dict[str,
     return lambda choice: prefix + json.dumps(choice, ensure_ascii=False) + suffix
 
 
+class Prelude(str):
+    """Stream text that must not leave before the engine's first output (Chat Completions' role
+    chunk, Anthropic's ``message_start``, Responses' ``response.created``): the runner holds it
+    and sends it with the next text the endpoint yields (an empty string once the engine's first
+    output came but shows nothing yet), or before the error if the stream fails first.  A client
+    that times the first chunk (``vllm bench serve``, guidellm) then measures the real time to
+    first token, as against vLLM's server, which sends its first chunk with the first output."""
+
+
 class Handle(Protocol):
     """What the runner needs of a prepared request."""
 
@@ -79,7 +88,8 @@ class Endpoint(Protocol[BodyT, HandleT]):
         ...
 
     def stream(self, handle: HandleT) -> AsyncIterator[str]:
-        """The server-sent events of a streamed answer, the terminator included."""
+        """The server-sent events of a streamed answer, the terminator included; what comes
+        before the engine's first output is yielded as :class:`Prelude`."""
         ...
 
     def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
@@ -156,18 +166,23 @@ class Services:
         return JSONResponse(result)
 
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float) -> AsyncIterator[str]:
+        held = ""  # the Prelude, until the engine's first output
         try:
             async for event in endpoint.stream(handle):
-                yield event
+                if isinstance(event, Prelude):
+                    held += event
+                elif held or event:
+                    yield held + event
+                    held = ""
         except EngineUnavailable as exc:
-            yield endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+            yield held + endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
         except EngineRequestError as exc:
-            yield endpoint.stream_error(400, str(exc), exc.param)
+            yield held + endpoint.stream_error(400, str(exc), exc.param)
         except APIError as exc:
-            yield endpoint.stream_error(exc.status, exc.message, exc.param, exc.code)
+            yield held + endpoint.stream_error(exc.status, exc.message, exc.param, exc.code)
         except Exception as exc:  # headers are gone: report in-band (and log it)
             log.exception("stream %s failed", handle.request_id)
-            yield endpoint.stream_error(500, f"internal error: {type(exc).__name__}")
+            yield held + endpoint.stream_error(500, f"internal error: {type(exc).__name__}")
         finally:
             self.admission.release()
             prompt_tokens, fields = endpoint.log_fields(handle)

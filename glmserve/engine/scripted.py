@@ -7,6 +7,7 @@ end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,6 +34,11 @@ class ScriptedEngine(Engine):
         # (the fuzz test found chr() failing on one), as an id beyond a real vocabulary is
         self.vocab_size = 0x110000
         self.delay = delay
+        self.gate: threading.Event | None = None
+        """When set to an event, each request's first delta waits until it is set: a test holds
+        the answer back to see what the server sends before the engine's first output.
+        ``waiting`` is set once a request waits there."""
+        self.waiting = threading.Event()
         self.dead = False
         self.last_prompt: str = ""
         self.last_params: GenerateParams | None = None
@@ -62,6 +68,9 @@ class ScriptedEngine(Engine):
         self.last_prompt = prompt
         self._running.add(request_id)
         try:
+            if self.gate is not None:
+                self.waiting.set()
+                await asyncio.to_thread(self.gate.wait, 120)  # bounded: a failed test cannot hang the server
             for index in range(params.n):
                 pieces, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
                 budget = params.max_tokens

@@ -26,7 +26,7 @@ from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
-from glmserve.api.runner import Services
+from glmserve.api.runner import Prelude, Services
 from glmserve.formats.base import ChatRequest, ToolCallEnd
 
 log = logging.getLogger("glmserve.messages")
@@ -163,11 +163,11 @@ class Messages:
         folder = self._folder(h)
         start = self._message(h, [], (None, None))
         start["usage"] = usage(h.run.prompt_tokens, 0)
-        yield sse({"type": "message_start", "message": start}) + sse({"type": "ping"})
+        # message_start leaves with the engine's first output (a batch without events sends it too)
+        yield Prelude(sse({"type": "message_start", "message": start}) + sse({"type": "ping"}))
         end: list[str | None] = ["stop", None]
         async for events in self._fold(h, folder, end):
-            if events:
-                yield "".join(sse(e) for e in events)
+            yield "".join(sse(e) for e in events)
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(end[0], end[1]), "stop_sequence": end[1]},
                    "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)})
         yield sse({"type": "message_stop"})

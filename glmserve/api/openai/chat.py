@@ -21,7 +21,7 @@ from starlette.responses import Response
 from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
-from glmserve.api.runner import STREAMS, Services, chunk_encoder
+from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -134,10 +134,13 @@ class ChatCompletions:
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
             return encode({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
-        for i in range(p.params.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+        yield Prelude("".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(p.params.n)))
+        first = True
         async with aclosing(self.pipeline.run(p)) as updates:
             async for u in updates:
+                if first:  # the engine's first output: the role chunks go now, even if it shows nothing yet
+                    yield ""
+                    first = False
                 lp = None
                 if h.logprobs and u.logprobs:
                     lp = {"content": [logprob_json(x) for x in u.logprobs], "refusal": None}

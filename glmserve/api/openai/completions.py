@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
-from glmserve.api.runner import STREAMS, Services, chunk_encoder
+from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -163,9 +163,8 @@ class CompletionService:
             rid = f"{p.request_id}-{k}"
             done = 0
             try:
-                if p.echo:
-                    for i in range(n):
-                        yield chunk(k * n + i, p.prompt_texts[k], None)
+                if p.echo:  # the echo leaves with the engine's first output
+                    yield Prelude("".join(chunk(k * n + i, p.prompt_texts[k], None) for i in range(n)))
                 offsets = [len(p.prompt_texts[k]) if p.echo else 0] * n
                 async for d in self.engine.generate(ids, p.params, rid):
                     completion_tokens += d.num_tokens
@@ -174,8 +173,8 @@ class CompletionService:
                     if p.params.logprobs is not None and d.logprobs:
                         lp = _extend_logprobs(None, d.logprobs, offsets[d.index])
                     offsets[d.index] += len(d.text)
-                    if d.text or d.finish_reason or lp:
-                        yield chunk(k * n + d.index, d.text, d.finish_reason, lp)
+                    # an empty delta shows nothing, but sends the echo if it is still held
+                    yield chunk(k * n + d.index, d.text, d.finish_reason, lp) if d.text or d.finish_reason or lp else ""
                     if d.finish_reason is not None:
                         done += 1
             finally:

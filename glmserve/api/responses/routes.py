@@ -38,7 +38,7 @@ from glmserve.api.responses.mapping import (
 from glmserve.api.responses.schemas import ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler, sse
 from glmserve.api.responses.store import ChainBroken, ResponseStore
-from glmserve.api.runner import Services
+from glmserve.api.runner import Prelude, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
 
@@ -192,8 +192,7 @@ class Responses:
                 events = asm.feed(u.events, u.builder, u.num_tokens)
                 if u.finish_reason is not None:
                     reason = u.finish_reason
-                if events:
-                    yield events
+                yield events  # even empty: the first one releases the stream's prelude
         final = asm.finish(reason, h.run.prompt_tokens)
         await self._save(h)
         yield final
@@ -207,6 +206,8 @@ class Responses:
     async def stream(self, h: ResponsesHandle) -> AsyncIterator[str]:
         try:
             async with aclosing(self._fold(h)) as batches:
+                # response.created / in_progress leave with the engine's first output
+                yield Prelude("".join(sse(ev) for ev in await anext(batches)))
                 async for events in batches:
                     yield "".join(sse(ev) for ev in events)
         except EngineUnavailable as exc:
