@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from glmserve.bench.stats import RequestResult, percentile
-from glmserve.bench.workloads import WORKLOADS, LevelSpec, Workload
+from glmserve.bench.workload import LevelSpec, Workload
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
 DEFAULT_SYSTEM_TOKENS = 15_000
@@ -468,5 +468,3 @@ def prompt_token_check(servers: dict[str, Any], workload: str = "agent") -> list
             lines.append(f"{workload} conc {level} turn {tg['turn']}: prompt tokens glmserve {pg} vLLM {pv}: {verdict}")
     return lines
 
-
-WORKLOADS.update({w.name: w for w in AGENT_WORKLOADS})

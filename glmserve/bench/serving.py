@@ -6,13 +6,16 @@ would otherwise steal the other's CPU): start glmserve, run the workloads, stop 
 eager mode and KV-cache size, run the same workloads, stop it. ``--glmserve-url`` /
 ``--vllm-url`` use servers that are already running instead.
 
-The chat workloads (``workloads.py``: ``plain``, ``plain-whole``, ``tools``) send requests with
-a fixed prompt length (a user message padded to ``--prompt-tokens`` tokens of the model's own
-tokenizer, made unique per request so the prefix cache cannot skip its prefill) and a fixed
-output length (``max_tokens`` with ``ignore_eos: true``) at each level of ``--concurrency``; the
-agent workloads (``agent.py``) run multi-turn conversations. Per request: TTFT, inter-token
-latency, end-to-end latency; per level: output tokens/s over the level's wall time and, for
-servers the bench started, the CPU seconds of the API process and of the engine (``cpu.py``);
+The plain streamed workloads (``plain``: Chat Completions, ``completions``: ``/v1/completions``)
+are vLLM's own benchmark client, ``vllm bench serve`` (``vllm_client.py``), one run per level:
+random prompts of ``--prompt-tokens`` tokens, ``--output-tokens`` tokens with ``ignore_eos``, at
+most ``--concurrency`` in flight, so the published figures come from the tool readers use. What
+it cannot send, the bench's own client (``client.py``) does: ``plain-whole`` (not streamed) and
+``tools`` (``workloads.py``: a user message padded to ``--prompt-tokens`` tokens, unique per
+request, ``max_tokens`` with ``ignore_eos: true``), and the multi-turn agent workloads
+(``agent.py``). Per request: TTFT, inter-token latency (per request: vLLM's TPOT), end-to-end
+latency; per level: output tokens/s over the level's wall time and, for servers the bench
+started, the CPU seconds of the API process and of the engine over the level (``cpu.py``);
 glmserve/vLLM ratios (``stats.py``), a table, JSON and a plot (``report.py``). ``--rounds N``
 repeats it all with the server order alternated and reports median ratios.
 """
@@ -25,6 +28,7 @@ import datetime as _dt
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +42,7 @@ from glmserve.bench.agent import DEFAULT_SYSTEM_TOKENS, DEFAULT_TURNS, prompt_to
 from glmserve.bench.workloads import WORKLOADS, LevelSpec, build_prompt_text, token_counter
 
 SERVERS = ("glmserve", "vllm")
+OWN_CLIENT = "the bench's own httpx.AsyncClient (glmserve/bench/client.py)"
 DEFAULT_CONCURRENCY = (1, 8, 32)
 DEFAULT_WORKLOADS = ("plain", "tools")
 
@@ -69,13 +74,15 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
             "tool_choice": fields.get("tool_choice"),
         }
 
-        def spec(c: int, n: int, first: int) -> LevelSpec:
+        def spec(c: int, n: int, first: int, measuring: Callable[[], None] | None = None) -> LevelSpec:
             return LevelSpec(server=name, url=url, model_id=model_id, text=text, first_id=first, requests=n,
                              concurrency=c, output_tokens=args.output_tokens, temperature=args.temperature,
                              timeout=args.timeout, vllm_tools=args.vllm_tools,
                              options={"agent_turns": getattr(args, "agent_turns", None),
                                       "agent_system_tokens": getattr(args, "agent_system_tokens", None),
-                                      "token_count": getattr(args, "token_count", None)})
+                                      "token_count": getattr(args, "token_count", None),
+                                      "tokenizer": getattr(args, "tokenizer", None),
+                                      "prompt_tokens": args.prompt_tokens}, measuring=measuring)
 
         if args.warmup:
             bad = [r.error for r in asyncio.run(wl.warm_up(spec(1, 0, 0), args.warmup)) if not r.ok]
@@ -84,8 +91,14 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
         out["workloads"][wl_name] = {}
         for c in args.concurrency:
             n = requests_for(c, args)
-            before = cpu.snapshot() if cpu else None
-            results, wall = asyncio.run(wl.run_level(spec(c, n, req_id + 1)))
+            window = {"before": cpu.snapshot() if cpu else None}
+
+            def measuring() -> None:  # the workload's own start-up is over: the CPU window starts here
+                if cpu:
+                    window["before"] = cpu.snapshot()
+
+            results, wall = asyncio.run(wl.run_level(spec(c, n, req_id + 1, measuring)))
+            before = window["before"]
             cpu_s = cpu.since(before) if cpu and before is not None else None
             req_id += n
             summary = summarize_level(results, wall, c, cpu_s)
@@ -137,12 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
             "<out-dir>/<timestamp>-<model>.json and a .png next to it, and prints a table."
         ),
         epilog=(
+            "Clients: plain and completions are measured by vLLM's own client (vllm bench serve, run as a\n"
+            "subprocess per level: --backend openai-chat / openai, --dataset-name random, --random-input-len\n"
+            "--prompt-tokens, --random-output-len --output-tokens, --ignore-eos, --max-concurrency = the level);\n"
+            "it streams every chat request and sends no tools, so plain-whole, tools and the agent workloads use\n"
+            "the bench's own client. Its TTFT is the first chunk that carries a choice (vLLM's definition).\n\n"
             "What each server gets in the 'tools' workload: glmserve gets two tools with tool_choice \"auto\"; vLLM\n"
             "gets what --vllm-tools says (auto: the same tools and tool_choice \"auto\", with the server started with\n"
             "--enable-auto-tool-choice --tool-call-parser hermes; none: the tools with tool_choice \"none\", no parser\n"
-            "flags; omit: no tools). Every chat request: max_tokens=--output-tokens, ignore_eos=true, stream=true\n"
-            "with stream_options.include_usage=true (plain-whole: stream=false), a unique user message of about\n"
-            "--prompt-tokens tokens.\n\n"
+            "flags; omit: no tools). Every request of the bench's own client: max_tokens=--output-tokens,\n"
+            "ignore_eos=true, stream=true with stream_options.include_usage=true (plain-whole: stream=false), a\n"
+            "unique user message of about --prompt-tokens tokens.\n\n"
             "Ratios are glmserve/vLLM: throughput above 1 means glmserve served more tokens/s; TTFT, ITL and E2E\n"
             "ratios below 1 mean glmserve answered sooner.\n\n"
             "Other mode: 'glmserve bench parser-cost --help' times the streaming tool-call parsers per delta."
@@ -161,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VLLM_CPU_KVCACHE_SPACE (GiB) for both servers on CPU (default 1; ignored on GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                    help="--gpu-memory-utilization for both servers (default 0.5; on CPU it is a share of host memory)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer vLLM's benchmark client draws its random prompts with (default: the model)")
     g.add_argument("--chat-format", default=None,
                    help="glmserve's --chat-format (default: detected from the model, as glmserve serve does)")
     g.add_argument("--glmserve-arg", action="append", metavar="ARGS",
@@ -265,7 +285,20 @@ def run_round(order: list[str], urls: dict[str, str | None], args: argparse.Name
     return servers, rc
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The serving comparison; SIGTERM interrupts it as Ctrl-C does, so the servers it started are stopped."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -292,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if urls[k]:
             urls[k] = urls[k].rstrip("/")
 
+    args.tokenizer = args.tokenizer or model
     count = token_counter(model)
     args.token_count = count
     text = build_prompt_text(max(1, args.prompt_tokens - 4), count)  # "[rN] " takes ~4 tokens
@@ -308,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "agent_turns": args.agent_turns, "agent_system_tokens": args.agent_system_tokens,
         "vllm_tool_parser": args.vllm_tool_parser if args.vllm_tools == "auto" else None,
         "warmup": args.warmup, "timeout_s": args.timeout, "rounds": args.rounds,
-        "client": "httpx.AsyncClient on the same machine (shares its CPUs with the server)",
+        "client": {wl: getattr(WORKLOADS[wl], "client", OWN_CLIENT) for wl in args.workloads},
+        "tokenizer": args.tokenizer,
     }
     report: dict[str, Any] = {
         "kind": "serving",

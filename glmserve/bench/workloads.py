@@ -1,20 +1,24 @@
-"""Workloads: what traffic a level sends, and what each server gets.
+"""Workloads: what traffic a level sends, and what each server gets; :data:`WORKLOADS` is the registry.
 
 A workload turns "n requests at this concurrency against this server" into timed results. The
-single-turn chat workloads (``plain``, ``tools``) build independent streamed Chat Completions
-requests and hand them to :func:`glmserve.bench.client.run_level`. A workload with other needs
-(several turns per conversation, another endpoint such as Anthropic Messages or Responses)
-subclasses :class:`Workload`, overrides :meth:`Workload.run_level`, and is added to
-:data:`WORKLOADS`; the driver, statistics and report need no change.
+plain streamed workloads (``plain``, ``completions``) are vLLM's own benchmark client
+(:mod:`glmserve.bench.vllm_client`, ``vllm bench serve``), so their figures are the ones readers
+get from the tool they use. Where that client cannot do the job -- a whole (non-streamed)
+answer, tools, multi-turn agents (:mod:`glmserve.bench.agent`) -- the bench's own client
+(:func:`glmserve.bench.client.run_level`) sends them. A new workload subclasses
+:class:`~glmserve.bench.workload.Workload`, overrides :meth:`~glmserve.bench.workload.Workload.run_level`,
+and is added to :data:`WORKLOADS`; the driver, statistics and report need no change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from glmserve.bench.client import run_level
-from glmserve.bench.stats import RequestResult
+from glmserve.bench.agent import AGENT_WORKLOADS
+from glmserve.bench.vllm_client import VLLM_CLIENT_WORKLOADS
+from glmserve.bench.workload import LevelSpec, Workload, make_payload
+
+__all__ = ["WORKLOADS", "LevelSpec", "Workload", "make_payload", "tools_for", "build_prompt_text", "token_counter"]
 
 BENCH_TOOLS = [
     {
@@ -95,82 +99,6 @@ def tools_for(server: str, workload: str, vllm_tools: str) -> dict[str, Any]:
     return {}
 
 
-def make_payload(model: str, text: str, req_id: int, max_tokens: int, temperature: float,
-                 tool_fields: dict[str, Any], stream: bool = True) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": f"[r{req_id}] {text}"}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": temperature,
-        "stream": stream,
-        **tool_fields,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-@dataclass(frozen=True)
-class LevelSpec:
-    """Everything a workload needs to send one level (the same for both servers except ``server``)."""
-
-    server: str
-    url: str
-    model_id: str
-    text: str
-    first_id: int
-    requests: int
-    concurrency: int
-    output_tokens: int
-    temperature: float
-    timeout: float
-    vllm_tools: str
-    options: dict[str, Any] = field(default_factory=dict)
-    """Workload-specific settings from the command line (the agent workload's turns, system
-    prompt size and the model's token counter)."""
-
-
-class Workload:
-    """One kind of traffic; subclasses say which request fields it sets and how a level is sent."""
-
-    name: str = ""
-    help: str = ""
-    stream: bool = True
-    answers_with_text: bool = True
-    """Whether its requests expect text (a tool call in the answer is then worth a note)."""
-
-    def fields(self, server: str, vllm_tools: str) -> dict[str, Any]:
-        """Request fields beyond the message (recorded in the report as what each server got)."""
-        return {}
-
-    def applies_to(self, server: str) -> bool:
-        """Whether ``server`` is sent this workload (an endpoint only glmserve has is not sent to vLLM)."""
-        return True
-
-    def level_extra(self) -> dict[str, Any]:
-        """Figures of the level just run beyond the per-request ones, merged into its summary."""
-        return {}
-
-    def payloads(self, spec: LevelSpec, max_tokens: int | None = None, first_id: int | None = None,
-                 requests: int | None = None) -> list[dict[str, Any]]:
-        fields = self.fields(spec.server, spec.vllm_tools)
-        first = spec.first_id if first_id is None else first_id
-        n = spec.requests if requests is None else requests
-        return [make_payload(spec.model_id, spec.text, first + i, spec.output_tokens if max_tokens is None else max_tokens,
-                             spec.temperature, fields, self.stream) for i in range(n)]
-
-    async def run_level(self, spec: LevelSpec) -> tuple[list[RequestResult], float]:
-        """Send the level; results per request and the level's wall time."""
-        return await run_level(spec.url, self.payloads(spec), spec.concurrency, spec.timeout)
-
-    async def warm_up(self, spec: LevelSpec, count: int) -> list[RequestResult]:
-        """Short untimed requests before measuring (start-up costs stay out of the figures)."""
-        warm = self.payloads(spec, max_tokens=min(8, spec.output_tokens), first_id=10_000_000, requests=count)
-        results, _ = await run_level(spec.url, warm, 1, spec.timeout)
-        return results
-
-
 class ChatWorkload(Workload):
     """Single-turn chat: a unique user message per request, with or without tools, streamed or not."""
 
@@ -183,14 +111,14 @@ class ChatWorkload(Workload):
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w for w in (
-        ChatWorkload("plain", "no tools", tools=False),
-        ChatWorkload("plain-whole", "no tools, not streamed (no TTFT or ITL: end-to-end time and throughput)",
-                     tools=False, stream=False),
-        ChatWorkload("tools", "two function tools; glmserve gets tool_choice auto, vLLM what --vllm-tools says",
-                     tools=True),
+        *VLLM_CLIENT_WORKLOADS,
+        ChatWorkload("plain-own", "plain through the bench's own client (to compare the two clients once)",
+                     tools=False),
+        ChatWorkload("plain-whole", "no tools, not streamed (no TTFT or ITL: end-to-end time and throughput); "
+                     "the bench's own client (vLLM's streams every chat request)", tools=False, stream=False),
+        ChatWorkload("tools", "two function tools; glmserve gets tool_choice auto, vLLM what --vllm-tools says; "
+                     "the bench's own client (vLLM's sends no tools)", tools=True),
+        *AGENT_WORKLOADS,
     )
 }
-
-
-# the agent workloads register themselves (glmserve.bench.agent); importing it here makes them known
-import glmserve.bench.agent  # noqa: E402,F401
+"""Every workload ``--workloads`` offers, by name (a new one is added here)."""

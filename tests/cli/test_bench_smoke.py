@@ -452,9 +452,10 @@ def test_vllm_gets_the_plugin_and_template_for_like_for_like_prompts():
 
 def test_rounds_alternate_the_server_order_and_report_median_ratios(scripted_glm4_url, tmp_path, capsys):
     """Two rounds against two URLs (the same scripted server twice): the second round runs the servers
-    in the other order, every round's figures are kept, and streamed and whole answers are both timed."""
+    in the other order, every round's figures are kept, and streamed and whole answers are both timed
+    (by the bench's own client: ``tools`` and ``plain-whole``)."""
     rc = serving.main(["--model", "/nonexistent/m", "--glmserve-url", scripted_glm4_url, "--vllm-url", scripted_glm4_url,
-                       "--rounds", "2", "--workloads", "plain,plain-whole", "--concurrency", "1", "--requests", "2",
+                       "--rounds", "2", "--workloads", "tools,plain-whole", "--concurrency", "1", "--requests", "2",
                        "--warmup", "0", "--output-tokens", "8", "--no-plot", "--out-dir", str(tmp_path)])
     assert rc == 0
     (path,) = tmp_path.glob("*.json")
@@ -466,5 +467,88 @@ def test_rounds_alternate_the_server_order_and_report_median_ratios(scripted_glm
     assert whole["ok"] == 2 and whole["ttft_s"]["p50"] is None and whole["e2e_s"]["p50"] > 0
     assert whole["cpu_s"] is None  # servers given by URL: their processes are not the bench's to measure
     assert rep["ratios"]["plain-whole"]["1"]["throughput"] is not None
-    assert rep["ratios"]["plain"]["1"]["ttft_p50"] is not None
+    assert rep["ratios"]["tools"]["1"]["ttft_p50"] is not None
     assert "medians of 2 rounds" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- vLLM's own client
+
+
+def test_vllm_client_arguments_and_saved_results():
+    from glmserve.bench import vllm_client
+
+    spec = workloads.LevelSpec(server="vllm", url="http://127.0.0.1:9", model_id="m", text="", first_id=17, requests=6,
+                               concurrency=3, output_tokens=64, temperature=0.0, timeout=10, vllm_tools="auto",
+                               options={"tokenizer": "/models/t", "prompt_tokens": 128})
+    args = vllm_client.client_args(spec, "openai-chat", "/v1/chat/completions", vllm_client.Path("/tmp/r"), "x.json")
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--backend") == "openai-chat" and flag("--base-url") == "http://127.0.0.1:9"
+    assert flag("--dataset-name") == "random" and flag("--random-input-len") == "128"
+    assert flag("--random-output-len") == "64" and flag("--random-range-ratio") == "0"
+    assert flag("--num-prompts") == "6" and flag("--max-concurrency") == "3" and flag("--seed") == "17"
+    assert "--ignore-eos" in args and "--save-detailed" in args and flag("--tokenizer") == "/models/t"
+    with pytest.raises(ValueError):
+        vllm_client.client_args(workloads.LevelSpec(**{**spec.__dict__, "options": {}}), "openai", "/v1/completions",
+                                vllm_client.Path("/tmp/r"), "x.json")
+    saved = {"duration": 2.0, "ttfts": [0.1, 0.0], "latencies": [0.73, 0.01], "start_times": [5.0, 5.5],
+             "output_lens": [64, 0], "input_lens": [140, 140], "itls": [[0.01] * 63, []],
+             "errors": ["", "HTTP 500"], "median_ttft_ms": 100.0, "completed": 1, "generated_texts": ["x", ""]}
+    results, wall = vllm_client.results_from(saved)
+    ok, bad = results
+    assert wall == 2.0 and ok.ok and not bad.ok and bad.error == "HTTP 500" and bad.ttft is None
+    assert ok.ttft == 0.1 and ok.e2e == pytest.approx(0.73) and ok.itl == pytest.approx(0.01)  # (0.73 - 0.1) / 63
+    assert ok.completion_tokens == 64 and ok.prompt_tokens == 140 and ok.content_chunks == 64
+    s = summarize_level(results, wall, 3)
+    assert s["throughput_tok_s"] == 32 and s["errors"] == 1
+    assert vllm_client.summary_of(saved) == {"duration": 2.0, "median_ttft_ms": 100.0, "completed": 1}
+
+
+DELAY = 0.15
+"""Seconds the scripted engine takes per token in the end-to-end check of vLLM's client."""
+
+
+def test_plain_workload_is_measured_by_vllms_own_client(tmp_path):
+    """``plain`` runs ``vllm bench serve`` against the server (here the real app on a scripted engine that
+    takes DELAY per token), and its saved results feed the bench's table, ratios and JSON. Its TTFT is
+    the first chunk with a choice: at least one token's time, since nothing is sent before the first output."""
+    from servers import ThreadServer
+
+    from glmserve.api.app import Settings, create_app
+    from glmserve.engine.scripted import ScriptedEngine
+    from glmserve.formats import get_format
+    from glmserve.models import default_model_dir
+
+    engine = ScriptedEngine(lambda prompt, params: ["ab"] * 50, model_name="m", max_model_len=8192, delay=DELAY)
+    server = ThreadServer(create_app(engine, get_format("chatml"), Settings()))
+    try:
+        rc = serving.main(["--model", "/nonexistent/m", "--tokenizer", str(default_model_dir()),
+                           "--glmserve-url", server.url, "--vllm-url", server.url, "--workloads", "plain",
+                           "--concurrency", "2", "--requests", "3", "--prompt-tokens", "32", "--output-tokens", "4",
+                           "--warmup", "0", "--no-plot", "--out-dir", str(tmp_path)])
+    finally:
+        server.stop()
+    assert rc == 0
+    (path,) = tmp_path.glob("*.json")
+    rep = json.loads(path.read_text())
+    assert "vllm bench serve" in rep["settings"]["client"]["plain"]
+    for name in ("glmserve", "vllm"):
+        level = rep["servers"][name]["workloads"]["plain"]["2"]
+        assert level["errors"] == 0, level["error_samples"]
+        assert level["vllm_bench"]["completed"] == 3 and level["output_tokens"] == 3 * 4
+        assert level["client_args"][level["client_args"].index("--backend") + 1] == "openai-chat"
+        assert level["ttft_s"]["p50"] >= DELAY and level["e2e_s"]["p50"] >= 4 * DELAY
+        assert level["ttft_s"]["p50"] == pytest.approx(level["vllm_bench"]["median_ttft_ms"] / 1000)
+        assert level["itl_s"]["p50"] >= DELAY * 0.9
+        assert level["prompt_tokens_p50"] > 32  # the template comes on top (scripted tokens are characters)
+    assert rep["ratios"]["plain"]["2"]["ttft_p50"] is not None
+
+
+def test_the_workload_modules_do_not_import_each_other():
+    """The registry imports the workload modules; they import only the base (no cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, glmserve.bench.agent, glmserve.bench.vllm_client\n"
+            "assert 'glmserve.bench.workloads' not in sys.modules, 'a workload module imports the registry'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
