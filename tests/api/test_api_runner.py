@@ -344,3 +344,47 @@ def test_normalise_tool_choice_rejects(choice, tools):
         normalise_tool_choice(choice, tools, "tool_choice")
     assert exc.value.status == 400 and exc.value.param == "tool_choice"
     assert normalise_tool_choice(None, []) == "none"
+
+
+class PreludeEndpoint:
+    """Yields what ``script`` says; raises it when it is an exception."""
+
+    name = "prelude"
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+
+    async def stream(self, h: Any) -> AsyncIterator[str]:
+        for item in self.script:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stream_error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> str:
+        return f"error {status}"
+
+    def log_fields(self, h: Any) -> tuple[int, dict[str, Any]]:
+        return 0, {}
+
+
+@pytest.mark.parametrize("script, sent", [
+    # held until the next text, an empty one included (the engine's first output that shows nothing yet)
+    (lambda P: [P("a"), P("b"), "", "c", "d"], ["ab", "c", "d"]),
+    (lambda P: [P("a"), "x", "", "y"], ["ax", "y"]),
+    # a stream that fails before its first output: the prelude, then the error
+    (lambda P: [P("a"), EngineUnavailable("gone")], ["aerror 503"]),
+    (lambda P: [P("a"), "x", RuntimeError("bug")], ["ax", "error 500"]),
+])
+def test_runner_holds_the_prelude_until_the_first_output(script, sent):
+    from glmserve.api.runner import Prelude
+
+    app, _ = echo_app([])
+    services: Services = app.state.services
+
+    async def collect() -> list[str]:
+        services.admission.acquire()
+        handle = type("H", (), {"request_id": "r", "stream": True})()
+        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0)]
+
+    assert asyncio.run(collect()) == sent
+    assert services.admission.in_flight == 0
