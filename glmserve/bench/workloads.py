@@ -112,8 +112,6 @@ class ChatWorkload(Workload):
 WORKLOADS: dict[str, Workload] = {
     w.name: w for w in (
         *VLLM_CLIENT_WORKLOADS,
-        ChatWorkload("plain-own", "plain through the bench's own client (to compare the two clients once)",
-                     tools=False),
         ChatWorkload("plain-whole", "no tools, not streamed (no TTFT or ITL: end-to-end time and throughput); "
                      "the bench's own client (vLLM's streams every chat request)", tools=False, stream=False),
         ChatWorkload("tools", "two function tools; glmserve gets tool_choice auto, vLLM what --vllm-tools says; "
