@@ -83,22 +83,27 @@ def _load_hook(spec: str | None) -> Any:
     return getattr(importlib.import_module(module), fn)
 
 
-def _load_secret(args: Any) -> Any:
+def _load_secret(argv: list[str]) -> Any:
     """The secret named by the flags or the environment (None: the generated default), or exit
-    with a clear message -- before the engine loads."""
+    with a clear message -- read before vLLM's parser is even built, so a bad secret is refused
+    in a second, not after the engine's imports."""
     from glmserve.server_secret import SecretError, from_sources
 
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--secret-file", default=None)
+    pre.add_argument("--previous-secret-file", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
     try:
-        return from_sources(args.secret_file, args.previous_secret_file)
+        return from_sources(known.secret_file, known.previous_secret_file)
     except SecretError as exc:
         print(f"glmserve serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def serve(argv: list[str]) -> int:
+    secret = None if any(a in ("-h", "--help") for a in argv) else _load_secret(argv)
     parser = _serve_parser()
     args = parser.parse_args(argv)
-    secret = _load_secret(args)
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
     args.log_level = level  # vLLM's own --log-level, shared with glmserve's logs
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
