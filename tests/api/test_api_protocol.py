@@ -263,7 +263,8 @@ def test_metrics_endpoint(glm4):
                  "glmserve_tool_calls_total", "glmserve_requests_running", "glmserve_constraint_build_seconds",
                  "glmserve_tool_call_parse_failures_total"):
         assert name in text
-    assert "glmserve_tool_calls_total 1.0" in text.splitlines()  # one series: no tool-name label
+    assert [ln.split()[0] for ln in text.splitlines() if ln.startswith("glmserve_tool_calls_total")] == \
+        ["glmserve_tool_calls_total"]  # one series: no tool-name label
     assert 'glmserve_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 

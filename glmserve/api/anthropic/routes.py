@@ -139,7 +139,7 @@ class Messages:
             output_constraint=response_format_constraint(schema, "output_config.format.schema",
                                                          self.services.settings.limits) if schema else None,
         )
-        run = self.pipeline.prepare(chat, opts, "msg_")
+        run = await self.pipeline.prepare(chat, opts, "msg_")
         return MessagesHandle(run=run, stream=body.stream, model=body.model or run.model,
                               omit_thinking=am.thinking_options(body).omit)
 
@@ -215,6 +215,6 @@ def router(services: Services) -> APIRouter:
         services.check_model(body.model)
         chat, _ = chat_request(body, services, signatures)
         prompt = services.pipeline.render(chat)
-        return {"input_tokens": len(services.engine.encode_parts(prompt.parts))}
+        return {"input_tokens": len(await services.pipeline.encode(prompt))}
 
     return r

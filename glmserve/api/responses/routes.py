@@ -149,7 +149,7 @@ class Responses:
                                  top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
                                  schema_param="tools[{}].parameters")
         try:
-            run = self.pipeline.prepare(chat, opts, "resp_")
+            run = await self.pipeline.prepare(chat, opts, "resp_")
         except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
             if exc.param == "messages":
                 exc.param = "input"
