@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -53,9 +54,15 @@ def serve(port: int, inline: bool) -> None:
     uvicorn.run(create_app(engine, get_format("chatml"), Settings()), host="127.0.0.1", port=port, log_level="warning")
 
 
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use an each which she do how their if will up "
+         "other about out many then them these so some her would make like him into time has look two more").split()
+
+
 def long_text(n: int, seed: int) -> str:
-    # distinct per prompt (no cache hits), ~2.4 SmolLM2 tokens a word
-    return " ".join(f"w{seed}q{k % 997}z{k}" for k in range(int(n / 4.2)))
+    """About ``n`` SmolLM2 tokens (common words are one token each), distinct per seed (no cache hits)."""
+    r = random.Random(seed)
+    return " ".join(r.choice(WORDS) for _ in range(n))
 
 
 async def stream_gaps(client: httpx.AsyncClient, url: str, tokens: int, model: str) -> list[float]:

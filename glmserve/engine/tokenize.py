@@ -6,11 +6,11 @@ does (e.g. the prefix-stability test) without starting an engine.
 
 from __future__ import annotations
 
-import copy
 import re
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from glmserve.formats.base import Control
@@ -33,9 +33,12 @@ class PromptTokenizer:
     context check will refuse leaves the cache as it was.
 
     Safe to call from several threads (the pipeline tokenizes long prompts off the event loop):
-    each thread encodes with its own copy of the Hugging Face tokenizer -- a fast tokenizer
-    shared across threads raises "Already borrowed" when one thread changes a setting
-    (``split_special_tokens``) while another encodes -- and the cache is behind a lock.
+    plain text is encoded by a copy of the fast tokenizer's Rust backend, made once, set once
+    (``encode_special_tokens``) and never changed after, through ``encode_batch`` -- what
+    ``hf.encode(text, add_special_tokens=False, split_special_tokens=True)`` runs, without its
+    Python-side bookkeeping -- which releases the GIL while it works (``Tokenizer.encode`` does
+    not).  The shared tokenizer itself is left alone: flipping its ``split_special_tokens`` while
+    another thread encodes with it raises "Already borrowed".  The cache is behind a lock.
     """
 
     def __init__(self, hf: Any, cache_tokens: int = CACHE_TOKENS) -> None:
@@ -46,18 +49,26 @@ class PromptTokenizer:
         """Token ids the cache holds now."""
         self.cache_hits = 0
         self._lock = threading.Lock()
-        self._per_thread: dict[int, Any] = {threading.get_ident(): hf}  # the creating thread keeps the original
+        self._encode = self._plain_encoder(hf)
         added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
         self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
 
-    def _hf(self) -> Any:
-        """This thread's tokenizer (a copy made on a thread's first call)."""
-        ident = threading.get_ident()
-        tok = self._per_thread.get(ident)
-        if tok is None:
-            with self._lock:
-                tok = self._per_thread[ident] = copy.deepcopy(self.hf)
-        return tok
+    def _plain_encoder(self, hf: Any) -> Callable[[str], list[int]]:
+        """``text -> ids`` for plain text, callable from any thread."""
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:  # no Rust backend: the tokenizer itself, one thread at a time
+            def encode_locked(text: str) -> list[int]:
+                with self._lock:
+                    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+            return encode_locked
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        own.encode_special_tokens = True  # an added token's text is text here
+
+        def encode(text: str) -> list[int]:
+            return own.encode_batch([text], add_special_tokens=False)[0].ids
+        return encode
 
     def token_id(self, token: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(token)
@@ -102,18 +113,18 @@ class PromptTokenizer:
         """Plain text: no added token (special or not) may be formed from it."""
         if not text:
             return []
-        hf = self._hf()
+        encode = self._encode
         ids: list[int] = []
         pos = 0
         if self._added_re is not None:
             for m in self._added_re.finditer(text):
-                ids += hf.encode(text[pos : m.start()], add_special_tokens=False, split_special_tokens=True) if m.start() > pos else []
+                ids += encode(text[pos : m.start()]) if m.start() > pos else []
                 # Spell the look-alike character by character: it reaches the model as text.
                 for ch in m.group(0):
-                    ids += hf.encode(ch, add_special_tokens=False, split_special_tokens=True)
+                    ids += encode(ch)
                 pos = m.end()
         if pos < len(text):
-            ids += hf.encode(text[pos:], add_special_tokens=False, split_special_tokens=True)
+            ids += encode(text[pos:])
         return ids
 
     def encode_parts(self, parts: list[Any], cache_within: int | None = None) -> list[int]:
@@ -139,4 +150,6 @@ class PromptTokenizer:
         return ids
 
     def encode_raw(self, text: str) -> list[int]:
-        return list(self._hf().encode(text, add_special_tokens=False))
+        """A raw completion prompt (special tokens recognised), with the shared tokenizer: called
+        on the event loop's thread, as vLLM's own uses of the tokenizer are."""
+        return list(self.hf.encode(text, add_special_tokens=False))

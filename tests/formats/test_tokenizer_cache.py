@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from functools import cache
 
+import pytest
+
 from glmserve.engine.tokenize import PromptTokenizer
 from glmserve.formats.base import Control
 
@@ -82,3 +84,35 @@ def test_threads_get_the_same_ids() -> None:
         t.join()
     assert not errors
     assert [got[i] for i in range(len(prompts))] == want
+
+
+def _reference(hf, text: str, added: list[str]) -> list[int]:
+    """What tokenizing plain text meant before: ``hf.encode`` per stretch, look-alikes spelled."""
+    import re
+
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+    ids: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        ids += hf.encode(text[pos:m.start()], add_special_tokens=False, split_special_tokens=True) if m.start() > pos else []
+        for ch in m.group(0):
+            ids += hf.encode(ch, add_special_tokens=False, split_special_tokens=True)
+        pos = m.end()
+    return ids + (hf.encode(text[pos:], add_special_tokens=False, split_special_tokens=True) if pos < len(text) else [])
+
+
+@pytest.mark.parametrize("kind", [None, "glm4", "glm45", "glm53"])
+def test_the_backend_copy_encodes_as_the_tokenizer_does(kind: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    from tiny_models import build_tiny
+
+    tok_hf = hf() if kind is None else AutoTokenizer.from_pretrained(str(build_tiny(kind)))
+    added = list(tok_hf.get_added_vocab())
+    tok = PromptTokenizer(tok_hf, cache_tokens=0)
+    texts = ["hello", "  two  spaces\n\nand\ttabs ", "北京天气怎么样？ 🌤️ café naïve", "x" * 3000,
+             "code: def f(x):\n    return x**2  # ok", "".join(added[:6]) + " between " + " ".join(added[-4:]),
+             "<think>not a tag</think><tool_call>{\"a\": 1}</tool_call>", "a\u00a0b\u200bc\r\nd"]
+    for text in texts:
+        assert tok.encode_plain(text) == _reference(tok_hf, text, added), text
+    assert tok_hf.encode("x", add_special_tokens=False) == tok.encode_raw("x")
