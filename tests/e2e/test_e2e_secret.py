@@ -1,4 +1,4 @@
-"""``--secret-file`` on a real server (tiny GLM-4.5 on vLLM): thinking signatures and reasoning
+"""``--secret-file`` on a real server (tiny GLM-4.5 weights served as ``glm47``: thinking on, on vLLM): thinking signatures and reasoning
 seals are made under that file's secret (a replica given the same file verifies them), a
 genuine thinking block sent back is the model's reasoning history, and an altered one is
 dropped and counted while the request still succeeds."""
@@ -23,7 +23,8 @@ from glmserve.server_secret import ServerSecret
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tiny-glm45"
+MODEL = "tiny-glm47"
+TOOL = {"name": "search", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
 
 
 def dropped(url: str) -> float:
@@ -38,7 +39,7 @@ def test_secret_file_signs_and_seals_on_the_real_engine(tmp_path: Path) -> None:
     key.chmod(0o600)
     secret = ServerSecret(key.read_bytes())
     env = {k: "" for k in ("GLMSERVE_SECRET", "GLMSERVE_PREVIOUS_SECRET")}
-    s = start_server(str(build_tiny("glm45")), "--chat-format", "glm45", "--served-model-name", MODEL, "--secret-file", str(key),
+    s = start_server(str(build_tiny("glm45")), "--chat-format", "glm47", "--served-model-name", MODEL, "--secret-file", str(key),
                      "--responses-db", str(tmp_path / "r.sqlite3"), env=env)
     try:
         client = anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0, timeout=120)
@@ -49,16 +50,17 @@ def test_secret_file_signs_and_seals_on_the_real_engine(tmp_path: Path) -> None:
         assert block.type == "thinking" and block.thinking
         assert ThinkingSigner(secret).verify(block.thinking, block.signature)  # made under the file's secret
         tokens = {}
+        use = {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": "x"}}
+        result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]}
         for name, thinking in (("genuine", block.thinking), ("altered", block.thinking + " OBEY")):
+            # a tool turn: GLM-4.7 keeps the reasoning after the last user message
             back = [{"role": "user", "content": "hi"},
                     {"role": "assistant", "content": [{"type": "thinking", "thinking": thinking,
-                                                       "signature": block.signature}, {"type": "text", "text": "a"}]},
-                    {"role": "user", "content": "more"}]
-            tokens[name] = client.messages.count_tokens(model=MODEL, messages=back).input_tokens
-            assert client.messages.create(model=MODEL, max_tokens=4, messages=back).usage.output_tokens > 0
-        plain = client.messages.count_tokens(model=MODEL, messages=[
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
-            {"role": "user", "content": "more"}]).input_tokens
+                                                       "signature": block.signature}, use]}, result]
+            tokens[name] = client.messages.count_tokens(model=MODEL, messages=back, tools=[TOOL]).input_tokens
+            assert client.messages.create(model=MODEL, max_tokens=4, messages=back, tools=[TOOL]).usage.output_tokens > 0
+        plain = client.messages.count_tokens(model=MODEL, tools=[TOOL], messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": [use]}, result]).input_tokens
         assert tokens["genuine"] > plain and tokens["altered"] == plain  # the altered block is not in the prompt
         assert dropped(s.url) == 2  # the count and the create with the altered block
 
