@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmserve.api.mapping import Limits
+from glmserve.server_secret import ServerSecret
 
 ArgumentHook = Callable[[str, str], str]
 """``hook(tool_name, arguments_json) -> arguments_json``: sees each finished call."""
@@ -28,6 +29,9 @@ class Settings:
     """Server-wide cap on every request's output tokens (``--max-output-tokens``; None: no cap)."""
     responses_db: str | None = None
     """The SQLite file of stored Responses (``--responses-db``; None: ``<glmserve cache>/responses.sqlite3``)."""
+    secret: ServerSecret | None = None
+    """Signs thinking blocks and seals reasoning items (``--secret-file``, ``GLMSERVE_SECRET``; None: the
+    secret generated under the glmserve cache, :func:`glmserve.server_secret.default_secret`)."""
 
     @property
     def limits(self) -> Limits:

@@ -7,15 +7,18 @@ does (e.g. the prefix-stability test) without starting an engine.
 from __future__ import annotations
 
 import re
+import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from glmserve.formats.base import Control
 
 
 CACHE_MIN_CHARS = 256
-CACHE_ENTRIES = 128
+CACHE_TOKENS = 1 << 20
+"""The cache holds at most this many token ids in all (4 bytes each), whatever the number of entries."""
 
 
 class PromptTokenizer:
@@ -24,16 +27,48 @@ class PromptTokenizer:
     The text between two control tokens is tokenized on its own, so a segment that comes back
     unchanged -- an agent's 15K-token system prompt, the tool block, earlier tool results, resent
     every turn -- is looked up instead of tokenized again (an LRU of the longer segments; measured
-    on a 19K-token agent prompt: tokenizing is most of glmserve's own time per request).
+    on a 19K-token agent prompt: tokenizing is most of glmserve's own time per request).  The
+    cache is bounded by the tokens it holds (``cache_tokens``), not by its entries, and
+    :meth:`encode_parts` fills it only for a prompt within ``cache_within`` tokens: a prompt the
+    context check will refuse leaves the cache as it was.
+
+    Safe to call from several threads (the pipeline tokenizes long prompts off the event loop):
+    plain text is encoded by a copy of the fast tokenizer's Rust backend, made once, set once
+    (``encode_special_tokens``) and never changed after, through ``encode_batch`` -- what
+    ``hf.encode(text, add_special_tokens=False, split_special_tokens=True)`` runs, without its
+    Python-side bookkeeping -- which releases the GIL while it works (``Tokenizer.encode`` does
+    not).  The shared tokenizer itself is left alone: flipping its ``split_special_tokens`` while
+    another thread encodes with it raises "Already borrowed".  The cache is behind a lock.
     """
 
-    def __init__(self, hf: Any, cache_entries: int = CACHE_ENTRIES) -> None:
+    def __init__(self, hf: Any, cache_tokens: int = CACHE_TOKENS) -> None:
         self.hf = hf
         self._cache: OrderedDict[str, array] = OrderedDict()
-        self._cache_entries = cache_entries
+        self._cache_tokens = cache_tokens
+        self.cached_tokens = 0
+        """Token ids the cache holds now."""
         self.cache_hits = 0
+        self._lock = threading.Lock()
+        self._encode = self._plain_encoder(hf)
         added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
         self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
+
+    def _plain_encoder(self, hf: Any) -> Callable[[str], list[int]]:
+        """``text -> ids`` for plain text, callable from any thread."""
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:  # no Rust backend: the tokenizer itself, one thread at a time
+            def encode_locked(text: str) -> list[int]:
+                with self._lock:
+                    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+            return encode_locked
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        own.encode_special_tokens = True  # an added token's text is text here
+
+        def encode(text: str) -> list[int]:
+            return own.encode_batch([text], add_special_tokens=False)[0].ids
+        return encode
 
     def token_id(self, token: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(token)
@@ -42,56 +77,79 @@ class PromptTokenizer:
             return None
         return int(tid)
 
-    def encode_segment(self, text: str) -> list[int] | array:
-        """:meth:`encode_plain`, from the cache for a long segment seen before (do not mutate the result)."""
-        if len(text) < CACHE_MIN_CHARS or not self._cache_entries:
+    def encode_segment(self, text: str, fresh: list[tuple[str, array]] | None = None) -> list[int] | array:
+        """:meth:`encode_plain`, from the cache for a long segment seen before (do not mutate the
+        result).  A long segment not in the cache is appended to ``fresh`` for :meth:`remember`
+        (with ``fresh`` None it is remembered at once)."""
+        if len(text) < CACHE_MIN_CHARS or not self._cache_tokens:
             return self.encode_plain(text)
-        hit = self._cache.get(text)
-        if hit is not None:
-            self._cache.move_to_end(text)
-            self.cache_hits += 1
-            return hit
-        ids = array("l", self.encode_plain(text))
-        self._cache[text] = ids
-        if len(self._cache) > self._cache_entries:
-            self._cache.popitem(last=False)
+        with self._lock:
+            hit = self._cache.get(text)
+            if hit is not None:
+                self._cache.move_to_end(text)
+                self.cache_hits += 1
+                return hit
+        ids = array("i", self.encode_plain(text))
+        if fresh is None:
+            self.remember([(text, ids)])
+        else:
+            fresh.append((text, ids))
         return ids
+
+    def remember(self, segments: list[tuple[str, array]]) -> None:
+        """Cache ``segments``, evicting the least recently used until the cache holds at most
+        ``cache_tokens`` ids (a segment larger than that is not cached)."""
+        with self._lock:
+            for text, ids in segments:
+                if len(ids) > self._cache_tokens or text in self._cache:
+                    continue
+                self._cache[text] = ids
+                self.cached_tokens += len(ids)
+                while self.cached_tokens > self._cache_tokens:
+                    _, old = self._cache.popitem(last=False)
+                    self.cached_tokens -= len(old)
 
     def encode_plain(self, text: str) -> list[int]:
         """Plain text: no added token (special or not) may be formed from it."""
         if not text:
             return []
-        hf = self.hf
+        encode = self._encode
         ids: list[int] = []
         pos = 0
         if self._added_re is not None:
             for m in self._added_re.finditer(text):
-                ids += hf.encode(text[pos : m.start()], add_special_tokens=False, split_special_tokens=True) if m.start() > pos else []
+                ids += encode(text[pos : m.start()]) if m.start() > pos else []
                 # Spell the look-alike character by character: it reaches the model as text.
                 for ch in m.group(0):
-                    ids += hf.encode(ch, add_special_tokens=False, split_special_tokens=True)
+                    ids += encode(ch)
                 pos = m.end()
         if pos < len(text):
-            ids += hf.encode(text[pos:], add_special_tokens=False, split_special_tokens=True)
+            ids += encode(text[pos:])
         return ids
 
-    def encode_parts(self, parts: list[Any]) -> list[int]:
-        """Ids of a rendered :class:`~glmserve.formats.base.Prompt`'s parts."""
+    def encode_parts(self, parts: list[Any], cache_within: int | None = None) -> list[int]:
+        """Ids of a rendered :class:`~glmserve.formats.base.Prompt`'s parts.  Its new long
+        segments are cached only if the prompt is at most ``cache_within`` tokens (None: always)."""
         ids: list[int] = []
         buf: list[str] = []
+        fresh: list[tuple[str, array]] = []
         for part in parts:
             if isinstance(part, Control):
                 tid = self.token_id(part.token)
                 if tid is None:  # not a token of this vocabulary: template text then
                     buf.append(part.token)
                     continue
-                ids += self.encode_segment("".join(buf))
+                ids += self.encode_segment("".join(buf), fresh)
                 buf.clear()
                 ids.append(tid)
             else:
                 buf.append(part)
-        ids += self.encode_segment("".join(buf))
+        ids += self.encode_segment("".join(buf), fresh)
+        if fresh and (cache_within is None or len(ids) <= cache_within):
+            self.remember(fresh)
         return ids
 
     def encode_raw(self, text: str) -> list[int]:
+        """A raw completion prompt (special tokens recognised), with the shared tokenizer: called
+        on the event loop's thread, as vLLM's own uses of the tokenizer are."""
         return list(self.hf.encode(text, add_special_tokens=False))

@@ -45,7 +45,9 @@ class VLLMEngine(Engine):
         return t if isinstance(t, str) else None
 
     def encode_parts(self, parts: list[Any]) -> list[int]:
-        return self._tok.encode_parts(parts)
+        # a prompt that leaves no room to generate is refused by the context check: it must
+        # not fill the tokenizer's cache
+        return self._tok.encode_parts(parts, cache_within=self.max_model_len - 1)
 
     def encode_raw(self, text: str) -> list[int]:
         return self._tok.encode_raw(text)

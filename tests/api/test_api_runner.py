@@ -71,7 +71,7 @@ class Echo:
     async def prepare(self, body: EchoBody, request: Request) -> EchoHandle:
         chat = ChatRequest(messages=[{"role": "user", "content": body.text}], tool_choice="none")
         opts = GenerationOptions(max_tokens=body.max_tokens, clamp_max_tokens=True)
-        return EchoHandle(self.pipeline.prepare(chat, opts, "echo_"), body.stream)
+        return EchoHandle(await self.pipeline.prepare(chat, opts, "echo_"), body.stream)
 
     async def complete(self, h: EchoHandle) -> dict[str, Any]:
         (r,) = await self.pipeline.complete(h.run)
@@ -198,7 +198,7 @@ def test_pipeline_run_aborts_when_the_consumer_stops_early():
     engine = ScriptedEngine(lambda p, s: ["a"] * 20, model_name="m")
     app = create_app(engine, get_format("chatml"))
     pipeline = app.state.services.pipeline
-    p = pipeline.prepare(ChatRequest(messages=[{"role": "user", "content": "x"}]), GenerationOptions(), "t-")
+    p = asyncio.run(pipeline.prepare(ChatRequest(messages=[{"role": "user", "content": "x"}]), GenerationOptions(), "t-"))
 
     async def take_two() -> None:
         run = pipeline.run(p)

@@ -135,7 +135,7 @@ def test_segment_cache_gives_the_same_ids():
     from glmserve.engine.tokenize import PromptTokenizer
 
     hf = tokenizer("glm45").hf
-    cached, fresh = PromptTokenizer(hf), PromptTokenizer(hf, cache_entries=0)
+    cached, fresh = PromptTokenizer(hf), PromptTokenizer(hf, cache_tokens=0)
     fmt = get_format("glm45")
     long_system = {"role": "system", "content": "Rules: read before you edit. " * 200 + "<think> is text here."}
     for n in range(3):

@@ -92,7 +92,7 @@ class ChatCompletions:
     async def prepare(self, body: ChatCompletionRequest, request: Request | None = None) -> ChatHandle:
         limits = self.services.settings.limits
         chat = chat_request_from_openai(body, limits, self.pipeline.fmt.content_joiner)
-        run = self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
+        run = await self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
         return ChatHandle(run=run, stream=body.stream,
                           include_usage=bool(body.stream_options and body.stream_options.include_usage),
                           legacy_functions=is_legacy_functions(body), logprobs=body.logprobs)
@@ -235,7 +235,7 @@ def router(services: Services) -> APIRouter:
         services.check_model(body.model)
         prompt = services.pipeline.render(chat_request_from_openai(body, services.settings.limits,
                                                                    services.pipeline.fmt.content_joiner))
-        ids = services.engine.encode_parts(prompt.parts)
+        ids = await services.pipeline.encode(prompt)
         return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": services.engine.max_model_len}
 
     return r

@@ -41,6 +41,7 @@ from glmserve.api.responses.store import ChainBroken, ResponseStore
 from glmserve.api.runner import Prelude, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
+from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.responses")
 
@@ -49,8 +50,9 @@ class ResponsesState:
     """The store and the reasoning seal, opened on first use (an app that never serves
     ``/v1/responses`` touches no database file and writes no secret)."""
 
-    def __init__(self, db_path: str | Path | None) -> None:
+    def __init__(self, db_path: str | Path | None, secret: SecretSource | None = None) -> None:
         self.db_path = db_path
+        self.secret = secret or SecretSource()
         self._store: ResponseStore | None = None
         self._seal: ReasoningSeal | None = None
         self._lock = threading.Lock()
@@ -66,7 +68,7 @@ class ResponsesState:
     def seal(self) -> ReasoningSeal:
         with self._lock:
             if self._seal is None:
-                self._seal = ReasoningSeal.from_file()
+                self._seal = ReasoningSeal(self.secret.get())
             return self._seal
 
     def close(self) -> None:
@@ -104,6 +106,11 @@ class Responses:
         self.pipeline = services.pipeline
         self.state = state
 
+    def _dropped(self, param: str, reason: str) -> None:
+        """Reasoning whose seal does not open is not the model's own: left out, logged, counted."""
+        log.warning("%s: reasoning left out of the prompt (%s: not sealed under this server's secrets)", param, reason)
+        self.services.metrics.reasoning_dropped.labels(reason).inc()
+
     async def _history(self, owner: str, previous: str | None) -> list[Any]:
         if previous is None:
             return []
@@ -127,7 +134,8 @@ class Responses:
         choice = normalise_tool_choice(choice, tools)
         params = [f"previous_response_id (item {k})" for k in range(len(history))] + \
                  [f"input[{i}]" for i in range(len(body.input))]
-        messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params)
+        messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params,
+                                     on_drop=self._dropped)
         if len(messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages (input items and history) per request",
                            param="input")
@@ -141,7 +149,7 @@ class Responses:
                                  top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
                                  schema_param="tools[{}].parameters")
         try:
-            run = self.pipeline.prepare(chat, opts, "resp_")
+            run = await self.pipeline.prepare(chat, opts, "resp_")
         except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
             if exc.param == "messages":
                 exc.param = "input"
@@ -239,7 +247,7 @@ EVENTS: dict[int | str, dict[str, Any]] = {
 
 
 def router(services: Services) -> APIRouter:
-    state = ResponsesState(services.settings.responses_db)
+    state = ResponsesState(services.settings.responses_db, SecretSource(services.settings.secret))
     endpoint = Responses(services, state)
     r = APIRouter()
 
