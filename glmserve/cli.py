@@ -49,6 +49,10 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body accepted (default 8 MiB)")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    g.add_argument("--on-engine-death", choices=["exit", "stay"], default="exit",
+                   help="when the vLLM engine dies (it cannot be restarted in-process): 'exit' (default) lets "
+                        "requests in flight end with 503 and exits with status 69 so that systemd/Kubernetes "
+                        "restarts the server; 'stay' keeps it up answering 503 (and /health 503) for inspection")
     g.add_argument("--argument-hook", default=None, metavar="MODULE:FUNCTION",
                    help="optional Python function hook(tool_name, arguments_json) -> arguments_json applied to every "
                         "finished tool call (off by default; arguments are never altered otherwise)")
@@ -110,6 +114,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     from glmserve.api.app import Settings, create_app
     from glmserve.engine.vllm_engine import VLLMEngine
     from glmserve.formats import detect_format, get_format
+    from glmserve.supervise import serve_supervised
 
     engine = VLLMEngine(engine_args, served[0])
     if args.chat_format:
@@ -134,8 +139,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     # make that re-raise a no-op; while serving, uvicorn's own handlers are in place.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    await server.serve()
-    return 0
+    return await serve_supervised(server, engine, args.on_engine_death)
 
 
 # --------------------------------------------------------------------------- render / parse
