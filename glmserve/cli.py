@@ -140,7 +140,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     # make that re-raise a no-op; while serving, uvicorn's own handlers are in place.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    # As vLLM's own server does after start-up: the millions of objects of torch, transformers and
+    # As vLLM's own server does after start-up: the objects of torch, transformers and
     # vLLM are moved out of the collector's reach, so no full collection walks them while serving,
     # nor at exit (measured on 2 loaded cores, engine core killed: the exit took 22-27 s, all in the
     # interpreter's final collections, and 5 s with the heap frozen).
