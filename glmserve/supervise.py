@@ -46,11 +46,13 @@ async def serve_supervised(server: StoppableServer, engine: Engine, on_engine_de
     try:
         await server.serve()
     finally:
-        if not watch.done():
-            watch.cancel()
-    if watch.cancelled() or watch.result() is None or on_engine_death == "stay":
+        # vLLM's shutdown blocks the loop for seconds, so the watch may still be asleep here
+        watch.cancel()
+        await asyncio.wait([watch])
+    reason = None if watch.cancelled() else watch.result()
+    if reason is None or on_engine_death == "stay":
         return 0
-    log.critical("glmserve exits with status %d: the engine died (%s)", ENGINE_DEAD_EXIT, watch.result())
+    log.critical("glmserve exits with status %d: the engine died (%s)", ENGINE_DEAD_EXIT, reason)
     return ENGINE_DEAD_EXIT
 
 

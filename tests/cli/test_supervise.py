@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -124,6 +125,23 @@ def test_clean_stop_that_closes_the_engine_is_no_death(caplog):
 
     assert asyncio.run(scenario()) == 0
     assert not records(caplog, logging.CRITICAL) and not records(caplog, logging.ERROR)
+
+
+def test_stop_while_the_watch_sleeps_is_a_clean_exit():
+    """vLLM's shutdown blocks the event loop (seconds), so the server can finish stopping while the
+    watch is still asleep; that stop is status 0 (it once raised InvalidStateError)."""
+
+    async def scenario() -> int:
+        async def blocking_close() -> None:
+            time.sleep(0.2)  # as AsyncLLM.shutdown(): synchronous
+
+        case = Case(on_shutdown=blocking_close)
+        task = asyncio.create_task(serve_supervised(case.server, case.engine, "exit", poll_s=3600))
+        await until(lambda: case.server.started)
+        case.server.should_exit = True
+        return await asyncio.wait_for(task, 20)
+
+    assert asyncio.run(scenario()) == 0
 
 
 def test_unknown_policy_is_refused():
