@@ -143,7 +143,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     # As vLLM's own server does after start-up: the objects of torch, transformers and
     # vLLM are moved out of the collector's reach, so no full collection walks them while serving,
     # nor at exit (measured on 2 loaded cores, engine core killed: the exit took 22-27 s, all in the
-    # interpreter's final collections, and 5 s with the heap frozen).
+    # interpreter's final collections, and 5 s with the heap frozen). The frozen objects are never
+    # finalized, so where triton is installed its nanobind bindings report "leaked" objects at exit.
     gc.collect()
     gc.freeze()
     return await serve_supervised(server, engine, args.on_engine_death)
