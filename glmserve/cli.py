@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -49,6 +50,10 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body accepted (default 8 MiB)")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    g.add_argument("--on-engine-death", choices=["exit", "stay"], default="exit",
+                   help="when the vLLM engine dies (it cannot be restarted in-process): 'exit' (default) lets "
+                        "requests in flight end with 503 and exits with status 69 so that systemd/Kubernetes "
+                        "restarts the server; 'stay' keeps it up answering 503 (and /health 503) for inspection")
     g.add_argument("--argument-hook", default=None, metavar="MODULE:FUNCTION",
                    help="optional Python function hook(tool_name, arguments_json) -> arguments_json applied to every "
                         "finished tool call (off by default; arguments are never altered otherwise)")
@@ -137,6 +142,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     from glmserve.api.app import Settings, create_app
     from glmserve.engine.vllm_engine import VLLMEngine
     from glmserve.formats import detect_format, get_format
+    from glmserve.supervise import serve_supervised
 
     engine = VLLMEngine(engine_args, served[0])
     if args.chat_format:
@@ -161,8 +167,14 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     # make that re-raise a no-op; while serving, uvicorn's own handlers are in place.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    await server.serve()
-    return 0
+    # As vLLM's own server does after start-up: the objects of torch, transformers and
+    # vLLM are moved out of the collector's reach, so no full collection walks them while serving,
+    # nor at exit (measured on 2 loaded cores, engine core killed: the exit took 22-27 s, all in the
+    # interpreter's final collections, and 5 s with the heap frozen). The frozen objects are never
+    # finalized, so where triton is installed its nanobind bindings report "leaked" objects at exit.
+    gc.collect()
+    gc.freeze()
+    return await serve_supervised(server, engine, args.on_engine_death)
 
 
 # --------------------------------------------------------------------------- render / parse

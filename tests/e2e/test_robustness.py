@@ -524,7 +524,9 @@ def engine_core(server: Server) -> psutil.Process:
 
 
 def test_killed_engine_core_gives_fast_503s():
-    s = start_server(None)
+    """With ``--on-engine-death stay`` the server outlives its engine, answering 503 (the default,
+    ``exit``, is tests/e2e/test_engine_death.py)."""
+    s = start_server(None, "--on-engine-death", "stay")
     try:
         url = s.base_url + "/chat/completions"
         long = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
