@@ -78,6 +78,18 @@ def encode(response: dict[str, Any], input_items: list[dict[str, Any]]) -> tuple
     return resp, items, len(resp.encode()) + len(items.encode())
 
 
+def just_enough(oldest: list[tuple[str, int]], excess: int) -> list[str]:
+    """The ids, oldest first, whose sizes first add up to ``excess`` (all of them if they
+    do not): what eviction removes from one batch."""
+    picked: list[str] = []
+    for rid, size in oldest:
+        if excess <= 0:
+            break
+        picked.append(rid)
+        excess -= size
+    return picked
+
+
 def assemble_history(response_id: str, rows: list[tuple[str, str, str | None]]) -> list[dict[str, Any]] | None:
     """The conversation from the chain's rows, newest first as the recursive query returns
     them (``(response, input_items, previous_response_id)``): each turn's input items then

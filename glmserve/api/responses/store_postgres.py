@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from glmserve.api.responses.store import (
     MAX_CHAIN,
@@ -39,6 +40,7 @@ from glmserve.api.responses.store import (
     StoreUnavailable,
     assemble_history,
     encode,
+    just_enough,
 )
 
 log = logging.getLogger("glmserve.responses.store")
@@ -108,6 +110,9 @@ class PostgresStore(ResponseStore):
         self.timeout = timeout
         self.max_connections = max_connections
         self._pool: AsyncConnectionPool | None = None
+        self._stale = False
+        self._opened = 0.0
+        self._closing: set[asyncio.Future[None]] = set()
         self._ready = False
         self._setup: asyncio.Lock | None = None
 
@@ -129,15 +134,20 @@ class PostgresStore(ResponseStore):
         }
 
     async def _get_pool(self) -> AsyncConnectionPool:
+        if self._pool is not None and self._stale and time.monotonic() - self._opened > self.timeout:
+            # The pool could not connect: it retries with an exponential back-off, which would
+            # keep this replica failing long after the database is back.  A fresh pool
+            # connects at once; the old one is closed aside (at most once per timeout).
+            old, self._pool = self._pool, None
+            task = asyncio.ensure_future(old.close(timeout=0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         if self._pool is None:
             pool = AsyncConnectionPool(
                 self.url, min_size=1, max_size=self.max_connections, open=False, kwargs=self._connect_kwargs(),
-                timeout=self.timeout, check=AsyncConnectionPool.check_connection,
-                # give up a failed background reconnection soon: a request then grows the pool
-                # again at once, instead of waiting out a long back-off after the database is back
-                reconnect_timeout=max(10.0, 2 * self.timeout), name="glmserve-responses")
+                timeout=self.timeout, check=AsyncConnectionPool.check_connection, name="glmserve-responses")
             await pool.open(wait=False)
-            self._pool = pool
+            self._pool, self._stale, self._opened = pool, False, time.monotonic()
         return self._pool
 
     async def _ensure_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -179,7 +189,11 @@ class PostgresStore(ResponseStore):
         try:
             # the pool and the server bound each step by `timeout`; this bounds a stalled server
             return await asyncio.wait_for(op(), 2 * self.timeout + 1)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # PoolTimeout is one of these
+        except PoolTimeout as exc:
+            self._stale = True
+            raise StoreUnavailable(f"the response store ({self.describe()}) failed to {what}: no connection in "
+                                   f"{self.timeout:g} s (is the database up?)") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise StoreUnavailable(f"the response store ({self.describe()}) failed to {what}: {exc}") from exc
         except asyncio.TimeoutError as exc:
             raise StoreUnavailable(f"the response store ({self.describe()}) did not answer in time to {what}") from exc
@@ -214,11 +228,13 @@ class PostgresStore(ResponseStore):
             total = (await (await conn.execute("SELECT total_bytes FROM glmserve_meta WHERE k = 1")).fetchone())[0]
             if total <= max_bytes:
                 return
-            cur = await conn.execute(
-                "DELETE FROM glmserve_responses WHERE id IN (SELECT id FROM glmserve_responses WHERE id <> %s"
-                " ORDER BY created_at, id LIMIT %s)", (keep, _EVICT_BATCH))
-            if cur.rowcount == 0:
+            oldest = await (await conn.execute(
+                "SELECT id, size FROM glmserve_responses WHERE id <> %s ORDER BY created_at, id LIMIT %s",
+                (keep, _EVICT_BATCH))).fetchall()
+            if not oldest:
                 return
+            await conn.execute("DELETE FROM glmserve_responses WHERE id = ANY(%s)",
+                               (just_enough(oldest, total - max_bytes),))
 
     async def get(self, owner: str, response_id: str) -> Stored | None:
         async def read(conn: psycopg.AsyncConnection[Any]) -> Any:
@@ -274,3 +290,5 @@ class PostgresStore(ResponseStore):
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -32,6 +32,7 @@ from glmserve.api.responses.store import (
     assemble_history,
     default_db_path,
     encode,
+    just_enough,
 )
 
 SCHEMA_VERSION = 2
@@ -166,11 +167,12 @@ class SQLiteStore(ResponseStore):
     def _evict(db: sqlite3.Connection, keep: str, max_bytes: int) -> None:
         """Delete the oldest responses (never ``keep``, the one just stored) until the total
         is within ``max_bytes``."""
-        while db.execute("SELECT total_bytes FROM store_meta WHERE k = 1").fetchone()[0] > max_bytes:
-            cur = db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE id != ?"
-                             " ORDER BY created_at, id LIMIT ?)", (keep, _EVICT_BATCH))
-            if cur.rowcount == 0:
+        while (excess := db.execute("SELECT total_bytes FROM store_meta WHERE k = 1").fetchone()[0] - max_bytes) > 0:
+            oldest = db.execute("SELECT id, size FROM responses WHERE id != ? ORDER BY created_at, id LIMIT ?",
+                                (keep, _EVICT_BATCH)).fetchall()
+            if not oldest:
                 return
+            db.executemany("DELETE FROM responses WHERE id = ?", [(rid,) for rid in just_enough(oldest, excess)])
 
     def _get(self, owner: str, response_id: str) -> Stored | None:
         with self._lock:
