@@ -56,6 +56,14 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-output-tokens", type=int, default=None, metavar="N",
                    help="cap every request's output at N tokens, whatever it asks (default: no cap); an answer cut "
                         "by the cap says it stopped on length")
+    g.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="the server secret that signs thinking blocks and seals reasoning items: a file of at least 32 "
+                        "random bytes, mode 0600 or stricter (e.g. head -c 32 /dev/urandom > PATH); replicas sharing it "
+                        "accept each other's. Also GLMSERVE_SECRET (hex). Default: one generated in "
+                        "<glmserve cache>/secrets/server.key")
+    g.add_argument("--previous-secret-file", action="append", default=[], metavar="PATH",
+                   help="a former secret, still accepted to verify signatures and open seals, never used to issue them "
+                        "(repeatable; also GLMSERVE_PREVIOUS_SECRET, hex, comma-separated)")
     # the Responses store (glmserve.api.responses.store)
     g.add_argument("--responses-db", default=None, metavar="PATH|URL",
                    help="where the stored /v1/responses live: a SQLite file (default: <glmserve cache>/"
@@ -126,7 +134,25 @@ def _load_hook(spec: str | None) -> Any:
     return getattr(importlib.import_module(module), fn)
 
 
+def _load_secret(argv: list[str]) -> Any:
+    """The secret named by the flags or the environment (None: the generated default), or exit
+    with a clear message -- read before vLLM's parser is even built, so a bad secret is refused
+    in a second, not after the engine's imports."""
+    from glmserve.server_secret import SecretError, from_sources
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--secret-file", default=None)
+    pre.add_argument("--previous-secret-file", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    try:
+        return from_sources(known.secret_file, known.previous_secret_file)
+    except SecretError as exc:
+        print(f"glmserve serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def serve(argv: list[str]) -> int:
+    secret = None if any(a in ("-h", "--help") for a in argv) else _load_secret(argv)
     parser = _serve_parser()
     args = parser.parse_args(argv)
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
@@ -152,10 +178,11 @@ def serve(argv: list[str]) -> int:
     if env_keys:
         keys += [k for k in env_keys.split(",") if k]
     hook = _load_hook(args.argument_hook)
-    return asyncio.run(_serve_async(args, engine_args, served, keys, hook))
+    return asyncio.run(_serve_async(args, engine_args, served, keys, hook, secret))
 
 
-async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: list[str], hook: Any) -> int:
+async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: list[str], hook: Any,
+                       secret: Any = None) -> int:
     import uvicorn
 
     from glmserve.api.app import Settings, create_app
@@ -173,7 +200,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
                         responses_db=args.responses_db, responses_ttl=args.responses_ttl,
-                        responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout)
+                        responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
+                        secret=secret)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)

@@ -1,9 +1,19 @@
 """Prometheus metrics (``GET /metrics``).
 
 One registry per app so that several servers in one process (tests) do not collide.
+
+Every label takes its values from a set fixed by the server, never from a request: the
+endpoint is the matched route's template (``/v1/responses/{response_id}``, not the id), an
+unknown path is ``other``, a status outside :data:`STATUS_LABELS` is its class (``4xx``), and
+tool calls are counted without the tool's name (names come from requests; the request log
+has them).  So a client can grow neither the server's memory nor the scrape by sending
+distinct ids, paths or tool names.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -12,18 +22,42 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _SERVER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 SERVER_PHASES = ("render", "tokenize", "constraint", "prepare", "output", "total")
 
+OTHER_ROUTE = "other"
+"""The ``endpoint`` label of a request no route matched (a 404 of any path)."""
+
+STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409", "413", "415", "422", "429",
+                           "499", "500", "501", "502", "503", "504"})
+"""Statuses counted as themselves; any other is counted as its class (``2xx``...)."""
+
+REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal")
+"""Why reasoning sent back by a client was not given to the model as its own."""
+
+
+def route_label(scope: Mapping[str, Any]) -> str:
+    """The ``endpoint`` label of a finished ASGI request: the template of the route that
+    served it (FastAPI puts the route in the scope when it matches), else :data:`OTHER_ROUTE`."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else OTHER_ROUTE
+
+
+def status_label(status: int) -> str:
+    s = str(status)
+    return s if s in STATUS_LABELS else f"{status // 100}xx"
+
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("glmserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter("glmserve_requests", "HTTP requests by route template and status",
+                                ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("glmserve_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("glmserve_completion_tokens", "Completion tokens generated", registry=r)
         self.ttft = Histogram("glmserve_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("glmserve_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("glmserve_requests_running", "Requests generating in the engine", registry=r)
         self.waiting = Gauge("glmserve_requests_waiting", "Requests admitted but not yet generating", registry=r)
-        self.tool_calls = Counter("glmserve_tool_calls", "Tool calls returned to clients", ["tool"], registry=r)
+        self.tool_calls = Counter("glmserve_tool_calls", "Tool calls returned to clients (all tools together: "
+                                  "tool names come from requests and are never label values)", registry=r)
         self.tool_call_failures = Counter(
             "glmserve_tool_call_parse_failures", "Tool calls whose arguments were not valid JSON for the schema", registry=r
         )
@@ -44,6 +78,14 @@ class Metrics:
             ["phase"], buckets=_SERVER_BUCKETS, registry=r,
         )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
+        self.reasoning_dropped = Counter(
+            "glmserve_reasoning_dropped", "Reasoning blocks or items sent back by a client and not given to the model "
+            "as its own reasoning: invalid_signature (an Anthropic thinking block whose signature this server's "
+            "secrets do not verify), invalid_seal (a Responses reasoning item whose encrypted_content does not "
+            "open; any plain text beside it is dropped too)", ["reason"], registry=r,
+        )
+        for reason in REASONING_DROP_REASONS:
+            self.reasoning_dropped.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

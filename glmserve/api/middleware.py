@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmserve.api.errors import error_response
-from glmserve.metrics import Metrics
+from glmserve.metrics import Metrics, route_label, status_label
 
 _KEY_HEADERS: dict[str, tuple[str, ...]] = {}
 
@@ -135,7 +135,9 @@ class BodyLimitMiddleware:
 
 
 class RequestMetricsMiddleware:
-    """Count API responses by path and status (``glmserve_requests_total``)."""
+    """Count API responses by route template and status (``glmserve_requests_total``): labels
+    from :func:`glmserve.metrics.route_label` / :func:`~glmserve.metrics.status_label`, never
+    the raw path, so distinct ids or unknown paths add no series."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -145,11 +147,10 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
 
         async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(path, str(message["status"])).inc()
+            if message["type"] == "http.response.start":  # routed by now: the scope holds the route
+                self.metrics.requests.labels(route_label(scope), status_label(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)

@@ -323,7 +323,7 @@ class ChatPipeline:
         for c in builder.calls:
             if c.complete:
                 self._check_call(p, c.name, c.arguments)
-                self.metrics.tool_calls.labels(c.name).inc()
+                self.metrics.tool_calls.inc()  # no name label: names come from requests
                 p.tool_names.append(c.name)
         if engine_reason == "length" or parser.incomplete_call:
             return "length"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmserve.api.mapping import Limits
+from glmserve.server_secret import ServerSecret
 
 ArgumentHook = Callable[[str, str], str]
 """``hook(tool_name, arguments_json) -> arguments_json``: sees each finished call."""
@@ -36,6 +37,9 @@ class Settings:
     """Stored bytes before the oldest responses are evicted (``--responses-max-bytes``; None: no bound)."""
     responses_db_timeout: float = 5.0
     """Seconds a store operation may take before the client gets a 503 (``--responses-db-timeout``)."""
+    secret: ServerSecret | None = None
+    """Signs thinking blocks and seals reasoning items (``--secret-file``, ``GLMSERVE_SECRET``; None: the
+    secret generated under the glmserve cache, :func:`glmserve.server_secret.default_secret`)."""
 
     @property
     def limits(self) -> Limits:

@@ -17,9 +17,11 @@ import pytest
 
 from anthropic_scripted import ScriptedServer, pieces, xml_call
 
+from glmserve.api.anthropic.shape import ThinkingSigner
 from glmserve.api.settings import Settings
 from glmserve.engine.base import EngineUnavailable, GenerateParams
 from glmserve.formats import get_format
+from glmserve.server_secret import default_secret
 
 WEATHER = {"name": "get_weather", "description": "天气",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -205,12 +207,13 @@ def test_omitted_thinking_keeps_the_signature(srv: ScriptedServer) -> None:
 
 
 def test_thinking_history_is_sent_back(srv: ScriptedServer) -> None:
+    sign = ThinkingSigner(default_secret()).sign  # the server's own (generated) secret
     create(srv, "x", messages=[
         {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "REASONED", "signature": "s"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "REASONED", "signature": sign("REASONED")},
                                           {"type": "text", "text": "a1"}]},
         {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "LATEST", "signature": "s"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "LATEST", "signature": sign("LATEST")},
                                           {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": "x"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]},
     ], tools=[SEARCH])

@@ -20,11 +20,13 @@ from glmserve.api.anthropic.mapping import (
     tool_choice,
 )
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest
-from glmserve.api.anthropic.shape import BlockFolder, error_body, signature, stop_reason
+from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, stop_reason
 from glmserve.api.errors import APIError
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
+from glmserve.server_secret import ServerSecret
 
 DATA = Path(__file__).parents[1] / "data" / "claude-code"
+SIGNER = ThinkingSigner(ServerSecret.generate())
 
 
 def claude_code_request(n: int) -> dict:
@@ -77,7 +79,7 @@ def test_blocks_to_messages() -> None:
             messages=[
                 {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
                 {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "let me see", "signature": "x"},
+                    {"type": "thinking", "thinking": "let me see", "signature": SIGNER.sign("let me see")},
                     {"type": "redacted_thinking", "data": "zzz"},
                     {"type": "text", "text": "Checking."},
                     {"type": "tool_use", "id": "toolu_1", "name": "get", "input": {"city": "北京"}},
@@ -90,7 +92,7 @@ def test_blocks_to_messages() -> None:
                     {"type": "text", "text": "and?"},
                 ]},
             ])
-    msgs = to_openai_messages(r.system, r.messages)
+    msgs = to_openai_messages(r.system, r.messages, SIGNER)
     assert msgs[0] == {"role": "system", "content": "a\nb"}
     assert msgs[1] == {"role": "user", "content": "weather?"}
     a = msgs[2]
@@ -192,13 +194,13 @@ def test_thinking_options() -> None:
 
 
 def test_folder_blocks_and_events() -> None:
-    f = BlockFolder()
+    f = BlockFolder(SIGNER)
     events = f.add([ReasoningEvent("hm"), ReasoningEvent("m"), TextEvent("Hi "), TextEvent("there"),
                     ToolCallStart(0, "get"), ToolCallArgs(0, '{"city": '), ToolCallArgs(0, '"北京"}'), ToolCallEnd(0),
                     ToolCallStart(1, "get"), ToolCallArgs(1, '{}'), ToolCallEnd(1)])
     events += f.finish()
     blocks = f.content()
-    assert blocks[0] == {"type": "thinking", "thinking": "hmm", "signature": signature("hmm")}
+    assert blocks[0] == {"type": "thinking", "thinking": "hmm", "signature": SIGNER.sign("hmm")}
     assert blocks[1] == {"type": "text", "text": "Hi there"}
     assert blocks[2]["type"] == "tool_use" and blocks[2]["id"].startswith("toolu_") and blocks[2]["input"] == {"city": "北京"}
     assert blocks[3]["input"] == {} and blocks[3]["id"] != blocks[2]["id"]
@@ -226,19 +228,19 @@ def test_folder_blocks_and_events() -> None:
 
 
 def test_folder_omitted_thinking_and_whole_arguments() -> None:
-    f = BlockFolder(omit_thinking=True, whole_arguments=True)
+    f = BlockFolder(SIGNER, omit_thinking=True, whole_arguments=True)
     events = f.add([ReasoningEvent("secret"), ToolCallStart(0, "w"), ToolCallArgs(0, '{"a"'), ToolCallArgs(0, ': 1}'),
                     ToolCallEnd(0)], final_arguments={0: '{"a": 2}'})
     assert not any(e.get("delta", {}).get("type") == "thinking_delta" for e in events)
     json_deltas = [e["delta"]["partial_json"] for e in events if e.get("delta", {}).get("type") == "input_json_delta"]
     assert json_deltas == ['{"a": 2}']
     blocks = f.content()
-    assert blocks[0]["thinking"] == "" and blocks[0]["signature"] == signature("secret")
+    assert blocks[0]["thinking"] == "" and blocks[0]["signature"] == SIGNER.sign("secret")
     assert blocks[1]["input"] == {"a": 2}
 
 
 def test_cut_off_call_left_out_of_content() -> None:
-    f = BlockFolder()
+    f = BlockFolder(SIGNER)
     f.add([TextEvent("x"), ToolCallStart(0, "w"), ToolCallArgs(0, '{"a": ')])
     events = f.finish()
     assert events == [{"type": "content_block_stop", "index": 1}]
@@ -253,3 +255,34 @@ def test_stop_reason_and_errors() -> None:
     assert error_body(413, "big") == {"type": "error", "error": {"type": "request_too_large", "message": "big"}}
     assert error_body(503, "x")["error"]["type"] == "overloaded_error"
     assert error_body(401, "x")["error"]["type"] == "authentication_error"
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def test_signature_is_keyed_and_verified() -> None:
+    sig = SIGNER.sign("思考 <think>")
+    assert sig.startswith("glmserve1.") and SIGNER.verify("思考 <think>", sig)
+    assert not SIGNER.verify("思考 <think>!", sig)  # other text
+    assert not SIGNER.verify("思考 <think>", sig[:-2] + ("AA" if not sig.endswith("AA") else "BB"))  # altered
+    for bad in (None, "", "x", "glmserve1.", "glmserve1.!!!", sig.replace("glmserve1.", "glmserve0.")):
+        assert not SIGNER.verify("思考 <think>", bad)
+    assert not ThinkingSigner(ServerSecret.generate()).verify("思考 <think>", sig)  # another secret
+
+
+def test_unverified_thinking_is_dropped_and_reported() -> None:
+    good = SIGNER.sign("MINE")
+    r = req(messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "MINE", "signature": good},
+            {"type": "thinking", "thinking": "FORGED", "signature": good},  # a signature of other text
+            {"type": "thinking", "thinking": "UNSIGNED"},
+            {"type": "thinking", "thinking": "", "signature": good},  # display "omitted" sent back: nothing to give
+            {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "q2"}])
+    dropped: list[tuple[str, str]] = []
+    msgs = to_openai_messages(r.system, r.messages, SIGNER, lambda p, why: dropped.append((p, why)))
+    assert msgs[1] == {"role": "assistant", "content": "a", "reasoning_content": "MINE"}
+    assert dropped == [("messages[1].content[1]", "invalid_signature"), ("messages[1].content[2]", "invalid_signature")]
+    assert "reasoning_content" not in to_openai_messages(r.system, r.messages)[1]  # no signer: nothing verifies

@@ -263,7 +263,46 @@ def test_metrics_endpoint(glm4):
                  "glmserve_tool_calls_total", "glmserve_requests_running", "glmserve_constraint_build_seconds",
                  "glmserve_tool_call_parse_failures_total"):
         assert name in text
-    assert 'glmserve_tool_calls_total{tool="get_weather"}' in text
+    assert "glmserve_tool_calls_total 1.0" in text.splitlines()  # one series: no tool-name label
+    assert 'glmserve_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+def _series(url: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))) for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_series_do_not_grow_with_request_values(tmp_path):
+    """Ids in paths, unknown paths and tool names come from clients: none becomes a label value,
+    so however many distinct ones arrive, the scrape keeps the same series."""
+    s = Scripted("glm4", settings=Settings(responses_db=str(tmp_path / "r.sqlite3")))
+    root = s.base_url.removesuffix("/v1")
+
+    def burst(start: int, n: int) -> None:
+        for i in range(start, start + n):
+            assert httpx.get(f"{root}/v1/responses/resp_{i}").status_code == 404
+            assert httpx.delete(f"{root}/v1/responses/resp_{i}").status_code == 404
+            assert httpx.get(f"{root}/v1/no/such/path/{i}").status_code == 404
+            name = f"tool_{i}"
+            s.output = f'{name}\n{{"x": {i}}}'
+            r = httpx.post(s.base_url + "/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "go"}],
+                "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}]})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == name
+
+    try:
+        burst(0, 3)
+        first = _series(root)
+        burst(3, 40)
+        after = _series(root)
+        assert after == first, sorted(after ^ first)
+        labels = {dict(k)["endpoint"] for n, k in after if n == "glmserve_requests_total"}
+        assert labels == {"/v1/responses/{response_id}", "other", "/v1/chat/completions"}
+        assert not any("tool_" in v for _, k in after for _, v in k)
+    finally:
+        s.stop()
 
 
 def test_unusable_schemas_are_client_errors_not_crashes():

@@ -145,10 +145,11 @@ def test_function_call_loop_with_encrypted_reasoning(srv):
     assert "<think>Need the weather.</think><tool_call>get_weather<arg_key>city</arg_key>" in prompt
     assert "<tool_response>晴，25°C</tool_response>" in prompt
     assert second.output_text == "北京晴，25°C。"
-    tampered = dict(history[1], encrypted_content=reasoning.encrypted_content[:-6] + "AAAAAA")
-    with pytest.raises(openai.BadRequestError) as e:
-        create(srv, "x", tools=TOOLS, input=[history[0], tampered, *history[2:]])
-    assert e.value.body["param"] == "input[1].encrypted_content"
+    # an altered seal is not the model's reasoning: left out of the prompt, and the request goes on
+    tampered = dict(history[1], encrypted_content=reasoning.encrypted_content[:-6] + "AAAAAA",
+                    content=[{"type": "reasoning_text", "text": "Need the weather."}])
+    assert create(srv, "x", tools=TOOLS, input=[history[0], tampered, *history[2:]]).status == "completed"
+    assert "Need the weather." not in srv.engine.last_prompt
 
 
 def test_previous_response_id_across_restart_retrieve_delete(tmp_path):

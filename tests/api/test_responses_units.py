@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from cryptography.fernet import Fernet
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from glmserve.api.errors import APIError
 from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
+from glmserve.server_secret import ServerSecret, _defaults, default_secret
 from glmserve.api.responses.mapping import (
     collect_tools,
     items_to_messages,
@@ -84,7 +84,7 @@ def test_tool_choice_forms():
 
 
 def test_items_fold_into_turns_with_reasoning_and_calls():
-    seal = ReasoningSeal(Fernet.generate_key())
+    seal = ReasoningSeal(ServerSecret.generate())
     sealed = seal.seal("I should look it up")
     req = ResponsesRequest.model_validate({"instructions": "be brief", "input": [
         {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
@@ -109,12 +109,9 @@ def test_items_fold_into_turns_with_reasoning_and_calls():
 
 
 def test_bad_items_are_400_with_their_path(tmp_path):
-    seal = ReasoningSeal.from_file(tmp_path / "k")
-    other = ReasoningSeal.from_file(tmp_path / "other")
+    seal = ReasoningSeal(ServerSecret.generate())
     cases = [
         ([{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}], "input[0].content[0]"),
-        ([{"type": "reasoning", "summary": [], "encrypted_content": other.seal("x")}], "input[0].encrypted_content"),
-        ([{"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-not-a-token"}], "input[0].encrypted_content"),
         ([{"role": "user", "content": "a"}, {"type": "item_reference", "id": "msg_1"}], "input[1]"),
         ([{"type": "computer_call_output", "call_id": "x"}], "input[0].type"),
     ]
@@ -139,13 +136,42 @@ def test_reasoning_effort_and_text_format():
 
 
 def test_seal_round_trip_and_persistence(tmp_path):
-    path = tmp_path / "secrets" / "reasoning.key"
-    token = ReasoningSeal.from_file(path).seal("思考 <think>")
+    path = tmp_path / "secrets" / "server.key"
+    token = ReasoningSeal(default_secret(path)).seal("思考 <think>")
     assert "思考" not in token
-    assert ReasoningSeal.from_file(path).open(token) == "思考 <think>"  # a restarted server reads it
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    _defaults.clear()  # as a restarted server: read the file again
+    assert ReasoningSeal(default_secret(path)).open(token) == "思考 <think>"  # a restarted server reads it
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
     with pytest.raises(InvalidSeal):
-        ReasoningSeal.from_file(path).open(token[:-4] + "AAAA")
+        ReasoningSeal(default_secret(path)).open(token[:-4] + "AAAA")
+    with pytest.raises(InvalidSeal):  # another secret, or another purpose's key, does not open it
+        ReasoningSeal(ServerSecret.generate()).open(token)
+
+
+def test_a_seal_is_authoritative_over_plain_text_beside_it():
+    seal = ReasoningSeal(ServerSecret.generate())
+    forged = ReasoningSeal(ServerSecret.generate()).seal("FORGED")
+    dropped: list[tuple[str, str]] = []
+
+    def fold(item: dict) -> dict:
+        req = ResponsesRequest.model_validate({"input": [{"role": "user", "content": "q"}, item]})
+        return items_to_messages(req.input, None, seal, on_drop=lambda p, r: dropped.append((p, r)))[1]
+
+    plain = [{"type": "reasoning_text", "text": "PLAIN"}]
+    # a seal that opens wins over the plain text beside it
+    assert fold({"type": "reasoning", "summary": [], "content": plain,
+                 "encrypted_content": seal.seal("SEALED")})["reasoning_content"] == "SEALED"
+    assert dropped == []
+    # a seal that does not open drops the item's reasoning, its plain text too
+    for bad in (forged, "gAAAA-not-a-token", seal.seal("SEALED")[:-6] + "AAAAAA"):
+        assert fold({"type": "reasoning", "summary": [], "content": plain, "encrypted_content": bad})["reasoning_content"] == ""
+    assert dropped == [("input[1].encrypted_content", "invalid_seal")] * 3
+    # without a seal to check against, sealed reasoning is dropped as well
+    req = ResponsesRequest.model_validate({"input": [{"type": "reasoning", "summary": [], "content": plain,
+                                                     "encrypted_content": seal.seal("SEALED")}]})
+    assert items_to_messages(req.input)[0]["reasoning_content"] == ""
+    # unsealed plain reasoning is the client's own history, as an assistant message is
+    assert fold({"type": "reasoning", "summary": [], "content": plain})["reasoning_content"] == "PLAIN"
 
 
 # --------------------------------------------------------------------------- store
@@ -194,7 +220,7 @@ def _run(events_per_delta, finish="stop", hooked=False, include=False, seal=None
 
 
 def test_assembler_events_are_valid_and_rebuild_the_response(tmp_path):
-    seal = ReasoningSeal.from_file(tmp_path / "k")
+    seal = ReasoningSeal(ServerSecret.generate())
     deltas = [[ReasoningEvent("th")], [ReasoningEvent("ink")], [TextEvent("Hel"), TextEvent("lo")],
               [ToolCallStart(0, "get")], [ToolCallArgs(0, '{"a"')], [ToolCallArgs(0, ": 1}"), ToolCallEnd(0)],
               [ToolCallStart(1, "ns__f")], [ToolCallArgs(1, "{}"), ToolCallEnd(1)]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from glmserve.api.anthropic.schemas import (
     ToolUseBlock,
     MessagesBase,
 )
+from glmserve.api.anthropic.shape import ThinkingSigner
 from glmserve.api.errors import APIError
 
 log = logging.getLogger("glmserve.messages")
@@ -65,13 +67,24 @@ def _result_text(block: ToolResultBlock, param: str) -> str:
     return "\n".join(texts)
 
 
-def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage]) -> list[dict[str, Any]]:
+DropReasoning = Callable[[str, str], None]
+"""``on_drop(param, reason)``: the thinking block at ``param`` was not given to the model
+(reason: ``invalid_signature``)."""
+
+
+def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage],
+                       signer: ThinkingSigner | None = None, on_drop: DropReasoning | None = None
+                       ) -> list[dict[str, Any]]:
     """The conversation as OpenAI message dicts (content flattened to strings).
 
     User turns: text blocks join into one user message; each ``tool_result`` becomes a
     ``tool`` message (named after the call it answers), in block order.  Assistant turns:
     text -> content, ``thinking`` -> ``reasoning_content`` (the family's reasoning history),
     ``tool_use`` -> ``tool_calls``; ``redacted_thinking`` carries nothing a GLM can read.
+    A thinking block counts only if ``signer`` verifies its signature (this server, or one
+    sharing its secret, wrote it); any other is left out and reported to ``on_drop``, and the
+    request goes on (a restart with a new secret does not end an agent's session).  A block
+    with empty thinking (``display: "omitted"`` sent back) has nothing to give and is skipped.
     ``system`` messages inside the array stay system turns where they are.
     """
     out: list[dict[str, Any]] = []
@@ -90,7 +103,12 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
                 if isinstance(b, TextBlock):
                     texts.append(b.text)
                 elif isinstance(b, ThinkingBlock):
-                    reasoning.append(b.thinking)
+                    if not b.thinking:
+                        continue
+                    if signer is not None and signer.verify(b.thinking, b.signature):
+                        reasoning.append(b.thinking)
+                    elif on_drop is not None:
+                        on_drop(f"{param}[{j}]", "invalid_signature")
                 elif isinstance(b, RedactedThinkingBlock):
                     continue
                 elif isinstance(b, ToolUseBlock):

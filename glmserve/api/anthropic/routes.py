@@ -21,13 +21,14 @@ from starlette.responses import Response
 
 from glmserve.api.anthropic import mapping as am
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
-from glmserve.api.anthropic.shape import BlockFolder, error_body, sse, stop_reason, usage
+from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, sse, stop_reason, usage
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
 from glmserve.api.runner import Services
 from glmserve.formats.base import ChatRequest, ToolCallEnd
+from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.messages")
 
@@ -69,7 +70,24 @@ class MessagesHandle:
         return self.run.request_id
 
 
-def chat_request(body: MessagesBase, services: Services) -> tuple[ChatRequest, list[str]]:
+class Signatures:
+    """The app's thinking-block signer, made from the server secret when first needed."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._source = SecretSource(services.settings.secret)
+
+    @property
+    def signer(self) -> ThinkingSigner:
+        return ThinkingSigner(self._source.get())
+
+    def dropped(self, param: str, reason: str) -> None:
+        """A thinking block whose signature does not verify is not the model's own: left out, logged, counted."""
+        log.warning("%s: thinking left out of the prompt (%s: not signed under this server's secrets)", param, reason)
+        self.services.metrics.reasoning_dropped.labels(reason).inc()
+
+
+def chat_request(body: MessagesBase, services: Services, signatures: Signatures) -> tuple[ChatRequest, list[str]]:
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
     left out because their type only runs in Anthropic's cloud."""
     limits = services.settings.limits
@@ -83,7 +101,7 @@ def chat_request(body: MessagesBase, services: Services) -> tuple[ChatRequest, l
     tools = build_tools(sel.defs, limits)
     thinking = am.thinking_options(body)
     chat = ChatRequest(
-        messages=am.to_openai_messages(body.system, body.messages),
+        messages=am.to_openai_messages(body.system, body.messages, signatures.signer, signatures.dropped),
         tools=tools,
         tool_choice=normalise_tool_choice(choice, tools, "tool_choice"),
         parallel_tool_calls=parallel,
@@ -99,12 +117,13 @@ class Messages:
 
     name = "messages"
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, signatures: Signatures) -> None:
         self.services = services
         self.pipeline: ChatPipeline = services.pipeline
+        self.signatures = signatures
 
     async def prepare(self, body: MessagesRequest, request: Request) -> MessagesHandle:
-        chat, unsupported = chat_request(body, self.services)
+        chat, unsupported = chat_request(body, self.services, self.signatures)
         if unsupported:
             request.state.unsupported_tools = unsupported
         schema = am.output_format_schema(body)
@@ -147,7 +166,8 @@ class Messages:
 
     def _folder(self, h: MessagesHandle) -> BlockFolder:
         # with an argument hook, arguments go out whole once the hook has rewritten them
-        return BlockFolder(omit_thinking=h.omit_thinking, whole_arguments=self.pipeline.argument_hook is not None)
+        return BlockFolder(self.signatures.signer, omit_thinking=h.omit_thinking,
+                           whole_arguments=self.pipeline.argument_hook is not None)
 
     async def complete(self, h: MessagesHandle) -> dict[str, Any]:
         folder = self._folder(h)
@@ -176,7 +196,8 @@ class Messages:
 def router(services: Services) -> APIRouter:
     register_error_shape(PREFIX, ANTHROPIC_ERRORS)
     accept_key_header(PREFIX, "x-api-key")
-    endpoint = Messages(services)
+    signatures = Signatures(services)
+    endpoint = Messages(services, signatures)
     r = APIRouter()
 
     @r.post(PREFIX, responses=STREAM_RESPONSES)
@@ -192,7 +213,7 @@ def router(services: Services) -> APIRouter:
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
         """The prompt tokens a Messages request would take (no generation)."""
         services.check_model(body.model)
-        chat, _ = chat_request(body, services)
+        chat, _ = chat_request(body, services, signatures)
         prompt = services.pipeline.render(chat)
         return {"input_tokens": len(services.engine.encode_parts(prompt.parts))}
 

@@ -8,13 +8,14 @@ each step is.  The streamed answer and the non-streamed one are both this fold, 
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
+from glmserve.server_secret import ServerSecret
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -49,10 +50,37 @@ def new_tool_use_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
-def signature(thinking: str) -> str:
-    """An opaque signature for a thinking block.  Clients send thinking blocks back with
-    their signature; glmserve does not need to verify them, only to give one."""
-    return "glmserve-" + hashlib.sha256(thinking.encode("utf-8")).hexdigest()[:32]
+SIGNATURE_PREFIX = "glmserve1."
+SIGNATURE_PURPOSE = "anthropic.thinking-signature"
+
+
+class ThinkingSigner:
+    """The ``signature`` of a thinking block: ``glmserve1.`` + the base64url HMAC-SHA256 of the
+    thinking text under a key derived from the server secret (:mod:`glmserve.server_secret`).
+
+    Clients send thinking blocks back with their signature; a block's thinking becomes the
+    model's own reasoning history only if its signature verifies under the current or a
+    previous secret (:func:`glmserve.api.anthropic.mapping.to_openai_messages`).  It proves the
+    text is what this server (or a replica sharing its secret) produced; it hides nothing: the
+    text itself is in the block.
+    """
+
+    def __init__(self, secret: ServerSecret) -> None:
+        self.secret = secret
+
+    def sign(self, thinking: str) -> str:
+        mac = self.secret.mac(SIGNATURE_PURPOSE, thinking.encode("utf-8"))
+        return SIGNATURE_PREFIX + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def verify(self, thinking: str, signature: str | None) -> bool:
+        if not signature or not signature.startswith(SIGNATURE_PREFIX):
+            return False
+        body = signature[len(SIGNATURE_PREFIX):]
+        try:
+            mac = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (ValueError, UnicodeError):
+            return False
+        return self.secret.verify(SIGNATURE_PURPOSE, thinking.encode("utf-8"), mac)
 
 
 def stop_reason(finish_reason: str | None, stop_sequence: str | None = None) -> str:
@@ -74,11 +102,12 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 class BlockFolder:
     """Folds one answer's events into content blocks, returning stream events as it goes.
 
-    ``omit_thinking``: thinking blocks keep their signature but not their text (Anthropic's
+    ``signer`` gives each thinking block its signature.  ``omit_thinking``: thinking blocks keep their signature but not their text (Anthropic's
     ``display: "omitted"``).  ``whole_arguments``: arguments go out in one piece when the call
     ends (an argument hook may rewrite them, so fragments could disagree with the result).
     """
 
+    signer: ThinkingSigner
     omit_thinking: bool = False
     whole_arguments: bool = False
     blocks: list[dict[str, Any]] = field(default_factory=list)
@@ -94,7 +123,7 @@ class BlockFolder:
             return
         if self._kind == "thinking":
             text = "".join(self._thinking)
-            sig = signature(text)
+            sig = self.signer.sign(text)
             self.blocks[self._open]["signature"] = sig
             if not self.omit_thinking:
                 self.blocks[self._open]["thinking"] = text

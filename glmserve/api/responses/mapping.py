@@ -12,13 +12,17 @@ as for ``/v1/chat/completions``.
 * Tools only OpenAI's cloud runs (``web_search``, ``file_search``, ...) are left out and
   reported, so a client that always declares them (Codex does) still works.
 * A ``reasoning`` item becomes the next assistant turn's ``reasoning_content`` (the family's
-  reasoning history): its ``reasoning_text`` content, or the ``encrypted_content`` this
-  server sealed (:mod:`glmserve.api.responses.seal`).
+  reasoning history).  With ``encrypted_content`` the seal is authoritative
+  (:mod:`glmserve.api.responses.seal`): a seal that opens gives the reasoning, whatever plain
+  text the item also carries; one that does not open drops the item's reasoning, plain text
+  included, and is reported to ``on_drop`` (the request goes on, so a restart with a new
+  secret does not end a running agent session).  Without a seal, its ``reasoning_text``
+  content is the client's own history, taken like any assistant message it sends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,18 +186,23 @@ def _text_parts(parts: str | list[dict[str, Any]], param: str) -> str:
     return "\n".join(texts)
 
 
-def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None) -> str:
+DropReasoning = Callable[[str, str], None]
+"""``on_drop(param, reason)``: reasoning at ``param`` was not given to the model (reason:
+``invalid_seal``)."""
+
+
+def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None, on_drop: DropReasoning | None) -> str:
+    if item.encrypted_content:  # the seal wins over any plain text beside it
+        if seal is not None:
+            try:
+                return seal.open(item.encrypted_content)
+            except InvalidSeal:
+                pass
+        if on_drop is not None:
+            on_drop(f"{param}.encrypted_content", "invalid_seal")
+        return ""
     if item.content:
         return "".join(str(p.get("text", "")) for p in item.content if p.get("type") in ("reasoning_text", "text"))
-    if item.encrypted_content:
-        if seal is None:
-            raise APIError(400, f"{param}.encrypted_content cannot be read by this server",
-                           param=f"{param}.encrypted_content")
-        try:
-            return seal.open(item.encrypted_content)
-        except InvalidSeal as exc:
-            raise APIError(400, f"{param}.encrypted_content: {exc}", param=f"{param}.encrypted_content",
-                           code="invalid_encrypted_content") from None
     return ""  # a summary is not the reasoning; nothing to keep
 
 
@@ -221,10 +230,11 @@ class _Turns:
 
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
-                      params: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                      params: Sequence[str] | None = None, on_drop: DropReasoning | None = None) -> list[dict[str, Any]]:
     """Chat messages for input items (models from :mod:`glmserve.api.responses.schemas`); ``instructions``
     become the leading system message.  ``params[n]`` names item ``n`` in errors
-    (default ``input[n]``)."""
+    (default ``input[n]``).  Sealed reasoning that ``seal`` cannot open (or any, without a
+    seal) is dropped and reported to ``on_drop``."""
     turns = _Turns()
     if instructions:
         turns.add({"role": "system", "content": instructions})
@@ -241,7 +251,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
             else:
                 turns.add({"role": "system" if item.role in ("system", "developer") else "user", "content": text})
         elif isinstance(item, ReasoningItem):
-            text = _reasoning_text(item, p, seal)
+            text = _reasoning_text(item, p, seal, on_drop)
             turn = turns.assistant()
             if turn["content"] is not None or turn.get("tool_calls"):
                 turns.close()  # reasoning after an answer belongs to a new turn

@@ -48,6 +48,7 @@ from glmserve.api.responses.store import (
 from glmserve.api.runner import Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
+from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.responses")
 T = TypeVar("T")
@@ -58,8 +59,10 @@ class ResponsesState:
     ``/v1/responses`` touches no database file and writes no secret; a PostgreSQL store is
     connected at start-up, :meth:`start`)."""
 
-    def __init__(self, db_path: str | Path | None, bounds: Bounds | None = None, db_timeout: float = 5.0) -> None:
+    def __init__(self, db_path: str | Path | None, secret: SecretSource | None = None, bounds: Bounds | None = None,
+                 db_timeout: float = 5.0) -> None:
         self.db_path = db_path
+        self.secret = secret or SecretSource()
         self.bounds = bounds or Bounds()
         self.db_timeout = db_timeout
         self._store: ResponseStore | None = None
@@ -78,7 +81,7 @@ class ResponsesState:
     def seal(self) -> ReasoningSeal:
         with self._lock:
             if self._seal is None:
-                self._seal = ReasoningSeal.from_file()
+                self._seal = ReasoningSeal(self.secret.get())
             return self._seal
 
     @property
@@ -142,6 +145,11 @@ class Responses:
         self.pipeline = services.pipeline
         self.state = state
 
+    def _dropped(self, param: str, reason: str) -> None:
+        """Reasoning whose seal does not open is not the model's own: left out, logged, counted."""
+        log.warning("%s: reasoning left out of the prompt (%s: not sealed under this server's secrets)", param, reason)
+        self.services.metrics.reasoning_dropped.labels(reason).inc()
+
     async def _history(self, owner: str, previous: str | None) -> list[Any]:
         if previous is None:
             return []
@@ -165,7 +173,8 @@ class Responses:
         choice = normalise_tool_choice(choice, tools)
         params = [f"previous_response_id (item {k})" for k in range(len(history))] + \
                  [f"input[{i}]" for i in range(len(body.input))]
-        messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params)
+        messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params,
+                                     on_drop=self._dropped)
         if len(messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages (input items and history) per request",
                            param="input")
@@ -279,8 +288,8 @@ EVENTS: dict[int | str, dict[str, Any]] = {
 
 def router(services: Services) -> APIRouter:
     st = services.settings
-    state = ResponsesState(st.responses_db, Bounds(ttl=st.responses_ttl, max_bytes=st.responses_max_bytes),
-                           st.responses_db_timeout)
+    state = ResponsesState(st.responses_db, SecretSource(st.secret),
+                           Bounds(ttl=st.responses_ttl, max_bytes=st.responses_max_bytes), st.responses_db_timeout)
     services.on_start.append(state.start)
     services.on_stop.append(state.close)
     services.checks["store"] = state.check
