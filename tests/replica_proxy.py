@@ -32,7 +32,11 @@ class RoundRobin(ThreadServer):
         self._next = itertools.cycle(range(len(backends)))
         self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
-        super().__init__(self._app)
+
+        async def app(scope, receive, send) -> None:  # a plain coroutine function: uvicorn sees ASGI 3
+            await self._app(scope, receive, send)
+
+        super().__init__(app)
 
     def _pick(self) -> str:
         with self._lock:
