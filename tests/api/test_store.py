@@ -306,3 +306,39 @@ async def test_postgres_down_at_start_up(postgres):
         assert (await store.get("k", "resp_1")) is not None
     finally:
         await store.close()
+
+
+async def hold_write_lock(store: ResponseStore):
+    """Another connection takes the store's write lock and keeps it; returns its release."""
+    if isinstance(store, SQLiteStore):
+        holder = sqlite3.connect(store.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+
+        async def release() -> None:
+            holder.close()
+        return release
+    import psycopg
+
+    conn = await psycopg.AsyncConnection.connect(store.url)
+    await conn.execute("SELECT 1 FROM glmserve_meta WHERE k = 1 FOR UPDATE")  # a transaction, left open
+    return conn.close
+
+
+async def test_a_slow_database_is_a_clear_failure(make_store):
+    """Another connection holds the write lock (a slow or stuck writer): a write fails within
+    the timeout with StoreUnavailable instead of waiting, reads still answer, and once the
+    lock is released writes work again."""
+    store = make_store(timeout=1.0)
+    try:
+        await store.put("k", response("resp_1"), user("q"), None)
+        release = await hold_write_lock(store)
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.put("k", response("resp_2"), user("q"), "resp_1")
+        assert time.monotonic() - t0 < 1.0 + 2
+        assert (await store.get("k", "resp_1")) is not None
+        await release()
+        await store.put("k", response("resp_2"), user("q"), "resp_1")
+        assert len(await store.history("k", "resp_2")) == 4
+    finally:
+        await store.close()

@@ -84,10 +84,6 @@ class ResponsesState:
                 self._seal = ReasoningSeal(self.secret.get())
             return self._seal
 
-    @property
-    def opened(self) -> bool:
-        return self._store is not None
-
     async def start(self) -> None:
         if is_postgres_url(self.db_path):
             await self.store.start()

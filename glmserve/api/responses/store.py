@@ -44,8 +44,8 @@ def default_db_path() -> Path:
     return cache_dir() / "responses.sqlite3"
 
 
-def is_postgres_url(spec: str | None) -> bool:
-    return spec is not None and spec.startswith(("postgresql://", "postgres://"))
+def is_postgres_url(spec: str | Path | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://"))
 
 
 class ChainBroken(LookupError):
@@ -159,10 +159,10 @@ def open_store(spec: str | Path | None, bounds: Bounds | None = None,
     """The backend ``spec`` names: a ``postgresql://`` URL, else a SQLite file (None: the
     default file under the glmserve cache).  Opening is lazy: nothing connects yet."""
     bounds = bounds or Bounds()
-    if isinstance(spec, str) and is_postgres_url(spec):
+    if is_postgres_url(spec):
         from glmserve.api.responses.store_postgres import PostgresStore
 
-        return PostgresStore(spec, bounds, timeout)
+        return PostgresStore(str(spec), bounds, timeout)
     from glmserve.api.responses.store_sqlite import SQLiteStore
 
     return SQLiteStore(spec, bounds, timeout)
