@@ -30,6 +30,7 @@ import httpx
 import openai
 import pytest
 
+from postgres import PASSWORD
 from servers import start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -163,6 +164,8 @@ def test_database_stopped_and_restarted(replicas, postgres):
         assert client(s).responses.retrieve(r.id).model_dump() == r.model_dump()
     nxt = ask(b, "three", previous_response_id=kept[0].id)
     assert client(a).responses.retrieve(nxt.id).previous_response_id == kept[0].id
+    for s in (a, b):  # the failures were logged, naming the database but not its password
+        assert "the response store (PostgreSQL 127.0.0.1:" in s.log() and PASSWORD not in s.log()
 
 
 def test_replica_killed_mid_stream(replicas):

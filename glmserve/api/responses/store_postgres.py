@@ -8,9 +8,10 @@ replica the load balancer picks, and no replica keeps state of its own.
   down then) under a transaction-scoped advisory lock, so replicas starting together do not
   race on DDL.  Tables are prefixed ``glmserve_`` so the database may be shared.
 * Times are the database's clock (one clock for all replicas).
-* Every write locks the one ``glmserve_meta`` row first: writers serialize on it (no
-  deadlocks between an eviction and a ``DELETE``), and the byte total it keeps (triggers on
-  every insert, replace and delete) stays exact with any number of replicas.
+* Every write locks the one ``glmserve_meta`` row (a ``DELETE`` before any response row, a
+  put through its insert's trigger, holding only its own new row): writers serialize on it
+  without deadlocks, and the byte total it keeps (triggers on every insert, replace and
+  delete) stays exact with any number of replicas.
 * Every operation is bounded: a connection must come from the pool within ``timeout``
   seconds, statements are cancelled by the server after ``timeout`` (``statement_timeout``),
   and the whole operation by the client after that (a stalled server cannot hold a request).
@@ -206,8 +207,11 @@ class PostgresStore(ResponseStore):
         rid = response["id"]
 
         async def write(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.transaction():
-                await conn.execute("SELECT total_bytes FROM glmserve_meta WHERE k = 1 FOR UPDATE")
+            # One round trip for the common case (pipeline mode).  The insert's trigger locks
+            # the meta row; the only row locked before it is the new one, which no other
+            # transaction can see yet, so this cannot deadlock with a DELETE (which locks the
+            # meta row first) or another writer's eviction.
+            async with conn.pipeline(), conn.transaction():
                 await conn.execute(_PUT, {"id": rid, "owner": owner, "prev": previous_response_id, "items": items,
                                           "resp": resp, "size": size})
                 if self.bounds.ttl:
@@ -216,7 +220,9 @@ class PostgresStore(ResponseStore):
                         f" WHERE created_at < {_NOW} - %(ttl)s ORDER BY created_at LIMIT %(n)s)",
                         {"ttl": self._ttl, "n": _SWEEP_BATCH})
                 if self.bounds.max_bytes is not None:
-                    await self._evict(conn, rid, self.bounds.max_bytes)
+                    cur = await conn.execute("SELECT total_bytes FROM glmserve_meta WHERE k = 1")
+                    if (await cur.fetchone())[0] > self.bounds.max_bytes:
+                        await self._evict(conn, rid, self.bounds.max_bytes)
 
         await self._run("store a response", write)
 
