@@ -61,8 +61,6 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-output-tokens", type=int, default=None, metavar="N",
                    help="cap every request's output at N tokens, whatever it asks (default: no cap); an answer cut "
                         "by the cap says it stopped on length")
-    g.add_argument("--responses-db", default=None, metavar="PATH",
-                   help="SQLite file of the stored /v1/responses (default: <glmserve cache>/responses.sqlite3)")
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="the server secret that signs thinking blocks and seals reasoning items: a file of at least 32 "
                         "random bytes, mode 0600 or stricter (e.g. head -c 32 /dev/urandom > PATH); replicas sharing it "
@@ -71,6 +69,59 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--previous-secret-file", action="append", default=[], metavar="PATH",
                    help="a former secret, still accepted to verify signatures and open seals, never used to issue them "
                         "(repeatable; also GLMSERVE_PREVIOUS_SECRET, hex, comma-separated)")
+    # the Responses store (glmserve.api.responses.store)
+    g.add_argument("--responses-db", default=None, metavar="PATH|URL",
+                   help="where the stored /v1/responses live: a SQLite file (default: <glmserve cache>/"
+                        "responses.sqlite3), or a postgresql://user:password@host:port/db URL that several "
+                        "replicas share (see README, 'Running many replicas')")
+    g.add_argument("--responses-ttl", type=_duration, default=30 * 24 * 3600.0, metavar="DURATION",
+                   help="how long a stored response is kept: seconds, or a number with s/m/h/d (default 30d, as "
+                        "OpenAI keeps them; 0 keeps them until evicted or deleted)")
+    g.add_argument("--responses-max-bytes", type=_size, default=1 << 30, metavar="SIZE",
+                   help="bound on the stored responses and their inputs (JSON bytes; K/M/G/KiB/MiB/GiB accepted; "
+                        "default 1GiB; 0 for no bound): past it the oldest responses are evicted")
+    g.add_argument("--responses-db-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="how long a store operation may take before the client gets a 503 (default 5)")
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def _duration(text: str) -> float | None:
+    """``--responses-ttl``: seconds, or 90m / 12h / 30d; 0 means no expiry (None)."""
+    t = text.strip().lower()
+    scale = _DURATION_UNITS.get(t[-1:], None) if t else None
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 12h, 30d)") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration is a finite number, not negative")
+    return value or None
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    value = _duration(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _size(text: str) -> int | None:
+    """``--responses-max-bytes``: bytes, or 512MiB / 2G ...; 0 means no bound (None)."""
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    unit = t[len(num):]
+    try:
+        value = int(float(num) * _SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1000000, 512MiB, 2GiB)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size cannot be negative")
+    return value or None
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -154,7 +205,9 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
                         max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
-                        responses_db=args.responses_db, secret=secret)
+                        responses_db=args.responses_db, responses_ttl=args.responses_ttl,
+                        responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
+                        secret=secret)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)

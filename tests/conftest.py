@@ -68,3 +68,14 @@ def glm45_server() -> Server:
     s = start_server(_tiny("glm45"), "--chat-format", "glm45", "--served-model-name", "tiny-glm45")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server of the suite's own (tests/postgres.py), started once; each
+    user takes a fresh database with ``postgres.fresh_database(name)``."""
+    from postgres import PostgresServer
+
+    pg = PostgresServer().start()
+    yield pg
+    pg.destroy()

@@ -1,6 +1,6 @@
 """A test-only server entry: the real app (``create_app``) on the scripted engine.
 
-    python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F]
+    python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F] [--secret-file F]
 
 Used where a real client (Codex CLI) must be driven through a conversation whose model
 output is chosen by the test: the program below decides each answer from the prompt it is
@@ -22,6 +22,7 @@ from glmserve.api.app import Settings, create_app  # noqa: E402
 from glmserve.engine.base import GenerateParams  # noqa: E402
 from glmserve.engine.scripted import ScriptedEngine  # noqa: E402
 from glmserve.formats import get_format  # noqa: E402
+from glmserve.server_secret import from_sources  # noqa: E402
 
 CODEX_COMMAND = "echo $((6*7)) > codex_out.txt && cat codex_out.txt"
 CODEX_REASONING = "The user wants a file; I will run a command."
@@ -54,9 +55,11 @@ def main() -> None:
     p.add_argument("--program", choices=sorted(PROGRAMS), required=True)
     p.add_argument("--responses-db", default=None)
     p.add_argument("--api-key", action="append", default=[])
+    p.add_argument("--secret-file", default=None)
     a = p.parse_args()
     engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
-    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db)
+    secret = from_sources(a.secret_file) if a.secret_file else None
+    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret)
     app = create_app(engine, get_format(a.chat_format), settings)
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
 

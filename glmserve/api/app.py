@@ -42,9 +42,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        if on_shutdown is not None:
-            await on_shutdown()
+        for start in services.on_start:
+            await start()
+        try:
+            yield
+        finally:
+            for stop in services.on_stop:
+                await stop()
+            if on_shutdown is not None:
+                await on_shutdown()
 
     app = FastAPI(title="glmserve", version=glmserve.__version__, lifespan=lifespan)
     app.state.services = services

@@ -173,7 +173,7 @@ _ERRORS = {
     "413": "request body larger than --max-body-bytes",
     "429": "too many requests in flight; retry after Retry-After seconds",
     "500": "internal error",
-    "503": "the engine is unavailable",
+    "503": "the engine (or, under /v1/responses, the response store) is unavailable",
 }
 
 
@@ -189,9 +189,9 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
         codes.append("404")
     if path.startswith("/v1") and "requestBody" in op:  # generating routes: admission and the engine
         codes += ["429", "503"]
-    if path == "/health":
+    if path == "/health" or path.startswith("/v1/responses"):  # the engine; the response store
         codes.append("503")
-    return sorted(codes)
+    return sorted(set(codes))
 
 
 def document_errors(app: FastAPI) -> None:

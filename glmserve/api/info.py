@@ -31,11 +31,20 @@ def router(services: Services) -> APIRouter:
 
     @r.get("/health")
     async def health() -> Response:
+        """Ready to serve: the engine, and each other part (the Responses store) answers; a
+        load balancer takes a replica whose database is down out of rotation."""
         try:
             await engine.check_health()
         except EngineUnavailable as exc:
             return error_response(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
-        return JSONResponse({"status": "ok", "running": engine.running})
+        parts: dict[str, str] = {}
+        for name, check in services.checks.items():
+            try:
+                await check()
+            except APIError as exc:
+                return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+            parts[name] = "ok"
+        return JSONResponse({"status": "ok", "running": engine.running, **parts})
 
     @r.get("/version")
     async def version() -> dict[str, Any]:

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
@@ -119,6 +119,12 @@ class Services:
     admission: Admission
     request_log: RequestLog
     pipeline: ChatPipeline
+    checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    """Readiness of the parts besides the engine, by name (the Responses store): ``/health``
+    awaits each; one raising :class:`APIError` makes the server unready (a 503)."""
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run by the app's lifespan (a router's connections opened and closed with the server)."""
 
     @classmethod
     def build(cls, engine: Engine, fmt: ChatFormat, settings: Settings) -> "Services":

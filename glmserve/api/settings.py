@@ -27,8 +27,16 @@ class Settings:
     json_logs: bool = False
     max_output_tokens: int | None = None
     """Server-wide cap on every request's output tokens (``--max-output-tokens``; None: no cap)."""
+    # the Responses store (``glmserve.api.responses.store``)
     responses_db: str | None = None
-    """The SQLite file of stored Responses (``--responses-db``; None: ``<glmserve cache>/responses.sqlite3``)."""
+    """Where stored Responses live (``--responses-db``): a SQLite file, or a ``postgresql://`` URL
+    that replicas share (None: ``<glmserve cache>/responses.sqlite3``)."""
+    responses_ttl: float | None = 30 * 24 * 3600.0
+    """Seconds a stored response is kept (``--responses-ttl``; None: until evicted or deleted)."""
+    responses_max_bytes: int | None = 1 << 30
+    """Stored bytes before the oldest responses are evicted (``--responses-max-bytes``; None: no bound)."""
+    responses_db_timeout: float = 5.0
+    """Seconds a store operation may take before the client gets a 503 (``--responses-db-timeout``)."""
     secret: ServerSecret | None = None
     """Signs thinking blocks and seals reasoning items (``--secret-file``, ``GLMSERVE_SECRET``; None: the
     secret generated under the glmserve cache, :func:`glmserve.server_secret.default_secret`)."""

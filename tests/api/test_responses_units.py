@@ -24,7 +24,8 @@ from glmserve.api.responses.mapping import (
 )
 from glmserve.api.responses.schemas import ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler
-from glmserve.api.responses.store import ChainBroken, ResponseStore
+from glmserve.api.responses.store import ChainBroken
+from glmserve.api.responses.store_sqlite import SQLiteStore
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.formats.message import MessageBuilder
 
@@ -179,15 +180,15 @@ def test_a_seal_is_authoritative_over_plain_text_beside_it():
 @pytest.mark.asyncio
 async def test_store_owner_restart_and_chain(tmp_path):
     db = tmp_path / "r.sqlite3"
-    store = ResponseStore(db)
+    store = SQLiteStore(db)
     r1 = {"id": "resp_1", "output": [{"type": "message", "role": "assistant", "status": "completed",
                                       "content": [{"type": "output_text", "text": "hi", "annotations": []}]}]}
     await store.put("k1", r1, [{"type": "message", "role": "user", "content": "hello"}], None)
     r2 = {"id": "resp_2", "output": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]}
     await store.put("k1", r2, [{"type": "message", "role": "user", "content": "again"}], "resp_1")
-    store.close()
+    await store.close()
 
-    store = ResponseStore(db)  # a restarted server
+    store = SQLiteStore(db)  # a restarted server
     assert (await store.get("k1", "resp_2")).response == r2
     assert await store.get("k2", "resp_2") is None  # another key sees nothing
     history = await store.history("k1", "resp_2")
@@ -199,7 +200,7 @@ async def test_store_owner_restart_and_chain(tmp_path):
     assert await store.delete("k1", "resp_1")
     with pytest.raises(ChainBroken):
         await store.history("k1", "resp_2")
-    store.close()
+    await store.close()
 
 
 # --------------------------------------------------------------------------- assembler

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
@@ -37,22 +37,34 @@ from glmserve.api.responses.mapping import (
 )
 from glmserve.api.responses.schemas import ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler, sse
-from glmserve.api.responses.store import ChainBroken, ResponseStore
+from glmserve.api.responses.store import (
+    Bounds,
+    ChainBroken,
+    ResponseStore,
+    StoreUnavailable,
+    is_postgres_url,
+    open_store,
+)
 from glmserve.api.runner import Prelude, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
 from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.responses")
+T = TypeVar("T")
 
 
 class ResponsesState:
     """The store and the reasoning seal, opened on first use (an app that never serves
-    ``/v1/responses`` touches no database file and writes no secret)."""
+    ``/v1/responses`` touches no database file and writes no secret; a PostgreSQL store is
+    connected at start-up, :meth:`start`)."""
 
-    def __init__(self, db_path: str | Path | None, secret: SecretSource | None = None) -> None:
+    def __init__(self, db_path: str | Path | None, secret: SecretSource | None = None, bounds: Bounds | None = None,
+                 db_timeout: float = 5.0) -> None:
         self.db_path = db_path
         self.secret = secret or SecretSource()
+        self.bounds = bounds or Bounds()
+        self.db_timeout = db_timeout
         self._store: ResponseStore | None = None
         self._seal: ReasoningSeal | None = None
         self._lock = threading.Lock()
@@ -61,7 +73,8 @@ class ResponsesState:
     def store(self) -> ResponseStore:
         with self._lock:
             if self._store is None:
-                self._store = ResponseStore(self.db_path)
+                self._store = open_store(self.db_path, self.bounds, self.db_timeout)
+                log.info("responses store: %s", self._store.describe())
             return self._store
 
     @property
@@ -71,9 +84,31 @@ class ResponsesState:
                 self._seal = ReasoningSeal(self.secret.get())
             return self._seal
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        if is_postgres_url(self.db_path):
+            await self.store.start()
+
+    async def check(self) -> None:
+        """``/health``'s view: a 503 unless the store answers (a SQLite file not opened yet
+        has nothing to check)."""
+        if self._store is not None or is_postgres_url(self.db_path):
+            await store_call(self.store.check())
+
+    async def close(self) -> None:
         if self._store is not None:
-            self._store.close()
+            await self._store.close()
+            self._store = None
+
+
+async def store_call(op: Awaitable[T]) -> T:
+    """``op`` on the store; a database that is down or slow is a 503 for the client (the
+    details, which name hosts, go to the log)."""
+    try:
+        return await op
+    except StoreUnavailable as exc:
+        log.warning("%s", exc)
+        raise APIError(503, "the response store is unavailable; retry later", code="store_unavailable",
+                       headers={"Retry-After": "2"}) from None
 
 
 @dataclass
@@ -115,7 +150,7 @@ class Responses:
         if previous is None:
             return []
         try:
-            items = await self.state.store.history(owner, previous)
+            items = await store_call(self.state.store.history(owner, previous))
         except ChainBroken as exc:
             raise APIError(400, f"previous_response_id: {exc}", param="previous_response_id",
                            code="previous_response_not_found") from None
@@ -187,7 +222,7 @@ class Responses:
     async def _save(self, h: ResponsesHandle) -> None:
         if h.body.store:
             items = [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in h.body.input]
-            await self.state.store.put(h.owner, h.assembler.response, items, h.body.previous_response_id)
+            await store_call(self.state.store.put(h.owner, h.assembler.response, items, h.body.previous_response_id))
 
     async def _fold(self, h: ResponsesHandle) -> AsyncIterator[list[dict[str, Any]]]:
         """Batches of stream events, the final one (completed / incomplete) after the
@@ -220,7 +255,9 @@ class Responses:
                     yield "".join(sse(ev) for ev in events)
         except EngineUnavailable as exc:
             yield self._failed(h, f"the engine is unavailable: {exc}")
-        except (EngineRequestError, APIError) as exc:
+        except APIError as exc:  # the store failed at the end: the response was not stored, so not completed
+            yield self._failed(h, exc.message, exc.code or "invalid_prompt")
+        except EngineRequestError as exc:
             yield self._failed(h, str(exc), "invalid_prompt")
         except Exception as exc:  # headers are gone: report in-band, as the runner would (and log it)
             log.exception("stream %s failed", h.request_id)
@@ -247,7 +284,12 @@ EVENTS: dict[int | str, dict[str, Any]] = {
 
 
 def router(services: Services) -> APIRouter:
-    state = ResponsesState(services.settings.responses_db, SecretSource(services.settings.secret))
+    st = services.settings
+    state = ResponsesState(st.responses_db, SecretSource(st.secret),
+                           Bounds(ttl=st.responses_ttl, max_bytes=st.responses_max_bytes), st.responses_db_timeout)
+    services.on_start.append(state.start)
+    services.on_stop.append(state.close)
+    services.checks["store"] = state.check
     endpoint = Responses(services, state)
     r = APIRouter()
 
@@ -260,14 +302,14 @@ def router(services: Services) -> APIRouter:
 
     @r.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
-        stored = await state.store.get(_owner(request), response_id)
+        stored = await store_call(state.store.get(_owner(request), response_id))
         if stored is None:
             raise not_found(response_id)
         return JSONResponse(stored.response)
 
     @r.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, request: Request) -> JSONResponse:
-        if not await state.store.delete(_owner(request), response_id):
+        if not await store_call(state.store.delete(_owner(request), response_id)):
             raise not_found(response_id)
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 

@@ -1,4 +1,4 @@
-"""Stored responses: an embedded SQLite database (stdlib ``sqlite3``).
+"""Stored responses: one interface, two backends.
 
 One row per stored response: the response object as returned, the input items of its own
 request, and the ``previous_response_id`` it continued.  ``previous_response_id`` rebuilds a
@@ -7,36 +7,53 @@ conversation costs linear, not quadratic, space).  Every row belongs to the API 
 created it (``owner``, an identity of the key that the auth middleware derives, "" when
 auth is off): another key sees no such response.
 
-The file lives under the glmserve cache directory by default (``glmserve serve
---responses-db PATH`` moves it); it is opened in WAL mode, so a restarted server, or a
-second one, reads what the first wrote.  Queries are short and run in a worker thread so
-they never block the event loop.
+Backends (:func:`open_store` picks one from ``--responses-db``):
+
+* :class:`~glmserve.api.responses.store_sqlite.SQLiteStore`, the embedded default: a file
+  (mode 0600) under the glmserve cache directory; one server, or several on one machine.
+* :class:`~glmserve.api.responses.store_postgres.PostgresStore` for ``postgresql://`` URLs:
+  many replicas share it, so none of them keeps state of its own.
+
+Both keep the same bounds: a response expires ``ttl`` seconds after it was stored (30 days
+by default, as OpenAI keeps them), and when the stored bytes pass ``max_bytes`` the oldest
+responses are evicted.  A database that cannot answer within ``timeout`` seconds raises
+:class:`StoreUnavailable` (a 503 for the client), never a hang.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-import threading
-import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glmserve.models import cache_dir
 
-SCHEMA_VERSION = 1
 MAX_CHAIN = 10_000
 """Longest previous_response_id chain followed (a guard, far beyond any conversation)."""
+DEFAULT_TTL = 30 * 24 * 3600.0
+"""Seconds a stored response is kept (OpenAI keeps responses 30 days)."""
+DEFAULT_MAX_BYTES = 1 << 30
+"""Stored bytes (responses and their input items, as JSON) before the oldest are evicted."""
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a store operation may take before the client gets a 503."""
 
 
 def default_db_path() -> Path:
     return cache_dir() / "responses.sqlite3"
 
 
+def is_postgres_url(spec: str | Path | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://"))
+
+
 class ChainBroken(LookupError):
-    """A response in the chain was deleted (or the chain is absurdly long)."""
+    """A response in the chain was deleted or expired (or the chain is absurdly long)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database did not answer (down, unreachable, or slower than the timeout)."""
 
 
 @dataclass
@@ -46,87 +63,106 @@ class Stored:
     previous_response_id: str | None
 
 
-class ResponseStore:
-    def __init__(self, path: Path | str | None = None) -> None:
-        self.path = Path(path) if path is not None else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._db:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS responses ("
-                " id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,"
-                " previous_response_id TEXT, input_items TEXT NOT NULL, response TEXT NOT NULL)"
-            )
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} has schema version {version}; this glmserve writes {SCHEMA_VERSION}")
+@dataclass(frozen=True)
+class Bounds:
+    """Retention: ``ttl`` seconds (None: kept until evicted or deleted) and ``max_bytes``
+    (None: unbounded)."""
 
-    # ----------------------------------------------------------------- sync (worker thread)
+    ttl: float | None = DEFAULT_TTL
+    max_bytes: int | None = DEFAULT_MAX_BYTES
 
-    def _put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]], previous: str | None) -> None:
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                (response["id"], owner, time.time(), previous,
-                 json.dumps(input_items, ensure_ascii=False), json.dumps(response, ensure_ascii=False)),
-            )
 
-    def _get(self, owner: str, response_id: str) -> Stored | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT response, input_items, previous_response_id FROM responses WHERE id = ? AND owner = ?",
-                (response_id, owner),
-            ).fetchone()
-        if row is None:
-            return None
-        return Stored(json.loads(row[0]), json.loads(row[1]), row[2])
+def encode(response: dict[str, Any], input_items: list[dict[str, Any]]) -> tuple[str, str, int]:
+    """The two JSON columns and the row's size in bytes (what ``max_bytes`` counts)."""
+    resp, items = json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False)
+    return resp, items, len(resp.encode()) + len(items.encode())
 
-    def _delete(self, owner: str, response_id: str) -> bool:
-        with self._lock, self._db:
-            cur = self._db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner))
-        return cur.rowcount > 0
 
-    def _history(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
-        """The conversation up to and including ``response_id``, oldest first: each turn's
-        input items followed by its output items.  None when ``response_id`` is unknown."""
-        turns: list[Stored] = []
-        current: str | None = response_id
-        while current is not None:
-            if len(turns) >= MAX_CHAIN:
-                raise ChainBroken(f"the conversation of {response_id} is longer than {MAX_CHAIN} responses")
-            stored = self._get(owner, current)
-            if stored is None:
-                if not turns:
-                    return None
-                raise ChainBroken(f"the conversation of {response_id} continues {current}, which was deleted")
-            turns.append(stored)
-            current = stored.previous_response_id
-        items: list[dict[str, Any]] = []
-        for stored in reversed(turns):
-            items.extend(stored.input_items)
-            items.extend(stored.response.get("output") or [])
-        return items
+def just_enough(oldest: list[tuple[str, int]], excess: int) -> list[str]:
+    """The ids, oldest first, whose sizes first add up to ``excess`` (all of them if they
+    do not): what eviction removes from one batch."""
+    picked: list[str] = []
+    for rid, size in oldest:
+        if excess <= 0:
+            break
+        picked.append(rid)
+        excess -= size
+    return picked
 
-    # ----------------------------------------------------------------- async API
 
+def assemble_history(response_id: str, rows: list[tuple[str, str, str | None]]) -> list[dict[str, Any]] | None:
+    """The conversation from the chain's rows, newest first as the recursive query returns
+    them (``(response, input_items, previous_response_id)``): each turn's input items then
+    its output items, oldest first.  None when ``response_id`` itself is not there."""
+    if not rows:
+        return None
+    if len(rows) > MAX_CHAIN:
+        raise ChainBroken(f"the conversation of {response_id} is longer than {MAX_CHAIN} responses")
+    missing = rows[-1][2]
+    if missing is not None:
+        raise ChainBroken(f"the conversation of {response_id} continues {missing}, which was deleted or expired")
+    items: list[dict[str, Any]] = []
+    for response, input_items, _ in reversed(rows):
+        items.extend(json.loads(input_items))
+        items.extend(json.loads(response).get("output") or [])
+    return items
+
+
+class ResponseStore(ABC):
+    """What the Responses routes need of a store; every method may raise
+    :class:`StoreUnavailable`."""
+
+    bounds: Bounds
+
+    @abstractmethod
     async def put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]],
                   previous_response_id: str | None) -> None:
-        await asyncio.to_thread(self._put, owner, response, input_items, previous_response_id)
+        """Store (or replace) ``response``; returns once it is durable, evicting the oldest
+        responses if the store is over ``max_bytes``."""
 
+    @abstractmethod
     async def get(self, owner: str, response_id: str) -> Stored | None:
-        return await asyncio.to_thread(self._get, owner, response_id)
+        """``owner``'s unexpired response, or None."""
 
+    @abstractmethod
     async def delete(self, owner: str, response_id: str) -> bool:
-        return await asyncio.to_thread(self._delete, owner, response_id)
+        """Remove ``owner``'s response; False when there is none."""
 
+    @abstractmethod
     async def history(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
-        return await asyncio.to_thread(self._history, owner, response_id)
+        """The conversation up to and including ``response_id``, oldest first (see
+        :func:`assemble_history`); None when ``response_id`` is unknown."""
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    async def start(self) -> None:
+        """Connect and create or migrate the schema now, at start-up (a store that opens on
+        first use does nothing here)."""
+
+    @abstractmethod
+    async def total_bytes(self) -> int:
+        """The stored bytes that ``max_bytes`` bounds."""
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers now (``/health``)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connections."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for logs (never a password)."""
+
+
+def open_store(spec: str | Path | None, bounds: Bounds | None = None,
+               timeout: float = DEFAULT_TIMEOUT) -> ResponseStore:
+    """The backend ``spec`` names: a ``postgresql://`` URL, else a SQLite file (None: the
+    default file under the glmserve cache).  Opening is lazy: nothing connects yet."""
+    bounds = bounds or Bounds()
+    if is_postgres_url(spec):
+        from glmserve.api.responses.store_postgres import PostgresStore
+
+        return PostgresStore(str(spec), bounds, timeout)
+    from glmserve.api.responses.store_sqlite import SQLiteStore
+
+    return SQLiteStore(spec, bounds, timeout)
