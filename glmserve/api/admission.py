@@ -86,10 +86,10 @@ class TrackedEngine:
             opened.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
-        opened = _OPEN.get()
-        if opened is not None:
-            opened.discard(request_id)
         await self.inner.abort(request_id)
+        opened = _OPEN.get()
+        if opened is not None:  # only once it is done: an abort cancelled mid-way is retried by the lease
+            opened.discard(request_id)
 
 
 class Lease:
@@ -100,18 +100,17 @@ class Lease:
         self.engine = engine
         self.engine_requests: set[str] = set()
         _OPEN.set(self.engine_requests)  # this task's context; the tasks it starts share the set
-        self.closed = False
         self.streaming = False
         """Handed to a streamed response, which closes it once sent."""
 
     async def close(self) -> None:
-        """Free the slot, then abort the engine requests still open (idempotent)."""
+        """Free the slot, then abort the engine requests still open (idempotent; called again
+        after an abort was cancelled, it aborts what is left)."""
         self.slot.release()
-        if self.closed:
-            return
-        self.closed = True
         while self.engine_requests:
-            await self.engine.abort(self.engine_requests.pop())
+            request_id = next(iter(self.engine_requests))
+            await self.engine.abort(request_id)
+            self.engine_requests.discard(request_id)
 
 
 class RequestLog:

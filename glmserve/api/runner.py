@@ -23,10 +23,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -56,6 +57,14 @@ STREAMS: dict[int | str, dict[str, Any]] = {
           "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}},
 }
 """``responses=`` for a route that may stream (the OpenAPI document says so)."""
+
+
+def header_list(values: Iterable[str]) -> str:
+    """A response header's value made of request data (tool names...): each value
+    percent-encoded as UTF-8 (RFC 3986: all but ``A-Z a-z 0-9 - . _ ~``), joined by commas.
+    Always ASCII and free of commas, quotes and control characters, whatever the request
+    held, so building the header can never fail (``搜索`` -> ``%E6%90%9C%E7%B4%A2``)."""
+    return ",".join(quote(v, safe="") for v in values)
 
 
 def chunk_encoder(head: dict[str, Any], usage_null: bool) -> Callable[[dict[str, Any]], str]:

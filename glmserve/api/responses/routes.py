@@ -211,7 +211,9 @@ class Responses:
                     yield "".join(sse(ev) for ev in events)
         except EngineUnavailable as exc:
             yield self._failed(h, f"the engine is unavailable: {exc}")
-        except (EngineRequestError, APIError) as exc:
+        except APIError as exc:  # the server's own failures (an argument hook's) are not the prompt's
+            yield self._failed(h, str(exc), "server_error" if exc.status >= 500 else "invalid_prompt")
+        except EngineRequestError as exc:
             yield self._failed(h, str(exc), "invalid_prompt")
         except Exception as exc:  # headers are gone: report in-band, as the runner would (and log it)
             log.exception("stream %s failed", h.request_id)
