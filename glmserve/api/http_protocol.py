@@ -1,5 +1,5 @@
-"""The HTTP/1.1 connection uvicorn serves glmserve on: uvicorn's h11 protocol plus a deadline
-on each request's headers.
+"""The HTTP/1.1 connection uvicorn serves glmserve on: uvicorn's own protocol (httptools when
+installed, else h11, as uvicorn picks) plus a deadline on each request's headers.
 
 uvicorn bounds the idle time between requests (``timeout_keep_alive``) and the size of the
 headers (``h11_max_incomplete_event_size``), but not the time they take: a client sending
@@ -21,19 +21,22 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed: uvicorn serves h11, and so do we
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 from glmserve.api.errors import error_shape
 
 
-class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on request headers (:data:`header_timeout`)."""
+class _HeadDeadline:
+    """The deadline, shared by both of uvicorn's HTTP/1.1 protocols: armed when a connection
+    opens and when a request's head begins, disarmed when the head is complete."""
 
     header_timeout: float = 30.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._started = False  # some bytes of the pending request's head have arrived
-        self._arm()
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    _header_timer: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -43,6 +46,28 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _pending_head(self) -> tuple[bool, bytes | None]:
+        """(a request's head is still awaited, its bytes so far: None when none came)."""
+        raise NotImplementedError
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        pending, head = self._pending_head()
+        if self.transport.is_closing() or not pending:
+            return
+        if head is not None:
+            self.transport.write(timeout_response(head, self.header_timeout))
+        self.transport.close()
+
+
+class H11HeaderTimeout(_HeadDeadline, H11Protocol):
+    """uvicorn's h11 protocol with the header deadline."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._started = False  # some bytes of the pending request's head have arrived
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -57,13 +82,38 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return
-        if self._started:
-            self.transport.write(timeout_response(self.conn.trailing_data[0], self.header_timeout))
-        self.transport.close()
+    def _pending_head(self) -> tuple[bool, bytes | None]:
+        return self.conn.their_state is h11.IDLE, self.conn.trailing_data[0] if self._started else None
+
+
+class HttpToolsHeaderTimeout(_HeadDeadline, HttpToolsProtocol or H11Protocol):  # type: ignore[misc]
+    """uvicorn's httptools protocol (what it picks when httptools is installed, as it is
+    with vLLM) with the header deadline."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._fresh = True  # no request began on this connection yet
+        self._in_head = False
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._fresh, self._in_head = False, True
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _pending_head(self) -> tuple[bool, bytes | None]:
+        if self._in_head:
+            return True, b"GET " + self.url + b" HTTP/1.1"  # the method does not matter, the path does
+        return self._fresh, None
 
 
 def timeout_response(head: bytes, timeout: float) -> bytes:
@@ -77,14 +127,20 @@ def timeout_response(head: bytes, timeout: float) -> bytes:
             b"content-length: %d\r\n\r\n" % len(data)) + data
 
 
-def protocol(header_timeout: float | None) -> type[H11Protocol]:
-    """The protocol class for ``uvicorn.Config(http=...)``; None: uvicorn's own (no deadline)."""
+def protocol(header_timeout: float | None, impl: str = "auto") -> type[asyncio.Protocol] | str:
+    """The protocol for ``uvicorn.Config(http=...)``: ``impl`` as uvicorn chooses it (``auto``:
+    httptools when installed, else h11) with the header deadline; None: uvicorn's own."""
     if header_timeout is None:
-        return H11Protocol
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": header_timeout})
+        return impl
+    if impl == "auto":
+        impl = "httptools" if HttpToolsProtocol is not None else "h11"
+    if impl == "httptools" and HttpToolsProtocol is None:
+        raise ValueError("http='httptools' needs httptools installed")
+    base: type[_HeadDeadline] = HttpToolsHeaderTimeout if impl == "httptools" else H11HeaderTimeout
+    return type(base.__name__, (base,), {"header_timeout": header_timeout})
 
 
-def server_config(app: Any, *, read_timeout: float | None, **kw: Any) -> uvicorn.Config:
+def server_config(app: Any, *, read_timeout: float | None, http: str = "auto", **kw: Any) -> uvicorn.Config:
     """uvicorn's config for glmserve: the header deadline of :func:`protocol` (``kw`` as
     ``uvicorn.Config``'s)."""
-    return uvicorn.Config(app, http=protocol(read_timeout), **kw)
+    return uvicorn.Config(app, http=protocol(read_timeout, http), **kw)

@@ -31,6 +31,7 @@ from servers import free_port
 from glmserve.api import errors, middleware
 from glmserve.api.anthropic import routes as anthropic_routes
 from glmserve.api.app import Settings, create_app
+from glmserve.api import http_protocol as protocol_module
 from glmserve.api.http_protocol import server_config
 from glmserve.api.openai import chat as chat_module
 from glmserve.api.responses import routes as responses_routes
@@ -78,13 +79,13 @@ class Server:
     """The real app on a :class:`FaultyEngine`, served by uvicorn with glmserve's protocol
     (the header deadline) in a thread on a loopback port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, http: str = "auto") -> None:
         self.engine = FaultyEngine()
         self.app = create_app(self.engine, get_format("chatml"), settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(self.app, read_timeout=settings.read_timeout, host="127.0.0.1",
-                                                   port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(self.app, read_timeout=settings.read_timeout, http=http,
+                                                   host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + WAIT
@@ -110,8 +111,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def srv():
-    s = Server(Settings(max_concurrent_requests=1, read_timeout=READ_TIMEOUT))
+def srv(tmp_path_factory):
+    s = Server(Settings(max_concurrent_requests=1, read_timeout=READ_TIMEOUT,
+                        responses_db=str(tmp_path_factory.mktemp("lifecycle") / "responses.sqlite3")))
     yield s
     s.stop()
 
@@ -363,28 +365,53 @@ def test_a_body_dribbled_byte_by_byte_is_a_408_and_holds_no_slot(srv, path):
     assert_served(srv, "chat")
 
 
-def test_headers_dribbled_byte_by_byte_are_a_408_in_the_paths_shape(srv):
-    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
-    try:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        elapsed = dribble_until_answered(sock, b"a", within=10 * READ_TIMEOUT)
-        status, headers, content = read_response(sock)
-        assert status == 408 and headers["connection"] == "close"
-        assert json.loads(content)["type"] == "error"  # Anthropic's shape: the request line said /v1/messages
-        assert READ_TIMEOUT * 0.9 <= elapsed < 8 * READ_TIMEOUT
-        assert sock.recv(1) == b""
-    finally:
-        sock.close()
+HTTP_IMPLS = ["h11"] + (["httptools"] if protocol_module.HttpToolsProtocol is not None else [])
 
 
-def test_a_connection_that_sends_nothing_is_closed(srv):
-    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
+@pytest.fixture(scope="module", params=HTTP_IMPLS)
+def each_protocol(request, tmp_path_factory):
+    """A server on each of uvicorn's HTTP/1.1 protocols (the header deadline is per protocol)."""
+    s = Server(Settings(read_timeout=READ_TIMEOUT, responses_db=str(tmp_path_factory.mktemp("p") / "r.sqlite3")),
+               http=request.param)
+    yield s
+    s.stop()
+
+
+def test_headers_dribbled_byte_by_byte_are_a_408_in_the_paths_shape(each_protocol):
+    for path, anthropic in (("/v1/messages", True), ("/v1/chat/completions", False)):
+        sock = socket.create_connection(("127.0.0.1", each_protocol.port), timeout=WAIT)
+        try:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
+            elapsed = dribble_until_answered(sock, b"a", within=10 * READ_TIMEOUT)
+            status, headers, content = read_response(sock)
+            assert status == 408 and headers["connection"] == "close"
+            err = json.loads(content)
+            if anthropic:  # the request line named /v1/messages: Anthropic's shape
+                assert err["type"] == "error" and "headers did not arrive" in err["error"]["message"]
+            else:
+                assert err["error"]["code"] == "request_timeout"
+            assert READ_TIMEOUT * 0.9 <= elapsed < 8 * READ_TIMEOUT
+            assert sock.recv(1) == b""
+        finally:
+            sock.close()
+    assert_served(each_protocol, "chat")
+
+
+def test_a_connection_that_sends_nothing_is_closed(each_protocol):
+    sock = socket.create_connection(("127.0.0.1", each_protocol.port), timeout=WAIT)
     try:
         t0 = time.monotonic()
         assert sock.recv(1) == b""  # closed without an answer
         assert time.monotonic() - t0 < 8 * READ_TIMEOUT
     finally:
         sock.close()
+
+
+def test_a_keep_alive_connection_serves_requests_within_the_deadline_on_each_protocol(each_protocol):
+    with httpx.Client(timeout=WAIT) as client:
+        for _ in range(3):
+            path, payload = body("chat", False)
+            assert client.post(each_protocol.url + path, json=payload).status_code == 200
 
 
 def test_a_keep_alive_connection_serves_requests_within_the_deadline(srv):
@@ -416,9 +443,9 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {
 
 
 @pytest.mark.parametrize("hook", [raising_hook, non_json_hook, non_string_hook])
-def test_a_failing_argument_hook_is_a_500_named_in_the_log(hook, caplog):
+def test_a_failing_argument_hook_is_a_500_named_in_the_log(hook, caplog, tmp_path):
     engine = ScriptedEngine(lambda prompt, params: [CALL[i:i + 4] for i in range(0, len(CALL), 4)], model_name="m")
-    app = create_app(engine, get_format("chatml"), Settings(argument_hook=hook))
+    app = create_app(engine, get_format("chatml"), Settings(argument_hook=hook, responses_db=str(tmp_path / "r.db")))
     from fastapi.testclient import TestClient
 
     user = [{"role": "user", "content": "hi"}]

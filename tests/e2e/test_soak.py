@@ -40,9 +40,10 @@ RSS_GROWTH_LIMIT = 256 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def soak_server() -> Server:
+def soak_server(tmp_path_factory) -> Server:
     s = start_server(None, "--read-timeout", str(READ_TIMEOUT), "--max-body-bytes", str(MAX_BODY),
-                     "--max-concurrent-requests", "64")
+                     "--max-concurrent-requests", "64",
+                     "--responses-db", str(tmp_path_factory.mktemp("soak") / "responses.sqlite3"))
     yield s
     s.stop()
 
