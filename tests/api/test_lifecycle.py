@@ -532,7 +532,8 @@ def test_request_counts_are_labelled_by_route_template_not_raw_path(srv):
     text = httpx.get(srv.url + "/metrics", timeout=WAIT).text
     series = [line for line in text.splitlines() if line.startswith("glmserve_requests_total{")]
     assert 'glmserve_requests_total{endpoint="/v1/responses/{response_id}",status="404"} 20.0' in series
-    assert 'glmserve_requests_total{endpoint="unmatched",status="404"} 20.0' in series
+    others = [line for line in series if line.endswith('status="404"} 20.0') and "response_id" not in line]
+    assert len(others) == 1, series  # the unknown paths share one label (whatever its name)
     assert not any("resp_" in line or "no-such" in line for line in series)
 
 
