@@ -48,6 +48,9 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-concurrent-requests", type=int, default=256,
                    help="requests in flight before new ones get 429 with Retry-After (default 256)")
     g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body accepted (default 8 MiB)")
+    g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds a client gets to send a request's headers, and then its body; past it, 408 and the "
+                        "connection is closed (default 30)")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     g.add_argument("--on-engine-death", choices=["exit", "stay"], default="exit",
@@ -156,10 +159,28 @@ def _load_secret(argv: list[str]) -> Any:
         raise SystemExit(2) from None
 
 
+def api_keys(flags: list[str] | None, env: str | None) -> list[str]:
+    """The keys of ``--api-key`` and ``GLMSERVE_API_KEY`` (comma-separated).  A blank one is
+    refused (exit status 1): ``--api-key "$KEY"`` with KEY unset must not start a server whose auth
+    means nothing, nor a set-but-empty variable one without the auth it asked for."""
+    from glmserve.api.settings import check_api_keys
+
+    flag_keys, env_keys = list(flags or []), [] if env is None else env.split(",")
+    try:
+        check_api_keys(flag_keys, "--api-key")
+        check_api_keys(env_keys, "GLMSERVE_API_KEY")
+    except ValueError as exc:
+        raise SystemExit(f"glmserve: {exc}") from None
+    return flag_keys + env_keys
+
+
 def serve(argv: list[str]) -> int:
     secret = None if any(a in ("-h", "--help") for a in argv) else _load_secret(argv)
     parser = _serve_parser()
     args = parser.parse_args(argv)
+    keys = api_keys(args.api_key, os.environ.get("GLMSERVE_API_KEY"))
+    if args.read_timeout is not None and not args.read_timeout > 0:
+        raise SystemExit(f"glmserve: --read-timeout must be a positive number of seconds, got {args.read_timeout:g}")
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
     args.log_level = level  # vLLM's own --log-level, shared with glmserve's logs
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -178,10 +199,6 @@ def serve(argv: list[str]) -> int:
     served = args.served_model_name or [os.path.basename(os.path.normpath(args.model)) if model_arg is None else model_arg]
     if isinstance(served, str):
         served = [served]
-    keys = list(args.api_key or [])
-    env_keys = os.environ.get("GLMSERVE_API_KEY")
-    if env_keys:
-        keys += [k for k in env_keys.split(",") if k]
     hook = _load_hook(args.argument_hook)
     return asyncio.run(_serve_async(args, engine_args, served, keys, hook, secret))
 
@@ -191,6 +208,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     import uvicorn
 
     from glmserve.api.app import Settings, create_app
+    from glmserve.api.http_protocol import server_config
     from glmserve.engine.vllm_engine import VLLMEngine
     from glmserve.formats import detect_format, get_format
     from glmserve.supervise import serve_supervised
@@ -207,10 +225,11 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
                         responses_db=args.responses_db, responses_ttl=args.responses_ttl,
                         responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
-                        secret=secret)
+                        secret=secret, read_timeout=args.read_timeout)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)
+    config = server_config(app, read_timeout=args.read_timeout, host=args.host, port=args.port,
+                           log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+                           access_log=False)
     server = uvicorn.Server(config)
     log.info("serving %s as %s on http://%s:%d (context %d tokens)", args.model, ", ".join(served), args.host,
              args.port, engine.max_model_len)

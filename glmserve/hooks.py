@@ -18,9 +18,11 @@ Write your own in any importable module::
 
     glmserve serve MODEL --argument-hook myhooks:lower_emails
 
-A hook should return valid JSON (the server counts calls whose arguments do not validate
-against the tool's schema in ``glmserve_tool_call_parse_failures_total``) and must be
-fast: it runs on the server's event loop.  An exception in a hook fails that request.
+A hook must return a JSON object's text (the server counts calls whose arguments do not
+validate against the tool's schema in ``glmserve_tool_call_parse_failures_total``) and must
+be fast: it runs on the server's event loop.  A hook that raises, or returns anything but
+a JSON object's text, fails that request with a 500 (``server_error``), logged with the
+tool's name and the hook's.
 
 The function below is an *example*, not something glmserve uses by itself.
 """

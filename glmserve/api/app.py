@@ -18,9 +18,9 @@ from glmserve.api.anthropic import routes as anthropic_routes
 from glmserve.api.openai import chat, completions
 from glmserve.api.responses import routes as responses_routes
 from glmserve.api.errors import install_handlers
-from glmserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
+from glmserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, LeaseMiddleware, RequestMetricsMiddleware
 from glmserve.api.runner import Services
-from glmserve.api.settings import ArgumentHook, Settings
+from glmserve.api.settings import ArgumentHook, Settings, check_api_keys
 from glmserve.engine.base import Engine
 from glmserve.formats.base import ChatFormat
 
@@ -38,6 +38,7 @@ def create_app(
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    check_api_keys(settings.api_keys)  # again: a Settings may be changed after it was made
     services = Services.build(engine, fmt, settings)
 
     @asynccontextmanager
@@ -57,9 +58,11 @@ def create_app(
     app.state.engine, app.state.format = engine, fmt
     app.state.metrics, app.state.admission = services.metrics, services.admission
     install_handlers(app)
-    # the last added runs first: keys, then the body limit, then counting what gets through
+    # the last added runs first: keys, then the body (limit, read timeout), then counting what
+    # gets through; innermost, the owner of the leases routes take
+    app.add_middleware(LeaseMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.read_timeout)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
     for make_router in ROUTERS:
         app.include_router(make_router(services))

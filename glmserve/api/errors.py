@@ -36,7 +36,7 @@ _TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
-    500: "internal_error",
+    500: "server_error",
     503: "service_unavailable",
 }
 
@@ -66,7 +66,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error"),
+            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
             "code": code,
         }
@@ -170,6 +170,7 @@ _ERRORS = {
     "400": "invalid request (the message and param name the problem)",
     "401": "missing or invalid API key",
     "404": "no such model",
+    "408": "the request's headers or body did not arrive within --read-timeout",
     "413": "request body larger than --max-body-bytes",
     "429": "too many requests in flight; retry after Retry-After seconds",
     "500": "internal error",
@@ -182,7 +183,7 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
     if "requestBody" in op or op.get("parameters"):
         codes.append("400")
     if "requestBody" in op:
-        codes.append("413")
+        codes += ["408", "413"]
     if path.startswith("/v1"):
         codes.append("401")
     if "{" in path:  # a path naming an object (a model, a stored response) that may not exist
@@ -260,4 +261,4 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(r: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
-        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error", path=r.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", code="server_error", path=r.url.path)

@@ -1,16 +1,22 @@
-"""Pure-ASGI middleware: API keys, the body-size limit, request counts.
+"""Pure-ASGI middleware: API keys, the request body (size and read deadline), request
+counts, and the leases of admitted requests.
 
 Each is a plain ASGI class (no Starlette internals), so it sees every request before
 routing and validation: a bad key is a 401 even for a body that is not JSON, an oversized
-body is a 413 before it is read.  Their errors take the shape of the endpoint at the
-request's path (:func:`glmserve.api.errors.error_response`).
+body is a 413 before it is read, a body that does not arrive within the read timeout is a
+408 before the route (and admission) sees it.  Their errors take the shape of the endpoint
+at the request's path (:func:`glmserve.api.errors.error_response`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import math
+import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,16 +92,24 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over ``max_bytes``: at once when Content-Length says so, else (a chunked
-    body) as soon as the bytes read pass the limit; a chunked body within it is replayed."""
+    """The request body, read here before routing: 413 for one over ``max_bytes`` (at once
+    when Content-Length says so, else as soon as the bytes read pass the limit), 408 for one
+    that has not arrived ``read_timeout`` seconds after the headers (a client dribbling it
+    holds a connection, never an admission slot: routes run on the whole body).  Within both,
+    the body is replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     def too_large(self, scope: Scope, what: str) -> ASGIApp:
         return error_response(413, f"{what} exceeds the limit of {self.max_bytes} bytes",
                               code="request_too_large", path=scope["path"])
+
+    def too_slow(self, scope: Scope) -> ASGIApp:
+        return error_response(408, f"the request body did not arrive within {self.read_timeout:g} s",
+                              code="request_timeout", headers={"Connection": "close"}, path=scope["path"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,13 +119,19 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self.too_large(scope, f"request body of {length} bytes")(scope, receive, send)
             return
-        if length is not None or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)  # the server holds the body to its Content-Length
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
             return
+        deadline = time.monotonic() + (self.read_timeout if self.read_timeout is not None else math.inf)
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic())
+                                                 if self.read_timeout is not None else None)
+            except TimeoutError:
+                await self.too_slow(scope)(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return  # nobody to answer
             chunk = message.get("body", b"")
@@ -154,3 +174,40 @@ class RequestMetricsMiddleware:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+LEASES = "glmserve.leases"
+"""The key, in the ASGI scope's state, of the leases the current request holds."""
+
+
+def hold(scope: Scope, lease: Closable) -> None:
+    """Have the request's :class:`LeaseMiddleware` close ``lease`` when the request ends."""
+    leases = scope.get("state", {}).get(LEASES)
+    if leases is None:
+        raise RuntimeError("this app has no LeaseMiddleware: a lease taken here would have no owner")
+    leases.append(lease)
+
+
+class LeaseMiddleware:
+    """The owner of every lease a request takes (:class:`glmserve.api.admission.Lease`): it
+    closes them when the request's ASGI call ends, on every path (response sent, failed,
+    never built, client gone, task cancelled), so no later code can leak a slot."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        leases: list[Closable] = []
+        scope.setdefault("state", {})[LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for lease in leases:
+                await lease.close()

@@ -30,6 +30,7 @@ from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
 from glmserve.formats.grammar import UncompilableSchema
 from glmserve.formats.message import MessageBuilder
+from glmserve.formats.schema_values import UnreadableSchema
 from glmserve.metrics import Metrics
 
 log = logging.getLogger("glmserve.chat")
@@ -168,9 +169,13 @@ class ChatPipeline:
         except UncompilableSchema as exc:  # a strict tool whose schema xgrammar cannot enforce
             param = schema_param.format(exc.index)
             raise APIError(400, f"{param}: {exc.reason}", param=param) from None
-        except (ValueError, RuntimeError) as exc:  # a schema nothing can read (e.g. a dangling $ref)
+        except UnreadableSchema as exc:  # a schema nothing can read (a dangling $ref)
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
+        except (ValueError, RuntimeError) as exc:  # schemas that passed every check: our fault, not the client's
+            log.exception("building the %s tool constraint failed", self.fmt.name)
+            raise APIError(500, f"the server failed to build a decoding constraint for these tools: "
+                                f"{type(exc).__name__}", code="server_error") from None
         self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
         if constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
@@ -300,7 +305,7 @@ class ChatPipeline:
                     for ev in events:
                         if isinstance(ev, ToolCallEnd):
                             call = builder.calls[ev.index]
-                            call.arguments = self.argument_hook(call.name, call.arguments)
+                            call.arguments = self._hooked(p, call.name, call.arguments)
                 reason = None
                 if d.finish_reason is not None:
                     finished += 1
@@ -344,6 +349,33 @@ class ChatPipeline:
 
     # ------------------------------------------------------------------- checks
 
+    def _hooked(self, p: Prepared, name: str, arguments: str) -> str:
+        """The argument hook's rewrite of one call's arguments.  The hook is the server's
+        code: raising, or returning anything but a JSON object's text, is a 500 (logged
+        with the tool and the hook), never blamed on the request."""
+        hook = self.argument_hook
+        assert hook is not None
+        what = f"request {p.request_id}: the argument hook {_name_of(hook)} on a call to {name!r}"
+        try:
+            out = hook(name, arguments)
+        except Exception:
+            log.exception("%s raised", what)
+            raise APIError(500, f"the server's argument hook failed on a call to {name!r}", code="server_error") from None
+        problem = None
+        if not isinstance(out, str):
+            problem = f"returned {type(out).__name__}, not a string"
+        else:
+            try:
+                if not isinstance(json.loads(out), dict):
+                    problem = "returned JSON that is not an object"
+            except ValueError as exc:
+                problem = f"returned text that is not JSON ({exc})"
+        if problem is not None:
+            log.error("%s %s", what, problem)
+            raise APIError(500, f"the server's argument hook failed on a call to {name!r}: it {problem}",
+                           code="server_error")
+        return out
+
     def _finish(self, p: Prepared, engine_reason: str, parser: StreamParser, builder: MessageBuilder) -> str:
         """A choice's end: check and count its calls, and say why it ended."""
         for c in builder.calls:
@@ -371,3 +403,8 @@ class ChatPipeline:
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
             return False
+
+
+def _name_of(fn: Any) -> str:
+    """``module:qualname`` of a function (how ``--argument-hook`` names it)."""
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"

@@ -2,10 +2,19 @@
 
 An endpoint is a request mapping plus a response shape (:class:`Endpoint`); :func:`serve`
 does the rest in the same order for all of them: model check -> engine health ->
-admission (before any rendering, so a flood is shed cheaply) -> ``endpoint.prepare`` ->
-either a server-sent-event stream (errors in-band once headers are gone) or the whole
-answer raced against the client's disconnect (499, engine request aborted) -> admission
-released and one request-log line.
+admission (before any rendering, so a flood is shed cheaply), which opens the request's
+:class:`~glmserve.api.admission.Lease` (its slot and its engine requests) -> ``endpoint.prepare``
+-> either a server-sent-event stream (errors in-band once headers are gone) or the whole
+answer raced against the client's disconnect (499, engine request aborted) -> the lease
+closed (slot freed, unfinished engine requests aborted) and one request-log line.
+
+The lease is closed early where the runner can (a whole answer is ready, a stream ended or
+failed, ``prepare`` raised), but its owner is the request's
+:class:`~glmserve.api.middleware.LeaseMiddleware`, which closes it when the request's ASGI
+call ends: a response that is never sent (a route's code raising after ``serve`` returned),
+a stream never iterated or cut off by the client cannot keep a slot.  The body is read (by
+:class:`~glmserve.api.middleware.BodyLimitMiddleware`, under the read timeout) before any
+of this, so a slow client never holds a slot.
 """
 
 from __future__ import annotations
@@ -14,15 +23,19 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from glmserve.api.admission import Admission, RequestLog
+from glmserve.api.admission import Admission, Lease, RequestLog, TrackedEngine
 from glmserve.api.errors import APIError
+from glmserve.api.middleware import hold
 from glmserve.api.pipeline import ChatPipeline
 from glmserve.api.settings import Settings
 from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable
@@ -44,6 +57,14 @@ STREAMS: dict[int | str, dict[str, Any]] = {
           "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}},
 }
 """``responses=`` for a route that may stream (the OpenAPI document says so)."""
+
+
+def header_list(values: Iterable[str]) -> str:
+    """A response header's value made of request data (tool names...): each value
+    percent-encoded as UTF-8 (RFC 3986: all but ``A-Z a-z 0-9 - . _ ~``), joined by commas.
+    Always ASCII and free of commas, quotes and control characters, whatever the request
+    held, so building the header can never fail (``搜索`` -> ``%E6%90%9C%E7%B4%A2``)."""
+    return ",".join(quote(v, safe="") for v in values)
 
 
 def chunk_encoder(head: dict[str, Any], usage_null: bool) -> Callable[[dict[str, Any]], str]:
@@ -130,6 +151,7 @@ class Services:
     def build(cls, engine: Engine, fmt: ChatFormat, settings: Settings) -> "Services":
         metrics = Metrics()
         names = settings.served_model_names or [engine.model_name]
+        engine = TrackedEngine(engine)  # type: ignore[assignment]  # every request's engine requests, for its lease
         return cls(engine, fmt, settings, metrics, Admission(settings.max_concurrent_requests, metrics),
                    RequestLog(names[0], settings.json_logs), ChatPipeline(engine, fmt, metrics, settings.argument_hook,
                                                                        settings.max_output_tokens))
@@ -149,21 +171,17 @@ class Services:
         requested = getattr(endpoint, "requested_model", None)
         self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
         await self.engine.check_health()
-        self.admission.acquire()  # before rendering and tokenizing, so a flood is shed cheaply
+        lease = Lease(self.admission.acquire(), self.engine)  # before rendering, so a flood is shed cheaply
+        hold(request.scope, lease)  # from here on, the request's end closes the lease whatever happens
         try:
             handle = await endpoint.prepare(body, request)
-        except BaseException:
-            self.admission.release()
-            raise
-        if handle.stream:
-            return StreamingResponse(self._stream(endpoint, handle, t0), media_type="text/event-stream",
-                                     headers=STREAM_HEADERS)
-        try:
+            if handle.stream:
+                return LeasedStream(self._stream(endpoint, handle, t0, lease), lease)
             result = await _unless_disconnected(request, endpoint.complete(handle))
         finally:
-            self.admission.release()
+            if not lease.streaming:
+                await lease.close()
         if result is None:  # the client went away; its engine request was aborted
-            await self.engine.abort(handle.request_id)
             self.request_log.record(endpoint.name, handle.request_id, endpoint.log_fields(handle)[0], t0, 499,
                                     {"disconnected": True})
             return Response(status_code=499)
@@ -171,28 +189,50 @@ class Services:
         self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, fields)
         return JSONResponse(result)
 
-    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float) -> AsyncIterator[str]:
+    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
         try:
-            async for event in endpoint.stream(handle):
-                if isinstance(event, Prelude):
-                    held += event
-                elif held or event:
-                    yield held + event
-                    held = ""
+            async with aclosing(endpoint.stream(handle)) as events:
+                async for event in events:
+                    if isinstance(event, Prelude):
+                        held += event
+                    elif held or event:
+                        yield held + event
+                        held = ""
         except EngineUnavailable as exc:
             yield held + endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
         except EngineRequestError as exc:
             yield held + endpoint.stream_error(400, str(exc), exc.param)
         except APIError as exc:
+            if exc.status >= 500:
+                log.error("stream %s failed: %s", handle.request_id, exc.message)
             yield held + endpoint.stream_error(exc.status, exc.message, exc.param, exc.code)
         except Exception as exc:  # headers are gone: report in-band (and log it)
             log.exception("stream %s failed", handle.request_id)
-            yield held + endpoint.stream_error(500, f"internal error: {type(exc).__name__}")
+            yield held + endpoint.stream_error(500, f"internal error: {type(exc).__name__}", code="server_error")
         finally:
-            self.admission.release()
+            await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
             self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {"stream": True, **fields})
+
+
+class LeasedStream(StreamingResponse):
+    """A server-sent-event response that closes its body (so the endpoint's generators and
+    engine requests end now, not when collected) and its lease once sent, failed or cut
+    off.  Never sent at all, the request's LeaseMiddleware closes the lease."""
+
+    def __init__(self, events: AsyncIterator[str], lease: Lease) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self.events = events
+        self.lease = lease
+        lease.streaming = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
+            await self.lease.close()
 
 
 async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:

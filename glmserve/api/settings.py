@@ -12,6 +12,19 @@ ArgumentHook = Callable[[str, str], str]
 """``hook(tool_name, arguments_json) -> arguments_json``: sees each finished call."""
 
 
+def check_api_keys(keys: list[str], source: str = "api_keys") -> None:
+    """Refuse keys no client can send: an empty or blank one (``--api-key "$KEY"`` with KEY
+    unset) would otherwise leave auth on while meaning nothing, and a key with spaces at its
+    ends never matches (offered keys are stripped)."""
+    for i, key in enumerate(keys):
+        if not key.strip():
+            raise ValueError(f"{source}: key {i + 1} of {len(keys)} is empty or blank; refusing to start "
+                             "(an unset variable in --api-key \"$KEY\"?)")
+        if key != key.strip():
+            raise ValueError(f"{source}: key {i + 1} of {len(keys)} starts or ends with whitespace, "
+                             "which no client can send")
+
+
 @dataclass
 class Settings:
     api_keys: list[str] = field(default_factory=list)
@@ -40,6 +53,14 @@ class Settings:
     secret: ServerSecret | None = None
     """Signs thinking blocks and seals reasoning items (``--secret-file``, ``GLMSERVE_SECRET``; None: the
     secret generated under the glmserve cache, :func:`glmserve.server_secret.default_secret`)."""
+    read_timeout: float | None = 30.0
+    """Seconds a client gets to send a request's headers, and then its body (``--read-timeout``;
+    None: no limit); past it, 408."""
+
+    def __post_init__(self) -> None:
+        check_api_keys(self.api_keys)
+        if self.read_timeout is not None and not self.read_timeout > 0:
+            raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout!r}")
 
     @property
     def limits(self) -> Limits:

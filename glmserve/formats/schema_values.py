@@ -45,6 +45,11 @@ import referencing
 import referencing.exceptions
 import referencing.jsonschema
 
+
+class UnreadableSchema(ValueError):
+    """A tool schema that cannot be read at all (a local ``$ref`` pointing nowhere): the
+    request's fault, unlike any other error while building a constraint."""
+
 MAX_REF_REPEAT = 3
 """How many times one ``$ref`` target may be nested inside itself before it is cut off."""
 MAX_REF_EXPANSIONS = 2000
@@ -116,7 +121,7 @@ class _Resolver:
             resolved = resolver.lookup(ref)
         except referencing.exceptions.Unresolvable:
             if ref.startswith("#"):
-                raise ValueError(f"$ref {ref!r} points nowhere in the schema") from None
+                raise UnreadableSchema(f"$ref {ref!r} points nowhere in the schema") from None
             return {}  # not local: nothing to check it against (xgrammar reads it as any value)
         key = id(resolved.contents)
         seen = self.active.get(key, 0)

@@ -26,7 +26,7 @@ from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
-from glmserve.api.runner import Prelude, Services
+from glmserve.api.runner import Prelude, Services, header_list
 from glmserve.formats.base import ChatRequest, ToolCallEnd
 from glmserve.server_secret import SecretSource
 
@@ -34,7 +34,8 @@ log = logging.getLogger("glmserve.messages")
 
 PREFIX = "/v1/messages"
 UNSUPPORTED_TOOLS_HEADER = "X-Glmserve-Unsupported-Tools"
-"""Names the declared tools left out because only Anthropic's cloud runs their type."""
+"""Names the declared tools left out because only Anthropic's cloud runs their type (each name
+percent-encoded, comma-separated: :func:`glmserve.api.runner.header_list`)."""
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -206,7 +207,7 @@ def router(services: Services) -> APIRouter:
         response = await services.serve(endpoint, body, request)
         unsupported = getattr(request.state, "unsupported_tools", None)
         if unsupported:
-            response.headers[UNSUPPORTED_TOOLS_HEADER] = ",".join(unsupported)
+            response.headers[UNSUPPORTED_TOOLS_HEADER] = header_list(unsupported)
         return response
 
     @r.post(PREFIX + "/count_tokens")

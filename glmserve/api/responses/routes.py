@@ -255,8 +255,8 @@ class Responses:
                     yield "".join(sse(ev) for ev in events)
         except EngineUnavailable as exc:
             yield self._failed(h, f"the engine is unavailable: {exc}")
-        except APIError as exc:  # the store failed at the end: the response was not stored, so not completed
-            yield self._failed(h, exc.message, exc.code or "invalid_prompt")
+        except APIError as exc:  # the store failed at the end (not stored, so not completed), or the server's own failure
+            yield self._failed(h, exc.message, exc.code or ("server_error" if exc.status >= 500 else "invalid_prompt"))
         except EngineRequestError as exc:
             yield self._failed(h, str(exc), "invalid_prompt")
         except Exception as exc:  # headers are gone: report in-band, as the runner would (and log it)
