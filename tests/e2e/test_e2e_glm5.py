@@ -159,15 +159,15 @@ def test_referenced_deferred_tool_is_called(server):
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "cache_control": {"type": "ephemeral"},
                                               "content": [{"type": "tool_reference", "tool_name": "mcp__demo__deploy"}]}]}]
     c = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
-    for tools, choice in (([search, deploy], {"type": "tool", "name": "mcp__demo__deploy"}),
-                          ([{**search, "defer_loading": True}, deploy], {"type": "any"})):
-        m = c.messages.create(model=f"tiny-{family}", max_tokens=200, temperature=0, messages=messages, tools=tools,
-                              tool_choice=choice)
+    one = {"disable_parallel_tool_use": True}
+    for tools, choice in (([search, deploy], {"type": "tool", "name": "mcp__demo__deploy", **one}),
+                          ([{**search, "defer_loading": True}, deploy], {"type": "any", **one})):
+        m = c.messages.create(model=f"tiny-{family}", max_tokens=200, messages=messages, tools=tools,
+                              tool_choice=choice, extra_body={"temperature": 0})
         uses = [b for b in m.content if b.type == "tool_use"]
         assert m.stop_reason == "tool_use" and uses, m
-        for u in uses:
-            assert u.name == "mcp__demo__deploy"
-            jsonschema.validate(u.input, DEPLOY_SCHEMA)
+        assert len(uses) == 1 and uses[0].name == "mcp__demo__deploy", m
+        jsonschema.validate(uses[0].input, DEPLOY_SCHEMA)
     # before the reference the same tool is not callable: required has nothing to call
     with pytest.raises(anthropic.BadRequestError) as exc:
         c.messages.create(model=f"tiny-{family}", max_tokens=50, messages=messages[:1], tools=[deploy],
