@@ -16,6 +16,7 @@ import jsonschema
 
 from glmserve.api.errors import APIError
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
+from glmserve.formats import grammar
 from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
 
 
@@ -73,12 +74,23 @@ def check_schema_size(schema: Any, param: str, limits: Limits = DEFAULT_LIMITS) 
         raise APIError(400, f"{param} is larger than {limits.max_schema_bytes} bytes", param=param)
 
 
-def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """400 naming ``param`` unless ``schema`` is a valid JSON schema."""
+@grammar.cached(maxsize=4096)
+def _schema_error(schema_json: str) -> str | None:
+    """Why a schema (JSON text) is not a valid JSON schema, or None.  Cached: an agent sends the
+    same tools on every turn, and checking 1,000 of them costs seconds."""
+    schema = json.loads(schema_json)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+        return exc.message
+    return None
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """400 naming ``param`` unless ``schema`` is a valid JSON schema."""
+    error = _schema_error(json.dumps(schema, ensure_ascii=False))
+    if error is not None:
+        raise APIError(400, f"{param} is not a valid JSON schema: {error}", param=param)
 
 
 def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT_LIMITS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,14 @@ class Server(ThreadServer):
         self.output = ""
         self.calls: list[tuple[str, GenerateParams]] = []
         self.engine = ScriptedEngine(self._script, model_name="glm-test", max_model_len=max_model_len)
-        super().__init__(create_app(self.engine, get_format(fmt), settings or Settings()))
+        self.tmp = tempfile.TemporaryDirectory()
+        settings = settings or Settings()
+        settings.responses_db = str(Path(self.tmp.name) / "responses.sqlite3")  # never the shared cache's
+        super().__init__(create_app(self.engine, get_format(fmt), settings))
+
+    def stop(self) -> None:
+        super().stop()
+        self.tmp.cleanup()
 
     def _script(self, prompt: str, params: GenerateParams) -> list[str]:
         self.calls.append((prompt, params))
