@@ -85,6 +85,12 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
                         "default 1GiB; 0 for no bound): past it the oldest responses are evicted")
     g.add_argument("--responses-db-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how long a store operation may take before the client gets a 503 (default 5)")
+    # Request limits: by default tools and messages are bounded by the context and --max-body-bytes only.
+    g.add_argument("--max-tools", type=int, default=None, metavar="N",
+                   help="refuse requests declaring more than N tools with a 400 (default: no cap; what fits the "
+                        "context and --max-body-bytes)")
+    g.add_argument("--max-messages", type=int, default=None, metavar="N",
+                   help="refuse requests with more than N messages with a 400 (default: no cap; what fits the context)")
 
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -225,7 +231,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
                         responses_db=args.responses_db, responses_ttl=args.responses_ttl,
                         responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
-                        secret=secret, read_timeout=args.read_timeout)
+                        secret=secret, read_timeout=args.read_timeout,
+                        max_tools=args.max_tools, max_messages=args.max_messages)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = server_config(app, read_timeout=args.read_timeout, host=args.host, port=args.port,
                            log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_shutdown_timeout,

@@ -16,21 +16,34 @@ import jsonschema
 
 from glmserve.api.errors import APIError
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
+from glmserve.formats import grammar
 from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may declare (``Settings`` carries the server's)."""
+    """Bounds on what one request may declare (``Settings`` carries the server's).
 
-    max_messages: int = 2048
-    max_tools: int = 256
+    Tools and messages have no fixed count by default: what bounds them is the context (the
+    rendered prompt must fit ``--max-model-len``) and the body size (``--max-body-bytes``).
+    ``max_tools`` / ``max_messages`` are the operator's lower caps (``--max-tools``,
+    ``--max-messages``)."""
+
+    max_messages: int | None = None
+    max_tools: int | None = None
     max_schema_bytes: int = 256 * 1024
     max_schema_depth: int = 64
     """Nesting (objects and arrays) allowed in a tool or response-format schema."""
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def check_message_count(count: int, limits: Limits, param: str = "messages", what: str = "messages") -> None:
+    """400 naming the cap and its flag when a request has more messages than ``--max-messages``."""
+    if limits.max_messages is not None and count > limits.max_messages:
+        raise APIError(400, f"{count} {what}, but this server allows at most {limits.max_messages} messages per "
+                            "request (--max-messages)", param=param)
 
 
 # --------------------------------------------------------------------------- schemas and tools
@@ -61,12 +74,23 @@ def check_schema_size(schema: Any, param: str, limits: Limits = DEFAULT_LIMITS) 
         raise APIError(400, f"{param} is larger than {limits.max_schema_bytes} bytes", param=param)
 
 
-def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """400 naming ``param`` unless ``schema`` is a valid JSON schema."""
+@grammar.cached(maxsize=4096)
+def _schema_error(schema_json: str) -> str | None:
+    """Why a schema (JSON text) is not a valid JSON schema, or None.  Cached: an agent sends the
+    same tools on every turn, and checking 1,000 of them costs seconds."""
+    schema = json.loads(schema_json)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+        return exc.message
+    return None
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """400 naming ``param`` unless ``schema`` is a valid JSON schema."""
+    error = _schema_error(json.dumps(schema, ensure_ascii=False))
+    if error is not None:
+        raise APIError(400, f"{param} is not a valid JSON schema: {error}", param=param)
 
 
 def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT_LIMITS,
@@ -76,8 +100,9 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
     The path names the function object (``tools[0].function``, ``functions[0]``); a bad
     schema is a 400 for ``<path>.parameters``, a repeated name one for ``<path>.name``.
     """
-    if len(defs) > limits.max_tools:
-        raise APIError(400, f"at most {limits.max_tools} tools per request", param=count_param)
+    if limits.max_tools is not None and len(defs) > limits.max_tools:
+        raise APIError(400, f"{len(defs)} tools, but this server allows at most {limits.max_tools} tools per request "
+                            "(--max-tools)", param=count_param)
     tools = [(param, Tool.from_openai(raw)) for param, raw in defs]
     for param, tool in tools:  # sizes first: nothing oversized reaches the schema checker
         if tool.parameters is not None:
@@ -187,40 +212,68 @@ def response_format_constraint(schema_or_type: str | dict[str, Any] | None, para
 _MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "audio_url", "input_audio", "file")
 
 
-def _flatten_content(msg: ChatMessage, i: int, joiner: str) -> str | None:
+def reference_name(part: dict[str, Any]) -> str | None:
+    """The tool a ``tool_reference`` part names: ``tool_name`` (Claude Code's Messages
+    blocks) or ``name`` (the GLM-5.1 template's chat-message form); None when neither is a
+    non-empty string."""
+    name = part.get("tool_name", part.get("name"))
+    return name if isinstance(name, str) and name else None
+
+
+def tool_result_fields(parts: list[tuple[str, str]], joiner: str) -> dict[str, Any]:
+    """A tool result's message fields from its ``("text" | "tool_reference", text or name)``
+    parts: ``content`` (the text parts joined), and where there are references
+    ``tool_references`` and ``content_parts`` (see :class:`~glmserve.formats.base.ChatRequest`)."""
+    out: dict[str, Any] = {"content": joiner.join(v for k, v in parts if k == "text")}
+    refs = [v for k, v in parts if k == "tool_reference"]
+    if refs:
+        out["tool_references"] = refs
+        out["content_parts"] = [{"type": "text", "text": v} if k == "text" else {"type": "tool_reference", "name": v}
+                                for k, v in parts]
+    return out
+
+
+def _content_parts(msg: ChatMessage, i: int) -> list[tuple[str, str]] | None:
+    """A message's content as ``("text" | "tool_reference", text or name)`` parts (None for
+    no content); a part this server cannot show is a 400 naming the message's content."""
     content = msg.content
-    if content is None or isinstance(content, str):
-        return content
-    texts: list[str] = []
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return [("text", content)]
+    out: list[tuple[str, str]] = []
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            out.append(("text", part["text"]))
         elif kind in _MEDIA_PARTS:
             raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part, but this model accepts text only",
                            param=f"messages[{i}].content")
-        elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("name", part.get("tool_name")), str):
-            continue  # see _tool_references
+        elif kind == "tool_reference" and msg.role == "tool":
+            name = reference_name(part)
+            if name is None:
+                raise APIError(400, f"messages[{i}].content[{j}]: a tool_reference part needs the tool's name "
+                                    "(tool_name or name)", param=f"messages[{i}].content")
+            out.append(("tool_reference", name))
+        elif kind == "tool_reference":
+            raise APIError(400, f"messages[{i}].content[{j}]: tool_reference parts belong in tool messages",
+                           param=f"messages[{i}].content")
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
-    return joiner.join(texts)
-
-
-def _tool_references(msg: ChatMessage) -> list[str] | None:
-    """The tool names of a tool result made of ``tool_reference`` parts (GLM-5.1+), or None."""
-    if not isinstance(msg.content, list) or not msg.content or msg.content[0].get("type") != "tool_reference":
-        return None
-    return [p.get("name", p.get("tool_name")) for p in msg.content if p.get("type") == "tool_reference"]
+    return out
 
 
 def normalise_messages(messages: list[ChatMessage], joiner: str = "\n") -> list[dict[str, Any]]:
     """OpenAI messages as formats read them: text content (parts joined by the family's
     ``joiner``), ``developer`` as ``system``, legacy ``function`` results as ``tool``,
-    legacy ``function_call`` as a tool call, ``tool_reference`` results as tool names."""
+    legacy ``function_call`` as a tool call, ``tool_reference`` parts of tool results as
+    ``tool_references`` / ``content_parts`` (text before and after them kept)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = m.role
-        content = _flatten_content(m, i, joiner)
+        parts = _content_parts(m, i)
+        fields = tool_result_fields(parts, joiner) if parts is not None else {"content": None}
+        content = fields["content"] if isinstance(m.content, list) or m.content is None else m.content
         d: dict[str, Any] = {"role": role, "content": content}
         if role == "developer":
             d["role"] = "system"
@@ -246,9 +299,9 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n") -> list[
             d["tool_call_id"] = m.tool_call_id
             if m.name:
                 d["name"] = m.name
-            refs = _tool_references(m)
-            if refs is not None:
-                d["tool_references"] = refs
+            if "tool_references" in fields:
+                d["tool_references"] = fields["tool_references"]
+                d["content_parts"] = fields["content_parts"]
         out.append(d)
     return out
 
@@ -266,8 +319,7 @@ def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAUL
                              content_joiner: str = "\n") -> ChatRequest:
     """A Chat Completions request as a format sees it, validated (400s name the field).
     ``content_joiner`` is the family's ``ChatFormat.content_joiner``."""
-    if len(req.messages) > limits.max_messages:
-        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+    check_message_count(len(req.messages), limits)
     if req.tools:
         defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
     elif req.functions:

@@ -23,7 +23,7 @@ from glmserve.api.anthropic import mapping as am
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
 from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, sse, stop_reason, usage
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
-from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
+from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
 from glmserve.api.runner import Prelude, Services, header_list
@@ -92,8 +92,7 @@ def chat_request(body: MessagesBase, services: Services, signatures: Signatures)
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
     left out because their type only runs in Anthropic's cloud."""
     limits = services.settings.limits
-    if len(body.messages) > limits.max_messages:
-        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+    check_message_count(len(body.messages), limits)
     choice, parallel = am.tool_choice(body)
     forced = choice["function"]["name"] if isinstance(choice, dict) else None
     sel = am.select_tools(body.tools, forced)
