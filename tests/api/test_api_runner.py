@@ -376,15 +376,16 @@ class PreludeEndpoint:
     (lambda P: [P("a"), "x", RuntimeError("bug")], ["ax", "error 500"]),
 ])
 def test_runner_holds_the_prelude_until_the_first_output(script, sent):
+    from glmserve.api.admission import Lease
     from glmserve.api.runner import Prelude
 
     app, _ = echo_app([])
     services: Services = app.state.services
 
     async def collect() -> list[str]:
-        services.admission.acquire()
+        lease = Lease(services.admission.acquire(), services.engine)
         handle = type("H", (), {"request_id": "r", "stream": True})()
-        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0)]
+        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease)]
 
     assert asyncio.run(collect()) == sent
     assert services.admission.in_flight == 0
