@@ -23,6 +23,10 @@ Kinds:
                  and ``<tool_call>`` (next) read it, so greedy decoding closes the reasoning at
                  once and then, where the decoding constraint forbids another ``</think>``, opens
                  a call -- what a trained GLM does; everything inside the call stays random.
+- ``glmz1``      ``glm4-0414`` with ``<think>`` / ``</think>`` as (non-special) added tokens and
+                 the GLM-5.x disposition for ``</think>`` alone: greedy decoding closes the
+                 reasoning at once, so a forced call after it is always written (GLM-Z1 has no
+                 thinking switch and a random model never closes its reasoning by itself).
 - ``glm45-eos``  ``glm45`` whose weights make ``<|endoftext|>`` the only likely next token
                  (every layer's output projections are zero, so the residual stream is the
                  constant embedding, and only the EOS row of the LM head is non-zero): every
@@ -81,6 +85,7 @@ GLM45_PLAIN_TOKENS = [
     "<tool_response>",
     "</tool_response>",
 ]
+THINK_TOKENS = ["<think>", "</think>"]
 EOS_TOKEN = "<|endoftext|>"
 # generation_config.eos_token_id, in this order (as the real models list them).
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
@@ -109,6 +114,7 @@ KINDS = {
     "glm45": {"arch": "Glm4ForCausalLM", "plain_tokens": True},
     "glm51": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.1.jinja"},
     "glm53": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.3-Flash.jinja"},
+    "glmz1": {"arch": "Glm4ForCausalLM", "plain_tokens": False, "think_tokens": True},
     "glm45-eos": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "eos_only": True, "positions": 32768},
 }
 
@@ -170,11 +176,9 @@ def _build(kind: str, base: Path, final: Path) -> None:
         [AddedToken(t, special=True, normalized=False) for t in special],
         special_tokens=True,
     )
-    if spec["plain_tokens"]:
-        tok.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t in GLM45_PLAIN_TOKENS],
-            special_tokens=False,
-        )
+    plain = GLM45_PLAIN_TOKENS if spec["plain_tokens"] else THINK_TOKENS if spec.get("think_tokens") else []
+    if plain:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain], special_tokens=False)
     tok.eos_token = EOS_TOKEN
     tok.pad_token = EOS_TOKEN
     tok.bos_token = None  # GLM prompts start with [gMASK]<sop>, written by the template
@@ -185,7 +189,7 @@ def _build(kind: str, base: Path, final: Path) -> None:
         assert isinstance(i, int) and tok.convert_ids_to_tokens(i) == t, (t, i)
         return i
 
-    for t in special + (GLM45_PLAIN_TOKENS if spec["plain_tokens"] else []):
+    for t in special + plain:
         enc = tok.encode(t, add_special_tokens=False)
         assert enc == [tid(t)], (t, enc)
 
@@ -222,6 +226,8 @@ def _build(kind: str, base: Path, final: Path) -> None:
     model = Model(config).to(torch.bfloat16).eval()
     if glm5:
         _dispose_to_close_reasoning_and_call(model, tid("</think>"), tid("<tool_call>"))
+    elif spec.get("think_tokens"):
+        _dispose_to_close_reasoning_and_call(model, tid("</think>"))
     if spec.get("eos_only"):
         _make_eos_only(model, eos_id)
     model.generation_config = GenerationConfig(
@@ -252,9 +258,9 @@ def _build(kind: str, base: Path, final: Path) -> None:
         raise
 
 
-def _dispose_to_close_reasoning_and_call(model, think_close: int, call_open: int) -> None:
+def _dispose_to_close_reasoning_and_call(model, think_close: int, call_open: int | None = None) -> None:
     """Give every hidden state a large constant component (dimension 0 of every embedding)
-    that only ``</think>`` and, a little less, ``<tool_call>`` read in the output layer."""
+    that only ``</think>`` and, a little less, ``<tool_call>`` (when given) read in the output layer."""
     import torch
 
     with torch.no_grad():
@@ -262,7 +268,8 @@ def _dispose_to_close_reasoning_and_call(model, think_close: int, call_open: int
         head = model.lm_head.weight
         head[:, 0] = 0.0
         head[think_close, 0] = 2.0
-        head[call_open, 0] = 1.5
+        if call_open is not None:
+            head[call_open, 0] = 1.5
 
 
 def _make_eos_only(model, eos_id: int) -> None:

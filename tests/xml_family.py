@@ -45,13 +45,15 @@ def request(messages: list[dict[str, Any]] | None = None, tools: list[Tool] | No
     return ChatRequest(messages=messages or [{"role": "user", "content": "hi"}], tools=TOOLS if tools is None else tools, **kw)
 
 
-def parse_with(fmt: ChatFormat, text: str, req: ChatRequest | None = None, pieces: list[str] | None = None):
-    """Events (merged), message and incomplete flag for an output fed in pieces."""
+def parse_with(fmt: ChatFormat, text: str, req: ChatRequest | None = None, pieces: list[str] | None = None,
+               cut: bool = False):
+    """Events (merged), message and incomplete flag for an output fed in pieces (``cut``: it
+    ended at the token limit)."""
     p = fmt.parser(req or request())
     events = []
     for piece in pieces if pieces is not None else [text]:
         events += p.feed(piece)
-    events += p.finish()
+    events += p.finish(cut=cut)
     b = MessageBuilder()
     b.add(events)
     return merge_events(events), b.message(), p.incomplete_call

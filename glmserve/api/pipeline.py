@@ -121,7 +121,8 @@ class ChoiceUpdate:
 
 @dataclass
 class ChoiceResult:
-    """One finished choice: its message (cut-off calls dropped), why it ended, its tokens."""
+    """One finished choice: its message (a call cut by the token limit included, as streamed:
+    ``complete`` False, ``finish_reason`` ``length``), why it ended, its tokens."""
 
     index: int
     builder: MessageBuilder
@@ -299,13 +300,17 @@ class ChatPipeline:
                     raws[d.index] += d.text
                 events = parser.feed(d.text)
                 if d.finish_reason is not None:
-                    events += parser.finish()
+                    events += parser.finish(cut=d.finish_reason == "length")
                 builder.add(events)
                 if self.argument_hook is not None:
                     for ev in events:
                         if isinstance(ev, ToolCallEnd):
                             call = builder.calls[ev.index]
                             call.arguments = self._hooked(p, call.name, call.arguments)
+                    if d.finish_reason is not None:
+                        for call in builder.calls:
+                            if not call.complete:  # the hook only sees finished calls, and streams
+                                call.arguments = ""  # send hooked arguments whole at a call's end
                 reason = None
                 if d.finish_reason is not None:
                     finished += 1
@@ -343,8 +348,6 @@ class ChatPipeline:
             r.completion_tokens += u.num_tokens
             if u.finish_reason is not None:
                 r.finish_reason = u.finish_reason
-        for r in results:
-            r.builder.calls = [c for c in r.builder.calls if c.complete]  # a cut-off call is not a call
         return results
 
     # ------------------------------------------------------------------- checks

@@ -203,10 +203,17 @@ class StreamParser(ABC):
     * Any split of the same output into pieces yields the same merged events.
     * Text is emitted as soon as it can no longer become part of a tool call; only a
       possible prefix of a call marker (or declared tool name) is held back.
-    * Only declared tools become calls; anything else is text.  Nothing is ever lost:
-      on ``finish`` held-back text that did not become a call is emitted as text, and a
-      call that never completed is reported by ``incomplete_call`` (the API then answers
-      with ``finish_reason="length"`` or keeps it as text).
+    * Only declared tools become calls; anything else is text.  At a natural end
+      (``finish()``) nothing is lost: held-back text that did not become a call is emitted
+      as text.
+    * At a cut (``finish(cut=True)``: the token limit ended the output) held-back text that
+      could still have become a call marker or a call (a partial ``<tool_call>``, an opener
+      whose name is still a prefix of a declared tool's, a JSON family's segment start that
+      could still be a call) is dropped, never text.  A call whose name was closed is never
+      dropped: ``ToolCallStart`` and its argument fragments stand, no ``ToolCallEnd``
+      follows, and ``incomplete_call`` is True (the API returns it as a cut call with
+      ``finish_reason="length"``).  Streamed and whole answers fold the same events, so
+      they carry the same cut call.
     """
 
     def feed(self, text: str) -> list[Event]:
@@ -220,14 +227,15 @@ class StreamParser(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def finish(self) -> list[Event]:
-        """Flush at end of generation."""
+    def finish(self, cut: bool = False) -> list[Event]:
+        """Flush at end of generation; ``cut``: the output was ended by the token limit."""
 
     _incomplete: bool = False
 
     @property
     def incomplete_call(self) -> bool:
-        """True when output ended inside a tool call that was started but not closed."""
+        """True when output ended inside a tool call that was started but not closed, or
+        (at a cut) inside the opener of a call that may have been becoming."""
         return self._incomplete
 
 

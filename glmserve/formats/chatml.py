@@ -20,7 +20,10 @@ Parser decisions (deterministic, split-independent):
 * Malformed block before a call started, an undeclared name, or no name: the whole block,
   ``<tool_call>`` included, is text.  Malformed text after the call started: the call is
   closed and the rest is text.  Output ending inside an object whose call started:
-  ``incomplete_call``.  The closing ``</tool_call>`` may be missing at the very end.
+  ``incomplete_call``, the arguments being the raw JSON prefix streamed so far.  At a cut
+  (``finish(cut=True)``) a block whose name is not read yet and a partial ``<tool_call>``
+  are dropped (a natural end keeps them as text).  The closing ``</tool_call>`` may be
+  missing at the very end.
 """
 
 from __future__ import annotations
@@ -219,10 +222,12 @@ class HermesParser(StreamParser):
         self.value_raw: list[str] = []
         self.tag = ""
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
         out: list[Event] = []
         if self.state == _TEXT:
-            self._text(out, self.marker.flush())
+            held = self.marker.flush()
+            if not cut:  # at a cut, a partial <tool_call> was becoming a call
+                self._text(out, held)
         elif self.state == _LEADWS:
             self.ws = ""  # trailing layout whitespace
         else:  # inside a block
@@ -230,8 +235,11 @@ class HermesParser(StreamParser):
                 pass  # call complete; missing closing tag tolerated
             elif self.started:
                 self._incomplete = True
-            else:
-                self._fail(out, "")
+            elif cut and self.name is None:
+                self._incomplete = True  # a call whose name was still coming: dropped
+            else:  # not a call (undeclared name), or the model ended here: text
+                self._fail(out, "")  # re-read as text, which may hold or open a block again
+                out += self.finish(cut)
         return out
 
     # -- helpers

@@ -19,7 +19,11 @@ Parser decisions (deterministic, independent of how the output is split):
   streamed as it arrives (strings, escapes and depth are tracked incrementally).  When the
   object closes, ``ToolCallEnd`` is emitted; if the closed text fails ``json.loads`` the
   call is still reported with the model's text as arguments (the API layer checks it).
-* Output that ends inside a call's object: no ``ToolCallEnd``, ``incomplete_call`` is True.
+* Output that ends inside a call's object: no ``ToolCallEnd``, ``incomplete_call`` is True;
+  its arguments are the raw JSON prefix streamed so far.  At a cut (``finish(cut=True)``) a
+  built-in call's raw body is cut too (not closed), and what is still undecided (a segment
+  start that could become a call, a partial ``<|assistant|>`` / ``</think>``) is dropped;
+  at a natural end it is text.
 * Built-in tools (``python``, ``simple_browser``, ``cogview``) declared under that name:
   when the body after ``name\\n`` does not start with ``{`` it is raw text up to the next
   ``<|assistant|>`` or the end; the call's arguments are ``{"input": "<raw body>"}``
@@ -84,24 +88,30 @@ class GLMCallParser(StreamParser):
         self.scanner: ValueScanner | None = None
 
     # -- public
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
         out: list[Event] = []
+        held = "" if cut else self.marker.flush()  # a possible marker prefix: at a cut, a marker
         if self.state == _REASONING:
-            self._emit(out, ReasoningEvent(self.marker.flush()))
+            self._emit(out, ReasoningEvent(held))
         elif self.state == _SEG:
             p = self.pending
             self.pending = ""
-            if p.strip(WS):
+            if p.strip(WS) and cut:  # the undecided start could still have been a call
+                self._incomplete = True
+            elif p.strip(WS):
                 self.state = _TEXT
                 self._process(p[1:] if p.startswith("\n") else p, out)
                 self._emit(out, TextEvent(self.marker.flush()))
         elif self.state == _TEXT:
-            self._emit(out, TextEvent(self.marker.flush()))
+            self._emit(out, TextEvent(held))
         elif self.state == _CALL:
             self._incomplete = True
         elif self.state == _BUILTIN:
-            self._emit(out, ToolCallArgs(self.index, _builtin_escape(self.marker.flush()) + '"}'))
-            out.append(ToolCallEnd(self.index))
+            if cut:
+                self._incomplete = True
+            else:
+                self._emit(out, ToolCallArgs(self.index, _builtin_escape(held) + '"}'))
+                out.append(ToolCallEnd(self.index))
         return out
 
     # -- internals

@@ -53,8 +53,12 @@ Parser decisions (deliberate, tested):
   ``<tool_call>`` where the next ``<arg_key>`` or ``</tool_call>`` was due ends the call
   (the model forgot ``</tool_call>``) and opens the next one.  A repeated key
   is written twice into the JSON text (``json.loads`` keeps the last one).
-* **Truncation.** Output ending inside a started call sets :attr:`incomplete_call`; the
-  partial arguments already streamed are not closed, and nothing more is emitted for it.
+* **Truncation.** Output ending inside a started call (its name closed) sets
+  :attr:`incomplete_call`; its arguments stay as far as they were streamed (the JSON the
+  arguments so far map to: a plain string value up to its last character, typed values only
+  once read whole), never closed.  At a cut (``finish(cut=True)``, the token limit) what was
+  held back as a possible marker is dropped, and so is a ``<tool_call>`` whose name is still
+  a prefix of a declared tool's name (nothing of it is text); at a natural end both are text.
 
 Every ``feed`` scans only the new text plus a held-back tail shorter than the longest
 marker; values and names are accumulated, never re-scanned.
@@ -486,24 +490,30 @@ class XmlCallParser(StreamParser):
             self._run(self._buf + text, out)
         return out
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
         out: list[Event] = []
         if self._done:
             return out
         self._done = True
         data, self._buf = self._buf, ""
+        if cut:
+            # What was held back could still have become a marker: at a cut it was one.
+            data = ""
         if self._state == _S_LEAD:
-            data, self._lead_ws = self._lead_ws + data, ""
+            data, self._lead_ws = ("" if cut else self._lead_ws + data), ""
             self._leave_lead()
         if self._state in (_S_TEXT, _S_REASON):
             self._emit_plain(data, out)
         elif self._state == _S_NAME:
-            # Ended before the name was complete: not a call yet, so keep the text.  It was
-            # cut off only if it could still have become a declared tool's name.
-            partial = ("".join(self._acc) + data).strip()
-            self._incomplete = any(name.startswith(partial) for name in self._tools)
+            name = "".join(self._acc)
+            partial = (name + data).strip()
             self._state = self._return
-            self._emit_plain(self._open + "".join(self._acc) + data, out)
+            if cut and any(tool.startswith(partial) for tool in self._tools):
+                # A call being born (its name not yet closed): dropped, marker and all.
+                self._incomplete = True
+            else:
+                # Not a declared name, or the model ended here: the opener was text.
+                self._emit_plain(self._open + name + data, out)
         else:
             self._incomplete = True
         return out

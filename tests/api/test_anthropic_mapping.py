@@ -243,12 +243,14 @@ def test_folder_omitted_thinking_and_whole_arguments() -> None:
     assert blocks[1]["input"] == {"a": 2}
 
 
-def test_cut_off_call_left_out_of_content() -> None:
+def test_cut_off_call_keeps_its_block_with_the_partial_input() -> None:
     f = BlockFolder(SIGNER)
-    f.add([TextEvent("x"), ToolCallStart(0, "w"), ToolCallArgs(0, '{"a": ')])
+    f.add([TextEvent("x"), ToolCallStart(0, "w"), ToolCallArgs(0, '{"a": 1, "b": "unfini')])
     events = f.finish()
     assert events == [{"type": "content_block_stop", "index": 1}]
-    assert f.content() == [{"type": "text", "text": "x"}]
+    text, call = f.content()
+    assert text == {"type": "text", "text": "x"}
+    assert call["type"] == "tool_use" and call["name"] == "w" and call["input"] == {"a": 1}
 
 
 def test_stop_reason_and_errors() -> None:

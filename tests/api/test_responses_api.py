@@ -213,7 +213,7 @@ def test_incomplete_on_max_output_tokens(srv):
     events = list(srv.client().responses.create(model="m", input="x", max_output_tokens=20, stream=True))
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.output[-1].status == "incomplete"
-    # a call cut off mid-way is not a call
+    # a call cut off before its name was complete is no call (and no text)
     r = create(srv, "go</think>" + CALL, size=1, tools=TOOLS, max_output_tokens=len("go</think>") + 12)
     assert r.status == "incomplete" and all(o.type != "function_call" for o in r.output)
 

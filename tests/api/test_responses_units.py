@@ -250,14 +250,18 @@ def test_assembler_events_are_valid_and_rebuild_the_response(tmp_path):
     assert events[-1]["type"] == "response.completed" and events[-1]["response"] == asm.response
 
 
-def test_assembler_cut_off_is_incomplete_and_drops_the_partial_call():
+def test_assembler_cut_off_is_incomplete_and_keeps_the_partial_call():
     asm, events, _ = _run([[TextEvent("a")], [ToolCallStart(0, "get")], [ToolCallArgs(0, '{"a": ')]], "length")
     for ev in events:
         EVENT.validate_python(ev)
     final = Response.model_validate(asm.response)
     assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
-    assert [o.type for o in final.output] == ["message"]
+    assert [(o.type, o.status) for o in final.output] == [("message", "completed"), ("function_call", "incomplete")]
+    assert final.output[1].arguments == '{"a": '
     assert events[-1]["type"] == "response.incomplete"
+    # under an argument hook the partial arguments were never sent, and are not in the answer either
+    asm, _, _ = _run([[ToolCallStart(0, "get")], [ToolCallArgs(0, '{"a": ')]], "length", hooked=True)
+    assert asm.response["output"][0]["arguments"] == "" and asm.response["output"][0]["status"] == "incomplete"
 
 
 def test_assembler_hooked_sends_whole_arguments():

@@ -75,17 +75,23 @@ def test_chat_streaming_matches_non_streaming(default_server):
 
 
 def test_sampling_parameters(default_server):
+    """``seed`` fixes the sampler's random stream, which is all vLLM promises online: logits are
+    not bit-identical across ways of computing a request.  A prompt read from the prefix cache
+    computes differently from a cold one, and the ``n`` choices of one request are scheduled
+    apart or together as they come, so equal seeded ``n=2`` requests can differ (measured: 1
+    in 3 alone, and 1 in 6 even with both cached).  So the seed is checked where requests are
+    computed alike: ``n=1``, one at a time, both from the prompt the first request cached."""
     c = default_server.client()
-    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
-                                  max_completion_tokens=20, temperature=0.7, top_p=0.9, seed=7, n=2,
-                                  presence_penalty=0.5, frequency_penalty=0.5, stop=["\n\n"])
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count: 1, 2, 3,"}], max_completion_tokens=20,
+              temperature=0.7, top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.5, stop=["\n\n"])
+    r = c.chat.completions.create(**kw, n=2)
     assert [ch.index for ch in r.choices] == [0, 1]
     for ch in r.choices:
         assert "\n\n" not in (ch.message.content or "")
-    r2 = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
-                                   max_completion_tokens=20, temperature=0.7, top_p=0.9, seed=7, n=2,
-                                   presence_penalty=0.5, frequency_penalty=0.5, stop=["\n\n"])
-    assert [ch.message.content for ch in r2.choices] == [ch.message.content for ch in r.choices]  # seeded
+    one = c.chat.completions.create(**kw)
+    again = c.chat.completions.create(**kw)
+    assert one.choices[0].message.content == again.choices[0].message.content  # seeded
+    assert one.usage.completion_tokens > 0
 
 
 def test_response_format_json_schema(default_server):

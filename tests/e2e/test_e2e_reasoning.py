@@ -55,16 +55,30 @@ def test_glmz1_reasoning_goes_to_reasoning_content(glmz1_server):
     assert not any(ch.choices and ch.choices[0].delta.content for ch in chunks) or msg.content
 
 
-def test_glmz1_required_never_returns_an_invalid_call(glmz1_server):
-    c = glmz1_server.client()
-    for seed in range(2):
-        r = c.chat.completions.create(model="tiny-z1", messages=MSGS, tools=TOOLS, tool_choice="required",
-                                      max_tokens=60, temperature=1.0, seed=seed)
-        ch = r.choices[0]
-        if ch.finish_reason == "tool_calls":
-            check_calls(ch.message.tool_calls)
-        else:
-            assert ch.finish_reason == "length" and not ch.message.tool_calls
+@pytest.fixture(scope="module")
+def glmz1_closing_server():
+    """GLM-Z1 on a tiny model disposed to close its reasoning (``tiny_models`` kind ``glmz1``):
+    a random model never writes ``</think>`` by itself, so no call would ever follow."""
+    from tiny_models import build_tiny
+
+    s = start_server(str(build_tiny("glmz1")), "--chat-format", "glmz1", "--served-model-name", "tiny-z1")
+    yield s
+    s.stop()
+
+
+def test_glmz1_required_returns_a_valid_call(glmz1_closing_server):
+    c = glmz1_closing_server.client()
+    kw = dict(model="tiny-z1", messages=MSGS, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+              max_tokens=120, temperature=0)
+    r = c.chat.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls", r
+    check_calls(ch.message.tool_calls)
+    assert len(ch.message.tool_calls) == 1 and not ch.message.content
+    got, finish, _ = streamed_calls(c.chat.completions.create(**kw, stream=True))
+    assert finish == "tool_calls"
+    assert [(v["name"], v["args"]) for v in got.values()] == [(x.function.name, x.function.arguments)
+                                                              for x in ch.message.tool_calls]
 
 
 def test_glm47_thinking_off_constrained_calls(glm47_server):
@@ -95,15 +109,48 @@ def test_glm47_reasoning_effort_switch(glm47_server):
 
 
 def test_glm47_thinking_on_keeps_reasoning_separate(glm47_server):
+    """A random model never closes its reasoning, so a thinking budget closes it after 6 tokens;
+    the forced call then follows, and neither part leaks into the other."""
     c = glm47_server.client()
     r = c.chat.completions.create(model="tiny-glm47", messages=MSGS, tools=TOOLS, tool_choice="required",
-                                  max_tokens=30, temperature=0)
+                                  parallel_tool_calls=False, max_tokens=150, temperature=0,
+                                  extra_body={"thinking_budget": 6})
     ch = r.choices[0]
     reasoning = ch.message.model_extra.get("reasoning_content") or ""
     assert reasoning
     for m in MARKERS:
         assert m not in (ch.message.content or "") and m not in reasoning
-    if ch.finish_reason == "tool_calls":
-        check_calls(ch.message.tool_calls)
-    else:
-        assert ch.finish_reason == "length" and not ch.message.tool_calls
+    assert ch.finish_reason == "tool_calls", r
+    check_calls(ch.message.tool_calls)
+
+
+def test_glm47_cut_calls_are_the_same_streamed_and_whole(glm47_server):
+    """Cut after every token of a forced call's opener, name and first argument: the opener or a
+    partial name is never text (under ``required`` the model may spell ``<tool_call>`` out of
+    plain tokens, since the grammar matches text), a call whose name closed comes back as the
+    call so far, and streamed and whole answers agree."""
+    c = glm47_server.client()
+    kw = dict(model="tiny-glm47", messages=MSGS, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+              temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    full = c.chat.completions.create(**kw, max_tokens=100, logprobs=True)
+    assert full.choices[0].finish_reason == "tool_calls", full
+    (call,) = full.choices[0].message.tool_calls
+    tokens = [t.token for t in full.choices[0].logprobs.content]
+    text = "".join(tokens)
+    first_value = text.index("<arg_value>") + len("<arg_value>")
+    at_value = next(k for k in range(len(tokens) + 1) if len("".join(tokens[:k])) >= first_value)
+    ends = range(1, min(at_value + 2, len(tokens)))  # up to the first value's first token
+    seen_named, seen_unnamed = False, False
+    for k in ends:
+        r = c.chat.completions.create(**kw, max_tokens=k)
+        ch = r.choices[0]
+        assert ch.finish_reason == "length" and not ch.message.content, (k, r)
+        calls = [(x.function.name, x.function.arguments) for x in ch.message.tool_calls or []]
+        assert len(calls) <= 1 and all(n == call.function.name and call.function.arguments.startswith(a)
+                                       for n, a in calls), (k, calls)
+        seen_named, seen_unnamed = seen_named or bool(calls), seen_unnamed or not calls
+        got, finish, chunks = streamed_calls(c.chat.completions.create(**kw, max_tokens=k, stream=True))
+        assert finish == "length"
+        assert not any(ch.choices and ch.choices[0].delta.content for ch in chunks), k
+        assert [(v["name"], v["args"]) for v in got.values()] == calls, k
+    assert seen_named and seen_unnamed, tokens

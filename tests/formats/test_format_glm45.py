@@ -30,8 +30,8 @@ from glmserve.formats.xmlcall import grammar_for_key, write_call
 FMT = get_format("glm45")
 
 
-def parse(text: str, req: ChatRequest | None = None, pieces: list[str] | None = None):
-    return parse_with(FMT, text, req, pieces)
+def parse(text: str, req: ChatRequest | None = None, pieces: list[str] | None = None, cut: bool = False):
+    return parse_with(FMT, text, req, pieces, cut)
 
 
 # --------------------------------------------------------------------------- render
@@ -182,10 +182,15 @@ def test_undeclared_call_inside_reasoning_stays_reasoning() -> None:
 
 
 def test_truncated_call_is_incomplete() -> None:
-    _, msg, inc = parse("<think>x</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北")
-    assert inc and msg["tool_calls"][0]["function"]["arguments"] == '{"city": "北'
+    for cut in (False, True):
+        _, msg, inc = parse("<think>x</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北", cut=cut)
+        assert inc and msg["tool_calls"][0]["function"]["arguments"] == '{"city": "北'
+    # cut while the name was still being written: no call, and no marker text
+    _, msg, inc = parse("<think>x</think>\nok\n<tool_call>get_wea", cut=True)
+    assert inc and msg["content"] == "ok" and "tool_calls" not in msg
+    # the model itself ended there: not a call, so text
     _, msg, inc = parse("<think>x</think>\nok\n<tool_call>get_wea")
-    assert inc and msg["content"] == "ok\n<tool_call>get_wea" and "tool_calls" not in msg
+    assert not inc and msg["content"] == "ok\n<tool_call>get_wea" and "tool_calls" not in msg
 
 
 def test_held_back_only_marker_prefixes() -> None:

@@ -225,11 +225,12 @@ def test_constraint_thinking_disabled() -> None:
 
 
 def test_cut_off_marker_is_incomplete_only_for_a_declared_name() -> None:
-    """``<tool_call>get_wea`` at the end is a cut-off call only if a tool could be named so."""
-    for tools, want in ((TOOLS, True), ([], False)):
+    """``<tool_call>get_wea`` at a cut is a call being born (dropped) only if a tool could be
+    named so; otherwise, or where the model ended the output itself, it is text."""
+    for tools, cut, want in ((TOOLS, True, True), ([], True, False), (TOOLS, False, False)):
         p = FMT.parser(request(tools=tools, enable_thinking=False))
         b = MessageBuilder()
         b.add(p.feed("hello <tool_call>get_wea"))
-        b.add(p.finish())
-        assert b.message()["content"] == "hello <tool_call>get_wea"
+        b.add(p.finish(cut=cut))
+        assert b.message()["content"] == ("hello " if want else "hello <tool_call>get_wea")
         assert p.incomplete_call is want

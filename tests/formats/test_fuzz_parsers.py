@@ -77,13 +77,13 @@ def split(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(points, points[1:])]
 
 
-def run_parser(fmt_name: str, thinking: bool, tools: list[Tool], pieces: list[str]):
+def run_parser(fmt_name: str, thinking: bool, tools: list[Tool], pieces: list[str], cut: bool = False):
     req = ChatRequest(messages=[], tools=tools, tool_choice="auto" if tools else "none", enable_thinking=thinking)
     parser = get_format(fmt_name).parser(req)
     events = []
     for piece in pieces:
         events += parser.feed(piece)
-    events += parser.finish()
+    events += parser.finish(cut=cut)
     return merged(events), parser.incomplete_call
 
 
@@ -112,11 +112,12 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(Heal
 
 @pytest.mark.parametrize("fmt_name, thinking", VARIANTS, ids=[f"{f}-think" if t else f"{f}-nothink" for f, t in VARIANTS])
 @FUZZ
-@given(text=text_strategy, cuts=st.lists(st.integers(0, 400), max_size=12), per_char=st.booleans())
-def test_parser_with_tools_is_total_and_split_independent(fmt_name, thinking, text, cuts, per_char):
+@given(text=text_strategy, cuts=st.lists(st.integers(0, 400), max_size=12), per_char=st.booleans(),
+       cut=st.booleans())
+def test_parser_with_tools_is_total_and_split_independent(fmt_name, thinking, text, cuts, per_char, cut):
     pieces = list(text) if per_char else split(text, cuts)
-    events, incomplete = run_parser(fmt_name, thinking, PARSER_TOOLS, pieces)
-    whole, whole_incomplete = run_parser(fmt_name, thinking, PARSER_TOOLS, [text])
+    events, incomplete = run_parser(fmt_name, thinking, PARSER_TOOLS, pieces, cut)
+    whole, whole_incomplete = run_parser(fmt_name, thinking, PARSER_TOOLS, [text], cut)
     assert events == whole and incomplete == whole_incomplete
     args: dict[int, str] = {}
     for e in events:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+
+import pydantic_core
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,13 +193,28 @@ class BlockFolder:
         return out
 
     def finish(self) -> list[dict[str, Any]]:
-        """Close the open block (a call cut off by max_tokens stays as far as it got in the
-        stream; :meth:`content` leaves it out)."""
+        """Close the open block (a call cut off by max_tokens stays as far as it got)."""
         out: list[dict[str, Any]] = []
         self._close(out)
         return out
 
     def content(self) -> list[dict[str, Any]]:
-        """The final content blocks: those of cut-off calls are dropped."""
-        cut = {self._call_block[i] for i in self._call_block if i not in self._complete}
-        return [b for k, b in enumerate(self.blocks) if k not in cut]
+        """The final content blocks.  A call cut off by max_tokens keeps its ``tool_use`` block
+        (``stop_reason`` says ``max_tokens``) with the input its partial JSON reads as, the way
+        the SDK's stream accumulator (jiter, partial mode) reads the same fragments."""
+        for i, k in self._call_block.items():
+            if i not in self._complete:
+                text = "" if self.whole_arguments else "".join(self._args[i])
+                self.blocks[k]["input"] = partial_input(text)
+        return list(self.blocks)
+
+
+def partial_input(text: str) -> Any:
+    """A cut call's arguments prefix as a value: complete members kept, a trailing partial one
+    dropped (pydantic-core's ``from_json`` partial mode, the jiter mode the SDK uses)."""
+    if not text.strip():
+        return {}
+    try:
+        return pydantic_core.from_json(text, allow_partial=True)
+    except ValueError:  # not even a JSON prefix (an unconstrained model's garbage)
+        return {}

@@ -282,6 +282,8 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 turn = turns.assistant()
             turn["reasoning_content"] = turn.get("reasoning_content", "") + text
         elif isinstance(item, FunctionCallItem):
+            if (item.model_extra or {}).get("status") == "incomplete":
+                continue  # cut off by the output limit (a stored cut answer): never run, not history
             name = ToolNames.flat(item.name, item.namespace)
             turns.assistant().setdefault("tool_calls", []).append(
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})

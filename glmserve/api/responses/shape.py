@@ -148,6 +148,7 @@ class ResponseAssembler:
                 out += evs
             elif isinstance(ev, ToolCallArgs) and ev.delta and not self.hooked:
                 index = self._calls[ev.index]
+                self.items[index]["arguments"] += ev.delta  # so far (a cut call keeps them)
                 out.append(self._ev("response.function_call_arguments.delta", item_id=self.items[index]["id"],
                                     output_index=index, delta=ev.delta))
             elif isinstance(ev, ToolCallEnd):
@@ -175,15 +176,13 @@ class ResponseAssembler:
         ``response.incomplete`` when the output limit cut the answer short)."""
         cut = finish_reason == "length"
         out = self._close_open("incomplete" if cut else "completed")
-        dropped = set()
         for call_index, index in self._calls.items():
-            if call_index not in self._ended:  # cut off mid-call: not a call the client may run
+            if call_index not in self._ended:  # cut off mid-call: kept, as far as it got, marked incomplete
                 item = self.items[index]
                 item["status"] = "incomplete"
-                dropped.add(index)
                 out.append(self._ev("response.output_item.done", output_index=index, item=copy.deepcopy(item)))
         r = self.response
-        r["output"] = [item for i, item in enumerate(self.items) if i not in dropped]
+        r["output"] = list(self.items)
         r["usage"] = usage(input_tokens, self.output_tokens, self.reasoning_tokens)
         if cut:
             r["status"] = "incomplete"
