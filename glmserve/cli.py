@@ -58,6 +58,13 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
                         "by the cap says it stopped on length")
     g.add_argument("--responses-db", default=None, metavar="PATH",
                    help="SQLite file of the stored /v1/responses (default: <glmserve cache>/responses.sqlite3)")
+    g.add_argument("--image-input", choices=["note", "reject"], default="note",
+                   help="image, video, audio and document parts sent to this text-only model: 'note' (default) "
+                        "replaces each by a text note saying what was attached and that the model cannot see it "
+                        "(header X-Glmserve-Media-Replaced); 'reject' answers 400")
+    g.add_argument("--model-alias", action="append", default=[], metavar="PATTERN",
+                   help="serve request model names matching this glob (repeatable, e.g. 'claude-*') as the served "
+                        "model; any other unknown name is 404 model_not_found")
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -121,7 +128,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
                         max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
-                        responses_db=args.responses_db)
+                        responses_db=args.responses_db, image_input=args.image_input,
+                        model_aliases=list(args.model_alias))
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)

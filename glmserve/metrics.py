@@ -43,6 +43,10 @@ class Metrics:
             "next), total (prepare + output, once per finished request)",
             ["phase"], buckets=_SERVER_BUCKETS, registry=r,
         )
+        self.media_replaced = Counter(
+            "glmserve_media_replaced", "Image, video, audio and document parts a text-only model was given as a "
+            "text note instead (--image-input note)", ["kind"], registry=r,
+        )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
 
     def render(self) -> bytes:

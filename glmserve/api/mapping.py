@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
 from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
 
@@ -184,10 +185,7 @@ def response_format_constraint(schema_or_type: str | dict[str, Any] | None, para
 # --------------------------------------------------------------------------- messages
 
 
-_MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "audio_url", "input_audio", "file")
-
-
-def _flatten_content(msg: ChatMessage, i: int, joiner: str) -> str | None:
+def _flatten_content(msg: ChatMessage, i: int, joiner: str, media: MediaNotes) -> str | None:
     content = msg.content
     if content is None or isinstance(content, str):
         return content
@@ -196,11 +194,10 @@ def _flatten_content(msg: ChatMessage, i: int, joiner: str) -> str | None:
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind in _MEDIA_PARTS:
-            raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part, but this model accepts text only",
-                           param=f"messages[{i}].content")
         elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("name", part.get("tool_name")), str):
             continue  # see _tool_references
+        elif (note := media.openai_part(part, f"messages[{i}].content[{j}]")) is not None:
+            texts.append(note)
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
     return joiner.join(texts)
@@ -213,14 +210,17 @@ def _tool_references(msg: ChatMessage) -> list[str] | None:
     return [p.get("name", p.get("tool_name")) for p in msg.content if p.get("type") == "tool_reference"]
 
 
-def normalise_messages(messages: list[ChatMessage], joiner: str = "\n") -> list[dict[str, Any]]:
+def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
+                       media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as formats read them: text content (parts joined by the family's
-    ``joiner``), ``developer`` as ``system``, legacy ``function`` results as ``tool``,
-    legacy ``function_call`` as a tool call, ``tool_reference`` results as tool names."""
+    ``joiner``; media parts as notes, :mod:`glmserve.api.media`), ``developer`` as ``system``,
+    legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call,
+    ``tool_reference`` results as tool names."""
+    media = MediaNotes() if media is None else media
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = m.role
-        content = _flatten_content(m, i, joiner)
+        content = _flatten_content(m, i, joiner, media)
         d: dict[str, Any] = {"role": role, "content": content}
         if role == "developer":
             d["role"] = "system"
@@ -263,9 +263,10 @@ def is_legacy_functions(req: ChatCompletionRequest) -> bool:
 
 
 def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAULT_LIMITS,
-                             content_joiner: str = "\n") -> ChatRequest:
+                             content_joiner: str = "\n", media: MediaNotes | None = None) -> ChatRequest:
     """A Chat Completions request as a format sees it, validated (400s name the field).
-    ``content_joiner`` is the family's ``ChatFormat.content_joiner``."""
+    ``content_joiner`` is the family's ``ChatFormat.content_joiner``; ``media`` collects the
+    media parts replaced by notes (default: notes, uncounted)."""
     if len(req.messages) > limits.max_messages:
         raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
     if req.tools:
@@ -282,7 +283,7 @@ def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAUL
     effort = reasoning_effort_of(req.reasoning_effort, req.chat_template_kwargs)
     enable, clear = thinking_flags(req.chat_template_kwargs, effort)
     return ChatRequest(
-        messages=normalise_messages(req.messages, content_joiner),
+        messages=normalise_messages(req.messages, content_joiner, media),
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,

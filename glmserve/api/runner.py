@@ -11,6 +11,7 @@ released and one request-log line.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import time
@@ -122,16 +123,29 @@ class Services:
     def model_names(self) -> list[str]:
         return self.settings.served_model_names or [self.engine.model_name]
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> str:
+        """The served name a request's ``model`` means: itself when served, the first served
+        name when absent or matching a ``--model-alias`` glob (Claude Code asks for
+        ``claude-haiku-…`` for subagents whatever the settings say); anything else is 404
+        ``model_not_found``, as OpenAI and vLLM answer."""
         names = self.model_names
-        if model is not None and model not in names:
-            raise APIError(400, f"the model {model!r} is not served here; available: {', '.join(names)}",
-                           param="model", code="model_not_found")
+        if model is None:
+            return names[0]
+        if model in names:
+            return model
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.model_aliases):
+            return names[0]
+        aliases = f" (or a name matching {', '.join(self.settings.model_aliases)})" if self.settings.model_aliases else ""
+        raise APIError(404, f"the model {model!r} is not served here; available: {', '.join(names)}{aliases}",
+                       param="model", code="model_not_found")
 
     async def serve(self, endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:
         t0 = time.perf_counter()
         requested = getattr(endpoint, "requested_model", None)
-        self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
+        asked = requested(body) if requested is not None else getattr(body, "model", None)
+        served = self.check_model(asked)
+        # a name served through --model-alias: the log line says which was asked and which served
+        named = {"model": served, "requested_model": asked} if asked not in (None, served) else {}
         await self.engine.check_health()
         self.admission.acquire()  # before rendering and tokenizing, so a flood is shed cheaply
         try:
@@ -140,7 +154,7 @@ class Services:
             self.admission.release()
             raise
         if handle.stream:
-            return StreamingResponse(self._stream(endpoint, handle, t0), media_type="text/event-stream",
+            return StreamingResponse(self._stream(endpoint, handle, t0, named), media_type="text/event-stream",
                                      headers=STREAM_HEADERS)
         try:
             result = await _unless_disconnected(request, endpoint.complete(handle))
@@ -149,13 +163,14 @@ class Services:
         if result is None:  # the client went away; its engine request was aborted
             await self.engine.abort(handle.request_id)
             self.request_log.record(endpoint.name, handle.request_id, endpoint.log_fields(handle)[0], t0, 499,
-                                    {"disconnected": True})
+                                    {"disconnected": True, **named})
             return Response(status_code=499)
         prompt_tokens, fields = endpoint.log_fields(handle)
-        self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, fields)
+        self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
         return JSONResponse(result)
 
-    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float) -> AsyncIterator[str]:
+    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float,
+                      named: dict[str, Any]) -> AsyncIterator[str]:
         try:
             async for event in endpoint.stream(handle):
                 yield event
@@ -171,7 +186,8 @@ class Services:
         finally:
             self.admission.release()
             prompt_tokens, fields = endpoint.log_fields(handle)
-            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {"stream": True, **fields})
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200,
+                                    {"stream": True, **fields, **named})
 
 
 async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:

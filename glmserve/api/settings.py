@@ -28,6 +28,11 @@ class Settings:
     """Server-wide cap on every request's output tokens (``--max-output-tokens``; None: no cap)."""
     responses_db: str | None = None
     """The SQLite file of stored Responses (``--responses-db``; None: ``<glmserve cache>/responses.sqlite3``)."""
+    image_input: str = "note"
+    """``note``: image / video / audio parts become a text note (:mod:`glmserve.api.media`);
+    ``reject``: they are a 400 (``--image-input``)."""
+    model_aliases: list[str] = field(default_factory=list)
+    """Glob patterns of model names served as the (first) served model (``--model-alias``)."""
 
     @property
     def limits(self) -> Limits:

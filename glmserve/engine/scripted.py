@@ -24,6 +24,7 @@ class ScriptedEngine(Engine):
         model_name: str = "scripted",
         max_model_len: int = 4096,
         delay: float = 0.0,
+        cached_tokens: int | None = None,
     ) -> None:
         self.script = script
         self.model_name = model_name
@@ -33,6 +34,8 @@ class ScriptedEngine(Engine):
         # (the fuzz test found chr() failing on one), as an id beyond a real vocabulary is
         self.vocab_size = 0x110000
         self.delay = delay
+        self.cached_tokens = cached_tokens
+        """The prefix-cache hits every request reports (at most its prompt), for protocol tests."""
         self.dead = False
         self.last_prompt: str = ""
         self.last_params: GenerateParams | None = None
@@ -61,6 +64,7 @@ class ScriptedEngine(Engine):
         prompt = "".join(chr(i) for i in prompt_ids)
         self.last_prompt = prompt
         self._running.add(request_id)
+        cached = None if self.cached_tokens is None else min(self.cached_tokens, len(prompt_ids))
         try:
             for index in range(params.n):
                 pieces, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
@@ -79,9 +83,11 @@ class ScriptedEngine(Engine):
                             continue
                         piece = "".join(held)
                     yield Delta(index=index, text=piece, num_tokens=len(held) if params.final_only else 1,
-                                finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None)
+                                finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None,
+                                cached_tokens=cached)
                 if not pieces:
-                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched)
+                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched,
+                                cached_tokens=cached)
         finally:
             self._running.discard(request_id)
 

@@ -111,7 +111,8 @@ def test_bad_items_are_400_with_their_path(tmp_path):
     seal = ReasoningSeal.from_file(tmp_path / "k")
     other = ReasoningSeal.from_file(tmp_path / "other")
     cases = [
-        ([{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}], "input[0].content[0]"),
+        ([{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,@@"}]}],
+         "input[0].content[0].image_url"),
         ([{"type": "reasoning", "summary": [], "encrypted_content": other.seal("x")}], "input[0].encrypted_content"),
         ([{"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-not-a-token"}], "input[0].encrypted_content"),
         ([{"role": "user", "content": "a"}, {"type": "item_reference", "id": "msg_1"}], "input[1]"),

@@ -31,10 +31,9 @@ from glmserve.api.anthropic.schemas import (
     MessagesBase,
 )
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 
 log = logging.getLogger("glmserve.messages")
-
-TEXT_ONLY = "this model accepts text only"
 
 
 def system_text(system: str | list[TextBlock] | None) -> str | None:
@@ -46,7 +45,7 @@ def system_text(system: str | list[TextBlock] | None) -> str | None:
     return "\n".join(b.text for b in system)
 
 
-def _result_text(block: ToolResultBlock, param: str) -> str:
+def _result_text(block: ToolResultBlock, param: str, media: MediaNotes) -> str:
     content = block.content
     if content is None:
         return ""
@@ -58,15 +57,17 @@ def _result_text(block: ToolResultBlock, param: str) -> str:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in ("image", "document"):
-            raise APIError(400, f"{param}.content[{k}]: {TEXT_ONLY}", param=f"{param}.content")
+            texts.append(media.anthropic(part, f"{param}.content[{k}]"))
         else:
             raise APIError(400, f"{param}.content[{k}]: unsupported block type {kind!r} in a tool_result",
                            param=f"{param}.content")
     return "\n".join(texts)
 
 
-def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage]) -> list[dict[str, Any]]:
-    """The conversation as OpenAI message dicts (content flattened to strings).
+def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage],
+                       media: MediaNotes | None = None) -> list[dict[str, Any]]:
+    """The conversation as OpenAI message dicts (content flattened to strings; ``image`` and
+    ``document`` blocks, also inside a ``tool_result``, as notes: :mod:`glmserve.api.media`).
 
     User turns: text blocks join into one user message; each ``tool_result`` becomes a
     ``tool`` message (named after the call it answers), in block order.  Assistant turns:
@@ -74,6 +75,7 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
     ``tool_use`` -> ``tool_calls``; ``redacted_thinking`` carries nothing a GLM can read.
     ``system`` messages inside the array stay system turns where they are.
     """
+    media = MediaNotes() if media is None else media
     out: list[dict[str, Any]] = []
     top = system_text(system)
     if top:
@@ -118,11 +120,11 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
             if isinstance(b, TextBlock):
                 pending.append(b.text)
             elif isinstance(b, (ImageBlock, DocumentBlock)):
-                raise APIError(400, f"{param}[{j}]: {TEXT_ONLY}", param=param)
+                pending.append(media.anthropic(b.model_dump(), f"{param}[{j}]"))
             elif isinstance(b, ToolResultBlock) and m.role == "user":
                 flush()
                 tool: dict[str, Any] = {"role": "tool", "tool_call_id": b.tool_use_id,
-                                        "content": _result_text(b, f"{param}[{j}]")}
+                                        "content": _result_text(b, f"{param}[{j}]", media)}
                 if b.tool_use_id in names:
                     tool["name"] = names[b.tool_use_id]
                 out.append(tool)

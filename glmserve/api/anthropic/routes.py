@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,8 +22,10 @@ from starlette.responses import Response
 from glmserve.api.anthropic import mapping as am
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
 from glmserve.api.anthropic.shape import BlockFolder, error_body, sse, stop_reason, usage
+from glmserve.api import media
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
+from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
 from glmserve.api.runner import Services
@@ -63,15 +65,19 @@ class MessagesHandle:
     stream: bool
     model: str
     omit_thinking: bool
+    media_fields: dict[str, Any] = field(default_factory=dict)
+    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
 
     @property
     def request_id(self) -> str:
         return self.run.request_id
 
 
-def chat_request(body: MessagesBase, services: Services) -> tuple[ChatRequest, list[str]]:
+def chat_request(body: MessagesBase, services: Services, notes: MediaNotes | None = None
+                 ) -> tuple[ChatRequest, list[str]]:
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
-    left out because their type only runs in Anthropic's cloud."""
+    left out because their type only runs in Anthropic's cloud.  ``notes`` collects the
+    media blocks replaced by text notes."""
     limits = services.settings.limits
     if len(body.messages) > limits.max_messages:
         raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
@@ -83,7 +89,8 @@ def chat_request(body: MessagesBase, services: Services) -> tuple[ChatRequest, l
     tools = build_tools(sel.defs, limits)
     thinking = am.thinking_options(body)
     chat = ChatRequest(
-        messages=am.to_openai_messages(body.system, body.messages),
+        messages=am.to_openai_messages(body.system, body.messages,
+                                       notes if notes is not None else MediaNotes(services.settings.image_input)),
         tools=tools,
         tool_choice=normalise_tool_choice(choice, tools, "tool_choice"),
         parallel_tool_calls=parallel,
@@ -104,7 +111,8 @@ class Messages:
         self.pipeline: ChatPipeline = services.pipeline
 
     async def prepare(self, body: MessagesRequest, request: Request) -> MessagesHandle:
-        chat, unsupported = chat_request(body, self.services)
+        notes = MediaNotes(self.services.settings.image_input)
+        chat, unsupported = chat_request(body, self.services, notes)
         if unsupported:
             request.state.unsupported_tools = unsupported
         schema = am.output_format_schema(body)
@@ -121,18 +129,23 @@ class Messages:
                                                          self.services.settings.limits) if schema else None,
         )
         run = self.pipeline.prepare(chat, opts, "msg_")
-        return MessagesHandle(run=run, stream=body.stream, model=body.model or run.model,
-                              omit_thinking=am.thinking_options(body).omit)
+        media.remember(request, notes)
+        return MessagesHandle(run=run, stream=body.stream, model=self.services.check_model(body.model),
+                              omit_thinking=am.thinking_options(body).omit,
+                              media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: MessagesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names)}
+        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
+                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
+                                     **h.media_fields}
 
     def _message(self, h: MessagesHandle, content: list[dict[str, Any]], end: tuple[str | None, str | None]
                  ) -> dict[str, Any]:
         reason, stop_sequence = end
         return {"id": h.run.request_id, "type": "message", "role": "assistant", "model": h.model,
                 "content": content, "stop_reason": reason and stop_reason(reason, stop_sequence),
-                "stop_sequence": stop_sequence, "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)}
+                "stop_sequence": stop_sequence,
+                "usage": usage(h.run.prompt_tokens, h.run.completion_tokens, h.run.cached_tokens)}
 
     async def _fold(self, h: MessagesHandle, folder: BlockFolder, end: list[str | None]) -> AsyncIterator[list[dict[str, Any]]]:
         """The stream events of each pipeline update, then the closing events; ``end`` gets
@@ -169,7 +182,7 @@ class Messages:
             if events:
                 yield "".join(sse(e) for e in events)
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(end[0], end[1]), "stop_sequence": end[1]},
-                   "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)})
+                   "usage": usage(h.run.prompt_tokens, h.run.completion_tokens, h.run.cached_tokens)})
         yield sse({"type": "message_stop"})
 
 
@@ -182,7 +195,7 @@ def router(services: Services) -> APIRouter:
     @r.post(PREFIX, responses=STREAM_RESPONSES)
     async def messages(body: MessagesRequest, request: Request) -> Response:
         """Anthropic's Messages API (Claude Code appends ``?beta=true``, which changes nothing)."""
-        response = await services.serve(endpoint, body, request)
+        response = media.add_header(request, await services.serve(endpoint, body, request))
         unsupported = getattr(request.state, "unsupported_tools", None)
         if unsupported:
             response.headers[UNSUPPORTED_TOOLS_HEADER] = ",".join(unsupported)

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
 from glmserve.api.responses.schemas import (
     FunctionCallItem,
@@ -39,7 +40,6 @@ from glmserve.api.responses.schemas import (
 NAMESPACE_SEP = "__"
 CLIENT_TOOL_TYPES = ("function", "namespace")
 _TEXT_PARTS = ("input_text", "output_text", "text")
-_MEDIA_PARTS = ("input_image", "input_file", "input_audio", "image_url")
 
 _items_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
 
@@ -164,7 +164,7 @@ def parse_items(items: list[dict[str, Any]]) -> list[Any]:
                        param="previous_response_id") from None
 
 
-def _text_parts(parts: str | list[dict[str, Any]], param: str) -> str:
+def _text_parts(parts: str | list[dict[str, Any]], param: str, media: MediaNotes) -> str:
     if isinstance(parts, str):
         return parts
     texts: list[str] = []
@@ -174,9 +174,8 @@ def _text_parts(parts: str | list[dict[str, Any]], param: str) -> str:
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
-        elif kind in _MEDIA_PARTS:
-            raise APIError(400, f"{param}[{j}]: this model accepts text only ({kind} is not supported)",
-                           param=f"{param}[{j}]")
+        elif (note := media.responses_part(part, f"{param}[{j}]")) is not None:
+            texts.append(note)
         else:
             raise APIError(400, f"{param}[{j}]: unsupported content part {kind!r}", param=f"{param}[{j}]")
     return "\n".join(texts)
@@ -221,17 +220,18 @@ class _Turns:
 
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
-                      params: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                      params: Sequence[str] | None = None, media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """Chat messages for input items (models from :mod:`glmserve.api.responses.schemas`); ``instructions``
     become the leading system message.  ``params[n]`` names item ``n`` in errors
-    (default ``input[n]``)."""
+    (default ``input[n]``); ``media`` collects the media parts replaced by notes."""
+    media = MediaNotes() if media is None else media
     turns = _Turns()
     if instructions:
         turns.add({"role": "system", "content": instructions})
     for n, item in enumerate(items):
         p = params[n] if params is not None else f"input[{n}]"
         if isinstance(item, MessageItem):
-            text = _text_parts(item.content, f"{p}.content")
+            text = _text_parts(item.content, f"{p}.content", media)
             if item.role == "assistant":
                 turn = turns.assistant()
                 if turn.get("tool_calls"):  # text after calls starts a new turn
@@ -253,7 +253,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
             turns.call_names[item.call_id] = name
         elif isinstance(item, FunctionCallOutputItem):
-            msg = {"role": "tool", "tool_call_id": item.call_id, "content": _text_parts(item.output, f"{p}.output")}
+            msg = {"role": "tool", "tool_call_id": item.call_id, "content": _text_parts(item.output, f"{p}.output", media)}
             if item.call_id in turns.call_names:
                 msg["name"] = turns.call_names[item.call_id]
             turns.add(msg)
