@@ -128,12 +128,14 @@ class MediaNotes:
             return self.replace(Attachment("document", None, None, "list of blocks"), param)
         raise APIError(400, f"{param}.source.type: unknown source type {stype!r}", param=f"{param}.source.type")
 
-    def _url(self, kind: str, url: Any, param: str) -> str:
-        """An image / video / audio given as a URL: a ``data:`` URL is checked and measured."""
+    @staticmethod
+    def _url(kind: str, url: Any, param: str) -> Attachment:
+        """An image / video / audio given as a URL (``param`` names it): a ``data:`` URL is
+        checked and measured, an http(s) one is not fetched."""
         if not isinstance(url, str) or not url:
             raise APIError(400, f"{param} is required", param=param)
         if url.startswith(("http://", "https://")):
-            return self.replace(Attachment(kind, None, None, "URL"), param)
+            return Attachment(kind, None, None, "URL")
         if not url.startswith("data:"):
             raise APIError(400, f"{param}: {_a(kind)} {kind} must be given as an http(s) URL or a data: URL", param=param)
         m = _DATA_URL.fullmatch(url)
@@ -142,43 +144,45 @@ class MediaNotes:
         media_type = m.group("type")
         if media_type is None or (kind != "document" and not media_type.startswith(kind + "/")):
             raise APIError(400, f"{param}: {media_type!r} is not {_a(kind)} {kind} media type", param=param)
-        return self.replace(Attachment(kind, media_type, _b64_size(m.group("data"), param)), param)
+        return Attachment(kind, media_type, _b64_size(m.group("data"), param))
 
-    def _audio(self, audio: Any, param: str) -> str:
+    @staticmethod
+    def _audio(audio: Any, param: str) -> Attachment:
         if not isinstance(audio, dict):
             raise APIError(400, f"{param} must be an object with data and format", param=param)
         fmt = audio.get("format")
         if fmt not in AUDIO_FORMATS:
             raise APIError(400, f"{param}.format: {fmt!r} is not one of {', '.join(AUDIO_FORMATS)}",
                            param=f"{param}.format")
-        return self.replace(Attachment("audio", AUDIO_FORMATS[fmt], _b64_size(audio.get("data"), f"{param}.data")),
-                            param)
+        return Attachment("audio", AUDIO_FORMATS[fmt], _b64_size(audio.get("data"), f"{param}.data"))
 
-    def _file(self, file: dict[str, Any], data_key: str, param: str) -> str:
+    @classmethod
+    def _file(cls, file: dict[str, Any], data_key: str, param: str) -> Attachment:
         data = file.get(data_key)
         if data is not None:
-            return self._url("document", data if str(data).startswith("data:") else f"data:application/octet-stream;"
-                             f"base64,{data}", f"{param}.{data_key}")
-        return self.replace(Attachment("document", None, None, "file id" if file.get("file_id") else "URL"), param)
+            url = data if isinstance(data, str) and data.startswith("data:") else f"data:application/octet-stream;base64,{data}"
+            return cls._url("document", url, f"{param}.{data_key}")
+        return Attachment("document", None, None, "file id" if file.get("file_id") else "URL")
 
     def openai_part(self, part: dict[str, Any], param: str) -> str | None:
         """A Chat Completions content part that is media (``image_url``, ``input_audio``,
-        ``video_url``, ``audio_url``, ``file``), as its note; None for any other part."""
+        ``video_url``, ``audio_url``, ``file``, vLLM's ``image`` / ``video`` / ``audio``), as
+        its note; None for any other part."""
         kind = part.get("type")
         if kind in ("image_url", "video_url", "audio_url"):
-            media = str(kind)[:-4]
             value = part.get(kind)
             url = value.get("url") if isinstance(value, dict) else value
-            return self._url(media, url, f"{param}.{kind}.url" if isinstance(value, dict) else f"{param}.{kind}")
-        if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):  # vLLM's own part shapes
-            return self._url(str(kind), part[kind], f"{param}.{kind}")
+            field_param = f"{param}.{kind}.url" if isinstance(value, dict) else f"{param}.{kind}"
+            return self.replace(self._url(str(kind)[:-4], url, field_param), param)
+        if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
+            return self.replace(self._url(str(kind), part[kind], f"{param}.{kind}"), param)
         if kind == "input_audio":
-            return self._audio(part.get("input_audio"), f"{param}.input_audio")
+            return self.replace(self._audio(part.get("input_audio"), f"{param}.input_audio"), param)
         if kind == "file":
             file = part.get("file")
             if not isinstance(file, dict):
                 raise APIError(400, f"{param}.file must be an object", param=f"{param}.file")
-            return self._file(file, "file_data", f"{param}.file")
+            return self.replace(self._file(file, "file_data", f"{param}.file"), param)
         return None
 
     def responses_part(self, part: dict[str, Any], param: str) -> str | None:
@@ -188,13 +192,13 @@ class MediaNotes:
         if kind == "input_image":
             if part.get("image_url") is None and part.get("file_id"):
                 return self.replace(Attachment("image", None, None, "file id"), param)
-            return self._url("image", part.get("image_url"), f"{param}.image_url")
+            return self.replace(self._url("image", part.get("image_url"), f"{param}.image_url"), param)
         if kind == "input_audio":
-            return self._audio(part.get("input_audio"), f"{param}.input_audio")
+            return self.replace(self._audio(part.get("input_audio"), f"{param}.input_audio"), param)
         if kind == "input_file":
             if part.get("file_url") and part.get("file_data") is None:
                 return self.replace(Attachment("document", None, None, "URL"), param)
-            return self._file(part, "file_data", param)
+            return self.replace(self._file(part, "file_data", param), param)
         if kind == "image_url":  # the Chat Completions part, sent to /v1/responses by some clients
             return self.openai_part(part, param)
         return None
