@@ -185,29 +185,55 @@ def response_format_constraint(schema_or_type: str | dict[str, Any] | None, para
 # --------------------------------------------------------------------------- messages
 
 
-def _flatten_content(msg: ChatMessage, i: int, joiner: str, media: MediaNotes) -> str | None:
+def reference_name(part: dict[str, Any]) -> str | None:
+    """The tool a ``tool_reference`` part names: ``tool_name`` (Claude Code's Messages
+    blocks) or ``name`` (the GLM-5.1 template's chat-message form); None when neither is a
+    non-empty string."""
+    name = part.get("tool_name", part.get("name"))
+    return name if isinstance(name, str) and name else None
+
+
+def tool_result_fields(parts: list[tuple[str, str]], joiner: str) -> dict[str, Any]:
+    """A tool result's message fields from its ``("text" | "tool_reference", text or name)``
+    parts: ``content`` (the text parts joined), and where there are references
+    ``tool_references`` and ``content_parts`` (see :class:`~glmserve.formats.base.ChatRequest`)."""
+    out: dict[str, Any] = {"content": joiner.join(v for k, v in parts if k == "text")}
+    refs = [v for k, v in parts if k == "tool_reference"]
+    if refs:
+        out["tool_references"] = refs
+        out["content_parts"] = [{"type": "text", "text": v} if k == "text" else {"type": "tool_reference", "name": v}
+                                for k, v in parts]
+    return out
+
+
+def _content_parts(msg: ChatMessage, i: int, media: MediaNotes) -> list[tuple[str, str]] | None:
+    """A message's content as ``("text" | "tool_reference", text or name)`` parts (None for
+    no content); media parts are text notes (:mod:`glmserve.api.media`); a part this server
+    cannot show is a 400 naming the message's content."""
     content = msg.content
-    if content is None or isinstance(content, str):
-        return content
-    texts: list[str] = []
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return [("text", content)]
+    out: list[tuple[str, str]] = []
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "tool_reference" and msg.role == "tool" and isinstance(part.get("name", part.get("tool_name")), str):
-            continue  # see _tool_references
+            out.append(("text", part["text"]))
+        elif kind == "tool_reference" and msg.role == "tool":
+            name = reference_name(part)
+            if name is None:
+                raise APIError(400, f"messages[{i}].content[{j}]: a tool_reference part needs the tool's name "
+                                    "(tool_name or name)", param=f"messages[{i}].content")
+            out.append(("tool_reference", name))
+        elif kind == "tool_reference":
+            raise APIError(400, f"messages[{i}].content[{j}]: tool_reference parts belong in tool messages",
+                           param=f"messages[{i}].content")
         elif (note := media.openai_part(part, f"messages[{i}].content[{j}]")) is not None:
-            texts.append(note)
+            out.append(("text", note))
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
-    return joiner.join(texts)
-
-
-def _tool_references(msg: ChatMessage) -> list[str] | None:
-    """The tool names of a tool result made of ``tool_reference`` parts (GLM-5.1+), or None."""
-    if not isinstance(msg.content, list) or not msg.content or msg.content[0].get("type") != "tool_reference":
-        return None
-    return [p.get("name", p.get("tool_name")) for p in msg.content if p.get("type") == "tool_reference"]
+    return out
 
 
 def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
@@ -215,12 +241,15 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
     """OpenAI messages as formats read them: text content (parts joined by the family's
     ``joiner``; media parts as notes, :mod:`glmserve.api.media`), ``developer`` as ``system``,
     legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call,
-    ``tool_reference`` results as tool names."""
+    ``tool_reference`` parts of tool results as ``tool_references`` / ``content_parts`` (text
+    before and after them kept)."""
     media = MediaNotes() if media is None else media
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = m.role
-        content = _flatten_content(m, i, joiner, media)
+        parts = _content_parts(m, i, media)
+        fields = tool_result_fields(parts, joiner) if parts is not None else {"content": None}
+        content = fields["content"] if isinstance(m.content, list) or m.content is None else m.content
         d: dict[str, Any] = {"role": role, "content": content}
         if role == "developer":
             d["role"] = "system"
@@ -246,9 +275,9 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
             d["tool_call_id"] = m.tool_call_id
             if m.name:
                 d["name"] = m.name
-            refs = _tool_references(m)
-            if refs is not None:
-                d["tool_references"] = refs
+            if "tool_references" in fields:
+                d["tool_references"] = fields["tool_references"]
+                d["content_parts"] = fields["content_parts"]
         out.append(d)
     return out
 

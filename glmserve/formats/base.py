@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 # --------------------------------------------------------------------------- prompt
 
@@ -83,6 +83,13 @@ class Tool:
             out["parameters"] = self.parameters
         return out
 
+    @property
+    def deferred(self) -> bool:
+        """``"defer_loading": true`` in the function object: a tool the client loads on demand
+        (Claude Code's tool search).  It is listed nowhere up front and is callable only once a
+        ``tool_reference`` result names it (or ``tool_choice`` does)."""
+        return bool(self.function.get("defer_loading"))
+
     @classmethod
     def from_openai(cls, obj: dict[str, Any]) -> "Tool":
         fn = obj.get("function", obj) if obj.get("type", "function") == "function" else obj
@@ -106,9 +113,12 @@ class ChatRequest:
 
     ``messages`` are OpenAI message dicts whose ``content`` has been flattened to a
     string (or None); assistant ``tool_calls`` keep the OpenAI shape with
-    ``function.arguments`` as a JSON string.  A tool message whose content parts start
-    with ``tool_reference`` parts also carries ``tool_references`` (the referenced tool
-    names, which GLM-5.1+ answer with those tools' definitions).
+    ``function.arguments`` as a JSON string.  A tool message with ``tool_reference`` parts
+    also carries ``tool_references`` (the referenced tool names, in order) and
+    ``content_parts``: its parts in order, ``{"type": "text", "text"}`` and
+    ``{"type": "tool_reference", "name"}`` (``content`` is then its text parts joined).
+    Each family shows a referenced tool's definition at that result (GLM-5.1+ as their
+    template does; the others in their own tool-definition format).
 
     ``clear_thinking`` None means the family's default (GLM-4.7 / 5.1 drop reasoning of
     turns before the last user message, GLM-5.3 keeps it).  ``reasoning_effort`` is the
@@ -125,9 +135,28 @@ class ChatRequest:
     reasoning_effort: str | None = None
 
     @property
+    def referenced_tools(self) -> set[str]:
+        """Names of the tools a ``tool_reference`` result in the conversation names."""
+        return {n for m in self.messages for n in (m.get("tool_references") or ())}
+
+    @property
     def tools_in_prompt(self) -> list[Tool]:
-        """Tools shown to the model: none for ``tool_choice="none"``."""
-        return [] if self.tool_choice == "none" else self.tools
+        """The tools the model may call: none for ``tool_choice="none"``; a deferred tool only
+        once a ``tool_reference`` result named it, or when ``tool_choice`` names it.  The
+        parser and the decoding constraint take exactly these."""
+        if self.tool_choice == "none":
+            return []
+        if not any(t.deferred for t in self.tools):
+            return self.tools
+        referenced = self.referenced_tools
+        return [t for t in self.tools if not t.deferred or t.name in referenced or t.name == self.tool_choice]
+
+    @property
+    def listed_tools(self) -> list[Tool]:
+        """The tools listed in the prompt's tool block: the callable ones without the deferred
+        ones (a referenced deferred tool is shown at its reference, so the block, and the
+        cached prompt prefix, stay the same when a tool is loaded)."""
+        return [t for t in self.tools_in_prompt if not t.deferred]
 
 
 # --------------------------------------------------------------------------- output events
@@ -305,3 +334,35 @@ def dumps(obj: Any) -> str:
 def content_text(message: dict[str, Any]) -> str:
     content = message.get("content")
     return "" if content is None else str(content)
+
+
+def referenced_definitions(message: dict[str, Any], tools: list[Tool], line: "Callable[[Tool], str]",
+                           open_: str = "<tools>\n", close: str = "</tools>", joiner: str = "") -> str | None:
+    """A tool result with ``tool_reference`` parts as text: its parts in order, each run of
+    references as ``open_`` + ``line(tool)`` per referenced declared tool + ``close``, text
+    parts as they are (joined by ``joiner``).  None for a result without references.
+
+    This is GLM-5.1's template rule (``<tools>\n{json}\n</tools>``) generalised: the
+    template writes only the definitions when the first part is a reference (and drops
+    any text), only the text otherwise; glmserve keeps both, in order."""
+    parts = message.get("content_parts")
+    if not message.get("tool_references") or not parts:
+        return None
+    by_name = {t.name: t for t in tools}
+    out: list[str] = []
+    run: list[str] | None = None
+    for part in parts:
+        if part.get("type") == "tool_reference":
+            if run is None:
+                run = []
+            tool = by_name.get(part.get("name", ""))
+            if tool is not None:
+                run.append(line(tool))
+            continue
+        if run is not None:
+            out.append(open_ + "".join(run) + close)
+            run = None
+        out.append(str(part.get("text", "")))
+    if run is not None:
+        out.append(open_ + "".join(run) + close)
+    return joiner.join(out)

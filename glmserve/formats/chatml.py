@@ -43,6 +43,8 @@ from glmserve.formats.base import (
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
+    Tool,
+    referenced_definitions,
 )
 from glmserve.formats.scan import WS, MarkerScanner, ValueScanner
 
@@ -73,6 +75,14 @@ def _call_json(name: str, arguments: object) -> str:
     return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + args_text + "}"
 
 
+def _tool_json(tool: Tool) -> str:
+    """One line of the ``<tools>`` section (``defer_loading`` left out: it means nothing to the
+    model).  A ``tool_reference`` result shows the tools it names in the same lines, inside
+    ``<tools>``…``</tools>`` in its ``<tool_response>`` (the template has no rule for it)."""
+    fn = {k: v for k, v in tool.function.items() if k != "defer_loading"}
+    return json.dumps({"type": "function", "function": fn}, ensure_ascii=False)
+
+
 class ChatMLFormat(ChatFormat):
     name = "chatml"
     stop: ClassVar[tuple[str, ...]] = (IM_END, "<|endoftext|>")
@@ -81,7 +91,7 @@ class ChatMLFormat(ChatFormat):
     def render(self, request: ChatRequest) -> Prompt:
         p = Prompt()
         msgs = request.messages
-        tools = request.tools_in_prompt
+        tools = request.listed_tools
         start = 0
         if msgs and msgs[0].get("role") == "system":
             system = "" if msgs[0].get("content") is None else str(msgs[0]["content"])
@@ -89,9 +99,7 @@ class ChatMLFormat(ChatFormat):
         else:
             system = DEFAULT_SYSTEM
         if tools:
-            lines = "".join(
-                "\n" + json.dumps({"type": "function", "function": t.function}, ensure_ascii=False) for t in tools
-            )
+            lines = "".join("\n" + _tool_json(t) for t in tools)
             system = system + TOOLS_PREAMBLE + lines + TOOLS_POSTAMBLE
         p.add(Control(IM_START), "system\n" + system, Control(IM_END), "\n")
         i = start
@@ -116,6 +124,9 @@ class ChatMLFormat(ChatFormat):
                 text = "user"
                 while i < len(msgs) and msgs[i].get("role") in ("tool", "observation"):
                     c = msgs[i].get("content")
+                    refs = referenced_definitions(msgs[i], request.tools_in_prompt, lambda t: _tool_json(t) + "\n",
+                                                  joiner="\n")
+                    c = refs if refs is not None else c
                     text += f"\n<tool_response>\n{'' if c is None else c}\n</tool_response>"
                     i += 1
                 p.add(Control(IM_START), text, Control(IM_END), "\n")

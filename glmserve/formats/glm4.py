@@ -22,9 +22,9 @@ class GLM4Format(GLMJsonFormat):
     def render(self, request: ChatRequest) -> Prompt:
         p = Prompt()
         p.add(Control("[gMASK]"), Control("<sop>"))
-        if request.tools_in_prompt:
+        if request.listed_tools:
             p.add(Control("<|system|>"), "\n" + PREAMBLE + "\n\n# 可用工具" + tool_block_body(request))
-        for role, meta, content in history_entries(request.messages):
+        for role, meta, content in history_entries(request.messages, tools=request.tools_in_prompt):
             if not content:  # the official template drops empty messages
                 continue
             p.add(Control(f"<|{role}|>"), f"{meta}\n{content}")

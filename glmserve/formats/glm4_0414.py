@@ -21,9 +21,9 @@ class GLM40414Format(GLMJsonFormat):
     def render(self, request: ChatRequest) -> Prompt:
         p = Prompt()
         p.add(Control("[gMASK]"), Control("<sop>"))
-        if request.tools_in_prompt:
+        if request.listed_tools:
             p.add(Control("<|system|>"), "\n# 可用工具\n" + tool_block_body(request))
-        entries = history_entries(request.messages, strip_reasoning=self.strip_reasoning)
+        entries = history_entries(request.messages, strip_reasoning=self.strip_reasoning, tools=request.tools_in_prompt)
         for role, _meta, content in entries:
             if role == "system":
                 p.add(Control("<|system|>"), "\n" + content)

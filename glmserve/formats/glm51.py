@@ -11,7 +11,9 @@ It differs from GLM-4.7 in four places, each a hook of :class:`~glmserve.formats
 * **Tool results**: one ``<|observation|>`` per run, each result in
   ``<tool_response>…</tool_response>``; a result whose content parts are
   ``tool_reference`` parts inlines the definitions of the tools they name (deferred ones
-  included) as ``<tool_response><tools>\\n{…}\\n</tools></tool_response>``.
+  included) as ``<tool_response><tools>\\n{…}\\n</tools></tool_response>``.  Where
+  text parts come with the references (the template would then drop one or the other)
+  both are kept, in order (:func:`~glmserve.formats.base.referenced_definitions`).
 * **History think blocks** are written unstripped; an assistant turn after the last user
   message without reasoning gets ``<think></think>`` (thinking on), as does an earlier
   turn of a user turn that had reasoning somewhere, when ``clear_thinking`` is False.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from glmserve.formats.base import ChatRequest, Prompt, Tool, content_text, dumps
+from glmserve.formats.base import ChatRequest, Prompt, Tool, content_text, dumps, referenced_definitions
 from glmserve.formats.xmlcall import (
     RESPONSE_CLOSE,
     RESPONSE_OPEN,
@@ -65,6 +67,9 @@ def split_reasoning(message: dict[str, Any]) -> tuple[str | None, str]:
 class GLM51Renderer(XmlRenderer):
     """GLM-5.1's template: see the module docstring."""
 
+    def tool_block_shown(self, request: ChatRequest) -> bool:
+        return bool(request.tools) and request.tool_choice != "none"  # `if tools`, deferred ones too
+
     def tool_line(self, tool: Tool) -> str | None:
         return None if tool.function.get("defer_loading") else tool_json(tool)
 
@@ -89,15 +94,8 @@ class GLM51Renderer(XmlRenderer):
             self.tool_response(p, request, m)
 
     def tool_response(self, p: Prompt, request: ChatRequest, message: dict[str, Any]) -> None:
-        refs = message.get("tool_references")
-        if refs is None:
-            p.add(_ctl(RESPONSE_OPEN), content_text(message), _ctl(RESPONSE_CLOSE))
-            return
-        p.add(_ctl(RESPONSE_OPEN), "<tools>\n")
-        tools = request.tools_in_prompt
-        for name in refs:
-            p.add(*(tool_json(t) + "\n" for t in tools if t.name == name))
-        p.add("</tools>", _ctl(RESPONSE_CLOSE))
+        body = referenced_definitions(message, request.tools_in_prompt, lambda t: tool_json(t) + "\n")
+        p.add(_ctl(RESPONSE_OPEN), content_text(message) if body is None else body, _ctl(RESPONSE_CLOSE))
 
 
 def _turn_had_reasoning(messages: list[dict[str, Any]], i: int) -> bool:

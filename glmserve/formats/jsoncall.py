@@ -48,6 +48,8 @@ from glmserve.formats.base import (
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
+    Tool,
+    referenced_definitions,
 )
 from glmserve.formats.scan import WS, MarkerScanner, ValueScanner
 
@@ -323,13 +325,16 @@ class GLMJsonFormat(ChatFormat):
         return ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>")
 
 
-def history_entries(messages: Sequence[dict], strip_reasoning: bool = False) -> list[tuple[str, str, str]]:
+def history_entries(messages: Sequence[dict], strip_reasoning: bool = False,
+                    tools: Sequence[Tool] = ()) -> list[tuple[str, str, str]]:
     """OpenAI messages -> GLM ``(role, metadata, content)`` turns.
 
     An assistant message renders its text (if any, or if it has no calls) and then one
     turn per tool call with the function name as metadata; ``tool`` becomes
     ``observation``.  ``strip_reasoning`` drops ``<think>...</think>`` from past
-    assistant text (GLM-Z1 keeps no past reasoning).
+    assistant text (GLM-Z1 keeps no past reasoning).  A result with ``tool_reference``
+    parts shows the named ``tools`` (the callable ones) as the system block does, under
+    the same ``# 可用工具`` heading (these templates have no rule of their own for it).
     """
     out: list[tuple[str, str, str]] = []
     for m in messages:
@@ -339,7 +344,8 @@ def history_entries(messages: Sequence[dict], strip_reasoning: bool = False) -> 
         if role in ("system", "user", "observation"):
             out.append((role, "", content))
         elif role == "tool":
-            out.append(("observation", "", content))
+            body = referenced_definitions(dict(m), list(tools), tool_entry, open_="# 可用工具", close="", joiner="\n")
+            out.append(("observation", "", content if body is None else body))
         elif role == "assistant":
             if strip_reasoning and "</think>" in content:
                 content = content.split("</think>")[-1].strip()
@@ -360,10 +366,14 @@ def history_entries(messages: Sequence[dict], strip_reasoning: bool = False) -> 
 TOOL_SENTENCE = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
 
+def tool_entry(tool: Tool) -> str:
+    """``\\n## name\\n\\n{function JSON, indent 4}\\n<sentence>``: how these templates list a tool
+    (``defer_loading`` left out: it means nothing to the model)."""
+    fn = {k: v for k, v in tool.function.items() if k != "defer_loading"}
+    return f"\n## {fn.get('name', tool.name)}\n\n{json.dumps(fn, ensure_ascii=False, indent=4)}\n{TOOL_SENTENCE}"
+
+
 def tool_block_body(request: ChatRequest) -> str:
-    """``\\n## name\\n\\n{function JSON, indent 4}\\n<sentence>`` for every prompt tool."""
-    parts = []
-    for tool in request.tools_in_prompt:
-        fn = tool.function
-        parts.append(f"\n## {fn.get('name', tool.name)}\n\n{json.dumps(fn, ensure_ascii=False, indent=4)}\n{TOOL_SENTENCE}")
-    return "".join(parts)
+    """:func:`tool_entry` for every tool listed up front (deferred ones are shown where a
+    ``tool_reference`` result names them)."""
+    return "".join(tool_entry(t) for t in request.listed_tools)

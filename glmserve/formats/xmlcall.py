@@ -110,6 +110,7 @@ from glmserve.formats.base import (
     ToolCallStart,
     content_text,
     dumps,
+    referenced_definitions,
 )
 from glmserve.formats.schema_values import ToolSchemas, is_free_string, read_value, resolve_refs, schemas_for
 
@@ -223,6 +224,14 @@ def _tool_object(tool: Tool) -> dict[str, Any]:
     return {"type": "function", "function": tool.function}
 
 
+def _reference_line(tool: Tool) -> str:
+    """A referenced (usually deferred) tool as the ``<tools>`` block prints tools, without its
+    ``defer_loading`` flag (it means nothing to the model)."""
+    obj = _tool_object(tool)
+    fn = {k: v for k, v in obj["function"].items() if k != "defer_loading"}
+    return dumps({**obj, "function": fn}) + "\n"
+
+
 def _call_example(nl: str) -> list[Any]:
     parts: list[Any] = [_ctl(CALL_OPEN), "{function-name}" + nl]
     for i in (1, 2):
@@ -280,6 +289,12 @@ class XmlRenderer:
     def preamble(self, p: Prompt, request: ChatRequest) -> None:
         p.add(_ctl("[gMASK]"), _ctl("<sop>"))
 
+    def tool_block_shown(self, request: ChatRequest) -> bool:
+        """Whether the prompt has the ``# Tools`` system block: when it lists a tool (these
+        templates have no ``defer_loading`` rule: deferred tools are shown where a result
+        references them)."""
+        return bool(request.listed_tools)
+
     def tool_line(self, tool: Tool) -> str | None:
         """How one tool is printed in ``<tools>`` (None: left out)."""
         return dumps(_tool_object(tool))
@@ -300,11 +315,16 @@ class XmlRenderer:
 
     def tool_results(self, p: Prompt, request: ChatRequest, messages: list[dict[str, Any]], start: int,
                      end: int) -> None:
-        """A run of tool messages ``messages[start:end]`` (one ``<|observation|>``)."""
+        """A run of tool messages ``messages[start:end]`` (one ``<|observation|>``).
+
+        These templates have no ``tool_reference`` rule; a result naming tools shows their
+        definitions as the system block lists tools, ``<tools>\\n{…}\\n</tools>`` (GLM-5.1's
+        layout), inside its ``<tool_response>``."""
         nl = self.nl
         p.add(_ctl("<|observation|>"))
         for m in messages[start:end]:
-            p.add(nl, _ctl(RESPONSE_OPEN), nl + content_text(m) + nl, _ctl(RESPONSE_CLOSE))
+            body = referenced_definitions(m, request.tools_in_prompt, _reference_line)
+            p.add(nl, _ctl(RESPONSE_OPEN), nl + (content_text(m) if body is None else body) + nl, _ctl(RESPONSE_CLOSE))
 
     def generation_prompt(self, p: Prompt, request: ChatRequest) -> None:
         no_think = not request.enable_thinking
@@ -322,8 +342,8 @@ class XmlRenderer:
         style = self.style
         p = Prompt()
         self.preamble(p, request)
-        tools = request.tools_in_prompt
-        if tools:
+        tools = request.listed_tools
+        if self.tool_block_shown(request):
             p.add(_ctl("<|system|>"), "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
             for tool in tools:

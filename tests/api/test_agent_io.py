@@ -59,15 +59,16 @@ class Served(ThreadServer):
 
 
 @pytest.fixture(scope="module")
-def srv():
-    s = Served(cached=5, model_aliases=["claude-*", "gpt-5*"])
+def srv(tmp_path_factory):
+    s = Served(cached=5, model_aliases=["claude-*", "gpt-5*"],
+               responses_db=str(tmp_path_factory.mktemp("agent-io") / "r.sqlite3"))
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def strict():
-    s = Served(image_input="reject")
+def strict(tmp_path_factory):
+    s = Served(image_input="reject", responses_db=str(tmp_path_factory.mktemp("agent-io") / "r.sqlite3"))
     yield s
     s.stop()
 

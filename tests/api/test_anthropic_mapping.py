@@ -166,11 +166,15 @@ def test_select_tools() -> None:
         {"name": "c", "input_schema": {"type": "object"}, "defer_loading": True},
     ]
     sel = select_tools(tools)
-    assert [d[0] for d in sel.defs] == ["tools[0]", "tools[2]"]
+    assert [d[0] for d in sel.defs] == ["tools[0]", "tools[2]", "tools[3]"]
     assert sel.defs[0][1] == {"type": "function", "function": {"name": "a", "description": "A",
                                                                "parameters": {"type": "object"}}}
+    # a deferred tool is declared, marked deferred (callable once a tool_reference names it)
+    assert sel.defs[2][1]["function"] == {"name": "c", "parameters": {"type": "object"}, "defer_loading": True}
     assert sel.unsupported == ["web_search"] and sel.deferred == ["c"]
-    assert [d[1]["function"]["name"] for d in select_tools(tools, forced="c").defs] == ["a", "b", "c"]
+    forced = select_tools(tools, forced="c")
+    assert [d[1]["function"]["name"] for d in forced.defs] == ["a", "b", "c"]
+    assert "defer_loading" not in forced.defs[2][1]["function"] and forced.deferred == []
 
 
 @pytest.mark.parametrize("choice, expected", [

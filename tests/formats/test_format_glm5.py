@@ -326,4 +326,9 @@ DIFFERENTIAL = [("glm47", "GLM-4.7-Flash"), ("glm47", "GLM-5"), ("glm51", "GLM-5
 @given(data=st.data())
 def test_matches_official_template(fmt: str, name: str, data: st.DataObject) -> None:
     body = data.draw(conversations(fmt))
-    assert glmserve_prompt(fmt, body) == official(name, body)
+    expected = body
+    if fmt == "glm47" and body.get("tools"):
+        # GLM-4.7 / GLM-5 have no defer_loading rule; glmserve lists deferred tools nowhere up
+        # front on every family (they are shown where a tool_reference result names them)
+        expected = {**body, "tools": [t for t in body["tools"] if not t["function"].get("defer_loading")]}
+    assert glmserve_prompt(fmt, body) == official(name, expected)

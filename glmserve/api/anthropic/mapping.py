@@ -31,6 +31,7 @@ from glmserve.api.anthropic.schemas import (
     MessagesBase,
 )
 from glmserve.api.errors import APIError
+from glmserve.api.mapping import reference_name, tool_result_fields
 from glmserve.api.media import MediaNotes
 
 log = logging.getLogger("glmserve.messages")
@@ -45,23 +46,33 @@ def system_text(system: str | list[TextBlock] | None) -> str | None:
     return "\n".join(b.text for b in system)
 
 
-def _result_text(block: ToolResultBlock, param: str, media: MediaNotes) -> str:
+def _result_fields(block: ToolResultBlock, param: str, media: MediaNotes) -> dict[str, Any]:
+    """A ``tool_result``'s message fields: text blocks joined by newlines (``image`` /
+    ``document`` blocks as notes), and its ``tool_reference`` blocks (Claude Code's tool
+    search: ``{"type": "tool_reference", "tool_name": …}``) as the shared ``tool_references``
+    / ``content_parts``."""
     content = block.content
     if content is None:
-        return ""
+        return {"content": ""}
     if isinstance(content, str):
-        return content
-    texts: list[str] = []
+        return {"content": content}
+    parts: list[tuple[str, str]] = []
     for k, part in enumerate(content):
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append(("text", part["text"]))
+        elif kind == "tool_reference":
+            name = reference_name(part)
+            if name is None:
+                raise APIError(400, f"{param}.content[{k}]: a tool_reference block needs tool_name",
+                               param=f"{param}.content")
+            parts.append(("tool_reference", name))
         elif kind in ("image", "document"):
-            texts.append(media.anthropic(part, f"{param}.content[{k}]"))
+            parts.append(("text", media.anthropic(part, f"{param}.content[{k}]")))
         else:
             raise APIError(400, f"{param}.content[{k}]: unsupported block type {kind!r} in a tool_result",
                            param=f"{param}.content")
-    return "\n".join(texts)
+    return tool_result_fields(parts, "\n")
 
 
 def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage],
@@ -124,7 +135,7 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
             elif isinstance(b, ToolResultBlock) and m.role == "user":
                 flush()
                 tool: dict[str, Any] = {"role": "tool", "tool_call_id": b.tool_use_id,
-                                        "content": _result_text(b, f"{param}[{j}]", media)}
+                                        **_result_fields(b, f"{param}[{j}]", media)}
                 if b.tool_use_id in names:
                     tool["name"] = names[b.tool_use_id]
                 out.append(tool)
@@ -146,7 +157,9 @@ class ToolSelection:
     unsupported: list[str] = field(default_factory=list)
     """Names of tools of Anthropic-run types (web_search, code_execution...): left out."""
     deferred: list[str] = field(default_factory=list)
-    """Names of ``defer_loading`` tools: left out of the prompt until named by tool_choice."""
+    """Names of ``defer_loading`` tools: declared (with ``defer_loading`` in ``defs``) but
+    listed nowhere up front, and callable only once a ``tool_reference`` names them; one
+    that ``tool_choice`` names is an ordinary tool."""
 
 
 def select_tools(tools: list[dict[str, Any]] | None, forced: str | None = None) -> ToolSelection:
@@ -157,15 +170,17 @@ def select_tools(tools: list[dict[str, Any]] | None, forced: str | None = None) 
         if kind not in (None, "custom"):
             sel.unsupported.append(name)
             continue
-        if t.get("defer_loading") and name != forced:
+        deferred = bool(t.get("defer_loading")) and name != forced
+        if deferred:
             sel.deferred.append(name)
-            continue
         fn: dict[str, Any] = {"name": name}
         if t.get("description") is not None:
             fn["description"] = t["description"]
         fn["parameters"] = t["input_schema"]
         if t.get("strict") is not None:
             fn["strict"] = t["strict"]
+        if deferred:
+            fn["defer_loading"] = True
         sel.defs.append((f"tools[{i}]", {"type": "function", "function": fn}))
     return sel
 

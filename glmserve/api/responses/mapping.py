@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from glmserve.api.errors import APIError
+from glmserve.api.mapping import reference_name, tool_result_fields
 from glmserve.api.media import MediaNotes
 from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
 from glmserve.api.responses.schemas import (
@@ -85,6 +86,8 @@ def _function_def(param: str, tool: dict[str, Any], namespace: str | None, ns_de
         fn["parameters"] = params
     if tool.get("strict") is not None:
         fn["strict"] = bool(tool["strict"])
+    if tool.get("defer_loading"):  # callable once a tool_reference output names it
+        fn["defer_loading"] = True
     return {"type": "function", "function": fn}
 
 
@@ -164,21 +167,45 @@ def parse_items(items: list[dict[str, Any]]) -> list[Any]:
                        param="previous_response_id") from None
 
 
+def _one_text(part: dict[str, Any], where: str, media: MediaNotes) -> str:
+    """The text of one text (or refusal) part, or a media part's note (:mod:`glmserve.api.media`);
+    any other part is a 400 naming ``where``."""
+    kind = part.get("type")
+    if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return part["refusal"]
+    note = media.responses_part(part, where)
+    if note is not None:
+        return note
+    raise APIError(400, f"{where}: unsupported content part {kind!r}", param=where)
+
+
 def _text_parts(parts: str | list[dict[str, Any]], param: str, media: MediaNotes) -> str:
     if isinstance(parts, str):
         return parts
-    texts: list[str] = []
-    for j, part in enumerate(parts):
-        kind = part.get("type")
-        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        elif (note := media.responses_part(part, f"{param}[{j}]")) is not None:
-            texts.append(note)
+    return "\n".join(_one_text(part, f"{param}[{j}]", media) for j, part in enumerate(parts))
+
+
+def _output_fields(output: str | list[dict[str, Any]], param: str, media: MediaNotes) -> dict[str, Any]:
+    """A ``function_call_output``'s message fields.  Neither Codex nor the Agents SDK sends a
+    tool reference here (the Responses API's own tool search is the hosted ``tool_search`` /
+    ``tool_search_output`` items, which this server does not run); a ``{"type":
+    "tool_reference", "tool_name" | "name"}`` part is accepted as in Chat Completions tool
+    messages, so a client of its own can load a deferred (``defer_loading``) function."""
+    if isinstance(output, str) or not any(isinstance(q, dict) and q.get("type") == "tool_reference" for q in output):
+        return {"content": _text_parts(output, param, media)}
+    parts: list[tuple[str, str]] = []
+    for j, part in enumerate(output):
+        if part.get("type") == "tool_reference":
+            name = reference_name(part)
+            if name is None:
+                raise APIError(400, f"{param}[{j}]: a tool_reference part needs the tool's name (tool_name or name)",
+                               param=f"{param}[{j}]")
+            parts.append(("tool_reference", name))
         else:
-            raise APIError(400, f"{param}[{j}]: unsupported content part {kind!r}", param=f"{param}[{j}]")
-    return "\n".join(texts)
+            parts.append(("text", _one_text(part, f"{param}[{j}]", media)))
+    return tool_result_fields(parts, "\n")
 
 
 def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None) -> str:
@@ -253,7 +280,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
             turns.call_names[item.call_id] = name
         elif isinstance(item, FunctionCallOutputItem):
-            msg = {"role": "tool", "tool_call_id": item.call_id, "content": _text_parts(item.output, f"{p}.output", media)}
+            msg = {"role": "tool", "tool_call_id": item.call_id, **_output_fields(item.output, f"{p}.output", media)}
             if item.call_id in turns.call_names:
                 msg["name"] = turns.call_names[item.call_id]
             turns.add(msg)
