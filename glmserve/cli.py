@@ -65,6 +65,12 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model-alias", action="append", default=[], metavar="PATTERN",
                    help="serve request model names matching this glob (repeatable, e.g. 'claude-*') as the served "
                         "model; any other unknown name is 404 model_not_found")
+    # Request limits: by default tools and messages are bounded by the context and --max-body-bytes only.
+    g.add_argument("--max-tools", type=int, default=None, metavar="N",
+                   help="refuse requests declaring more than N tools with a 400 (default: no cap; what fits the "
+                        "context and --max-body-bytes)")
+    g.add_argument("--max-messages", type=int, default=None, metavar="N",
+                   help="refuse requests with more than N messages with a 400 (default: no cap; what fits the context)")
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -128,8 +134,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
                         max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
-                        responses_db=args.responses_db, image_input=args.image_input,
-                        model_aliases=list(args.model_alias))
+                        responses_db=args.responses_db, max_tools=args.max_tools, max_messages=args.max_messages,
+                        image_input=args.image_input, model_aliases=list(args.model_alias))
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)

@@ -22,16 +22,28 @@ from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may declare (``Settings`` carries the server's)."""
+    """Bounds on what one request may declare (``Settings`` carries the server's).
 
-    max_messages: int = 2048
-    max_tools: int = 256
+    Tools and messages have no fixed count by default: what bounds them is the context (the
+    rendered prompt must fit ``--max-model-len``) and the body size (``--max-body-bytes``).
+    ``max_tools`` / ``max_messages`` are the operator's lower caps (``--max-tools``,
+    ``--max-messages``)."""
+
+    max_messages: int | None = None
+    max_tools: int | None = None
     max_schema_bytes: int = 256 * 1024
     max_schema_depth: int = 64
     """Nesting (objects and arrays) allowed in a tool or response-format schema."""
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def check_message_count(count: int, limits: Limits, param: str = "messages", what: str = "messages") -> None:
+    """400 naming the cap and its flag when a request has more messages than ``--max-messages``."""
+    if limits.max_messages is not None and count > limits.max_messages:
+        raise APIError(400, f"{count} {what}, but this server allows at most {limits.max_messages} messages per "
+                            "request (--max-messages)", param=param)
 
 
 # --------------------------------------------------------------------------- schemas and tools
@@ -77,8 +89,9 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
     The path names the function object (``tools[0].function``, ``functions[0]``); a bad
     schema is a 400 for ``<path>.parameters``, a repeated name one for ``<path>.name``.
     """
-    if len(defs) > limits.max_tools:
-        raise APIError(400, f"at most {limits.max_tools} tools per request", param=count_param)
+    if limits.max_tools is not None and len(defs) > limits.max_tools:
+        raise APIError(400, f"{len(defs)} tools, but this server allows at most {limits.max_tools} tools per request "
+                            "(--max-tools)", param=count_param)
     tools = [(param, Tool.from_openai(raw)) for param, raw in defs]
     for param, tool in tools:  # sizes first: nothing oversized reaches the schema checker
         if tool.parameters is not None:
@@ -296,8 +309,7 @@ def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAUL
     """A Chat Completions request as a format sees it, validated (400s name the field).
     ``content_joiner`` is the family's ``ChatFormat.content_joiner``; ``media`` collects the
     media parts replaced by notes (default: notes, uncounted)."""
-    if len(req.messages) > limits.max_messages:
-        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+    check_message_count(len(req.messages), limits)
     if req.tools:
         defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
     elif req.functions:

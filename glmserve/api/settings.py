@@ -16,8 +16,10 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     max_concurrent_requests: int = 256
     max_body_bytes: int = 8 * 1024 * 1024
-    max_messages: int = 2048
-    max_tools: int = 256
+    max_messages: int | None = None
+    """``--max-messages``: a cap below what the context bounds (None: no count cap)."""
+    max_tools: int | None = None
+    """``--max-tools``: a cap below what the context and the body size bound (None: no count cap)."""
     max_schema_bytes: int = 256 * 1024
     max_schema_depth: int = 64
     """Nesting (objects and arrays) allowed in a tool or response_format schema."""

@@ -149,6 +149,9 @@ def constraint_key(request: ChatRequest, family: str, check: SchemaCheck, **extr
     """
     tools = request.tools_in_prompt
     choice = request.tool_choice
+    if choice == "required" and request.tools and not tools:
+        raise ValueError("tool_choice 'required' needs a callable tool, but every declared tool is deferred "
+                         "(defer_loading) and no tool_reference result has named one")
     if choice == "none" or not tools:
         return None
     named = choice not in ("auto", "required")

@@ -136,3 +136,40 @@ def test_malformed_media_parts_are_400(server):
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "messages[0].content[1].image_url.url" and "image_url" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+DEPLOY_SCHEMA = {"type": "object", "properties": {"env": {"type": "string", "enum": ["prod", "staging"]},
+                                                  "replicas": {"type": "integer", "minimum": 1, "maximum": 9}},
+                 "required": ["env", "replicas"], "additionalProperties": False}
+
+
+def test_referenced_deferred_tool_is_called(server):
+    """Claude Code's tool search on the real engine: a deferred MCP tool, loaded by a
+    ``tool_reference`` result (``tool_name``), is then called with arguments valid against its
+    schema under a named and a required ``tool_choice`` (the real anthropic SDK)."""
+    import anthropic
+
+    family = server.extra["family"]
+    search = {"name": "ToolSearch", "description": "Fetches deferred tools",
+              "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
+    deploy = {"name": "mcp__demo__deploy", "description": "部署服务", "input_schema": DEPLOY_SCHEMA, "defer_loading": True}
+    messages = [{"role": "user", "content": "部署到生产环境"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
+                                                   "input": {"query": "select:mcp__demo__deploy"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "cache_control": {"type": "ephemeral"},
+                                              "content": [{"type": "tool_reference", "tool_name": "mcp__demo__deploy"}]}]}]
+    c = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    one = {"disable_parallel_tool_use": True}
+    for tools, choice in (([search, deploy], {"type": "tool", "name": "mcp__demo__deploy", **one}),
+                          ([{**search, "defer_loading": True}, deploy], {"type": "any", **one})):
+        m = c.messages.create(model=f"tiny-{family}", max_tokens=200, messages=messages, tools=tools,
+                              tool_choice=choice, extra_body={"temperature": 0})
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert m.stop_reason == "tool_use" and uses, m
+        assert len(uses) == 1 and uses[0].name == "mcp__demo__deploy", m
+        jsonschema.validate(uses[0].input, DEPLOY_SCHEMA)
+    # before the reference the same tool is not callable: required has nothing to call
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        c.messages.create(model=f"tiny-{family}", max_tokens=50, messages=messages[:1], tools=[deploy],
+                          tool_choice={"type": "any"})
+    assert "deferred" in str(exc.value)

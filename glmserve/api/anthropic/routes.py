@@ -24,7 +24,7 @@ from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, 
 from glmserve.api.anthropic.shape import BlockFolder, error_body, sse, stop_reason, usage
 from glmserve.api import media
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
-from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
+from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
@@ -79,8 +79,7 @@ def chat_request(body: MessagesBase, services: Services, notes: MediaNotes | Non
     left out because their type only runs in Anthropic's cloud.  ``notes`` collects the
     media blocks replaced by text notes."""
     limits = services.settings.limits
-    if len(body.messages) > limits.max_messages:
-        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+    check_message_count(len(body.messages), limits)
     choice, parallel = am.tool_choice(body)
     forced = choice["function"]["name"] if isinstance(choice, dict) else None
     sel = am.select_tools(body.tools, forced)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from glmserve.api import media
 from glmserve.api.errors import APIError
 from glmserve.api.media import MediaNotes
-from glmserve.api.mapping import build_tools, normalise_tool_choice, response_format_constraint
+from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.pipeline import GenerationOptions, Prepared
 from glmserve.api.responses.seal import ReasoningSeal
 from glmserve.api.responses.mapping import (
@@ -133,9 +133,7 @@ class Responses:
                  [f"input[{i}]" for i in range(len(body.input))]
         notes = MediaNotes(self.services.settings.image_input)
         messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params, notes)
-        if len(messages) > limits.max_messages:
-            raise APIError(400, f"at most {limits.max_messages} messages (input items and history) per request",
-                           param="input")
+        check_message_count(len(messages), limits, "input", "messages (input items and history)")
         enable, effort = thinking(body)
         chat = ChatRequest(messages=messages, tools=tools, tool_choice=choice,
                            parallel_tool_calls=body.parallel_tool_calls is not False, enable_thinking=enable,
