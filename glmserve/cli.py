@@ -85,6 +85,13 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
                         "default 1GiB; 0 for no bound): past it the oldest responses are evicted")
     g.add_argument("--responses-db-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how long a store operation may take before the client gets a 503 (default 5)")
+    g.add_argument("--image-input", choices=["note", "reject"], default="note",
+                   help="image, video, audio and document parts sent to this text-only model: 'note' (default) "
+                        "replaces each by a text note saying what was attached and that the model cannot see it "
+                        "(header X-Glmserve-Media-Replaced); 'reject' answers 400")
+    g.add_argument("--model-alias", action="append", default=[], metavar="PATTERN",
+                   help="serve request model names matching this glob (repeatable, e.g. 'claude-*') as the served "
+                        "model; any other unknown name is 404 model_not_found")
     # Request limits: by default tools and messages are bounded by the context and --max-body-bytes only.
     g.add_argument("--max-tools", type=int, default=None, metavar="N",
                    help="refuse requests declaring more than N tools with a 400 (default: no cap; what fits the "
@@ -232,7 +239,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         responses_db=args.responses_db, responses_ttl=args.responses_ttl,
                         responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
                         secret=secret, read_timeout=args.read_timeout,
-                        max_tools=args.max_tools, max_messages=args.max_messages)
+                        max_tools=args.max_tools, max_messages=args.max_messages,
+                        image_input=args.image_input, model_aliases=list(args.model_alias))
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = server_config(app, read_timeout=args.read_timeout, host=args.host, port=args.port,
                            log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_shutdown_timeout,

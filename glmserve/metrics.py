@@ -77,6 +77,10 @@ class Metrics:
             "next), total (prepare + output, once per finished request)",
             ["phase"], buckets=_SERVER_BUCKETS, registry=r,
         )
+        self.media_replaced = Counter(
+            "glmserve_media_replaced", "Image, video, audio and document parts a text-only model was given as a "
+            "text note instead (--image-input note)", ["kind"], registry=r,
+        )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
         self.reasoning_dropped = Counter(
             "glmserve_reasoning_dropped", "Reasoning blocks or items sent back by a client and not given to the model "

@@ -10,6 +10,7 @@ given, so what the client sent back (tool output, reasoning history) shows in th
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -45,7 +46,27 @@ def codex_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(f"Done.</think>The command printed {numbers[-1] if numbers else 'nothing'}; reasoning {kept}.")
 
 
-PROGRAMS = {"codex": codex_program}
+IMAGE_NOTE = re.compile(r"An image was attached here \((image/png), (\d+) bytes\), but this model reads text only")
+
+
+def codex_image_program(prompt: str, params: GenerateParams) -> list[str]:
+    """A Codex session that opens a picture: ``exec_command`` lists the PNGs, ``view_image``
+    opens the one listed, and the answer says what the model was told in the image's place
+    (glmserve's note: media type and size), so the test sees the image reached the prompt."""
+    responses = re.findall(r"<tool_response>(.*?)</tool_response>", prompt, re.S)
+    if not responses:
+        return pieces("I list the pictures.</think><tool_call>exec_command<arg_key>cmd</arg_key>"
+                      "<arg_value>ls *.png</arg_value></tool_call>")
+    if len(responses) == 1:
+        names = re.findall(r"[\w.-]+\.png", responses[0])
+        return pieces("I open it.</think><tool_call>view_image<arg_key>path</arg_key>"
+                      f"<arg_value>{names[0] if names else 'missing.png'}</arg_value></tool_call>")
+    note = IMAGE_NOTE.search(prompt)
+    seen = f"a note for {note.group(1)} of {note.group(2)} bytes" if note else "no note"
+    return pieces(f"Done.</think>I could not see the picture; I was given {seen}.")
+
+
+PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program}
 
 
 def main() -> None:
@@ -56,12 +77,15 @@ def main() -> None:
     p.add_argument("--responses-db", default=None)
     p.add_argument("--api-key", action="append", default=[])
     p.add_argument("--secret-file", default=None)
+    p.add_argument("--log-requests", action="store_true", help="log every request (access log and request log)")
     a = p.parse_args()
     engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
     secret = from_sources(a.secret_file) if a.secret_file else None
     settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret)
     app = create_app(engine, get_format(a.chat_format), settings)
-    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
+    if a.log_requests:  # uvicorn's access log shows every request's status, the request log each turn
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="info" if a.log_requests else "warning")
 
 
 if __name__ == "__main__":

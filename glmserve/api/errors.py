@@ -169,7 +169,7 @@ OPENAI_ERRORS = ErrorShape(error_body, ERROR_SCHEMA, "ErrorResponse")
 _ERRORS = {
     "400": "invalid request (the message and param name the problem)",
     "401": "missing or invalid API key",
-    "404": "no such model",
+    "404": "no such model (model_not_found) or stored object",
     "408": "the request's headers or body did not arrive within --read-timeout",
     "413": "request body larger than --max-body-bytes",
     "429": "too many requests in flight; retry after Retry-After seconds",
@@ -186,7 +186,8 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
         codes += ["408", "413"]
     if path.startswith("/v1"):
         codes.append("401")
-    if "{" in path:  # a path naming an object (a model, a stored response) that may not exist
+    # a path naming an object (a stored response) that may not exist, or a body naming a model
+    if "{" in path or ("requestBody" in op and (path.startswith("/v1") or path == "/tokenize")):
         codes.append("404")
     if path.startswith("/v1") and "requestBody" in op:  # generating routes: admission and the engine
         codes += ["429", "503"]

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
 from glmserve.formats import grammar
 from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
@@ -209,9 +210,6 @@ def response_format_constraint(schema_or_type: str | dict[str, Any] | None, para
 # --------------------------------------------------------------------------- messages
 
 
-_MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "audio_url", "input_audio", "file")
-
-
 def reference_name(part: dict[str, Any]) -> str | None:
     """The tool a ``tool_reference`` part names: ``tool_name`` (Claude Code's Messages
     blocks) or ``name`` (the GLM-5.1 template's chat-message form); None when neither is a
@@ -233,9 +231,10 @@ def tool_result_fields(parts: list[tuple[str, str]], joiner: str) -> dict[str, A
     return out
 
 
-def _content_parts(msg: ChatMessage, i: int) -> list[tuple[str, str]] | None:
+def _content_parts(msg: ChatMessage, i: int, media: MediaNotes) -> list[tuple[str, str]] | None:
     """A message's content as ``("text" | "tool_reference", text or name)`` parts (None for
-    no content); a part this server cannot show is a 400 naming the message's content."""
+    no content); media parts are text notes (:mod:`glmserve.api.media`); a part this server
+    cannot show is a 400 naming the message's content."""
     content = msg.content
     if content is None:
         return None
@@ -246,9 +245,6 @@ def _content_parts(msg: ChatMessage, i: int) -> list[tuple[str, str]] | None:
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
             out.append(("text", part["text"]))
-        elif kind in _MEDIA_PARTS:
-            raise APIError(400, f"messages[{i}].content[{j}]: a {kind!r} part, but this model accepts text only",
-                           param=f"messages[{i}].content")
         elif kind == "tool_reference" and msg.role == "tool":
             name = reference_name(part)
             if name is None:
@@ -258,20 +254,25 @@ def _content_parts(msg: ChatMessage, i: int) -> list[tuple[str, str]] | None:
         elif kind == "tool_reference":
             raise APIError(400, f"messages[{i}].content[{j}]: tool_reference parts belong in tool messages",
                            param=f"messages[{i}].content")
+        elif (note := media.openai_part(part, f"messages[{i}].content[{j}]")) is not None:
+            out.append(("text", note))
         else:
             raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part {kind!r}", param=f"messages[{i}].content")
     return out
 
 
-def normalise_messages(messages: list[ChatMessage], joiner: str = "\n") -> list[dict[str, Any]]:
+def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
+                       media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as formats read them: text content (parts joined by the family's
-    ``joiner``), ``developer`` as ``system``, legacy ``function`` results as ``tool``,
-    legacy ``function_call`` as a tool call, ``tool_reference`` parts of tool results as
-    ``tool_references`` / ``content_parts`` (text before and after them kept)."""
+    ``joiner``; media parts as notes, :mod:`glmserve.api.media`), ``developer`` as ``system``,
+    legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call,
+    ``tool_reference`` parts of tool results as ``tool_references`` / ``content_parts`` (text
+    before and after them kept)."""
+    media = MediaNotes() if media is None else media
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = m.role
-        parts = _content_parts(m, i)
+        parts = _content_parts(m, i, media)
         fields = tool_result_fields(parts, joiner) if parts is not None else {"content": None}
         content = fields["content"] if isinstance(m.content, list) or m.content is None else m.content
         d: dict[str, Any] = {"role": role, "content": content}
@@ -316,9 +317,10 @@ def is_legacy_functions(req: ChatCompletionRequest) -> bool:
 
 
 def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAULT_LIMITS,
-                             content_joiner: str = "\n") -> ChatRequest:
+                             content_joiner: str = "\n", media: MediaNotes | None = None) -> ChatRequest:
     """A Chat Completions request as a format sees it, validated (400s name the field).
-    ``content_joiner`` is the family's ``ChatFormat.content_joiner``."""
+    ``content_joiner`` is the family's ``ChatFormat.content_joiner``; ``media`` collects the
+    media parts replaced by notes (default: notes, uncounted)."""
     check_message_count(len(req.messages), limits)
     if req.tools:
         defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
@@ -334,7 +336,7 @@ def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAUL
     effort = reasoning_effort_of(req.reasoning_effort, req.chat_template_kwargs)
     enable, clear = thinking_flags(req.chat_template_kwargs, effort)
     return ChatRequest(
-        messages=normalise_messages(req.messages, content_joiner),
+        messages=normalise_messages(req.messages, content_joiner, media),
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,

@@ -91,6 +91,8 @@ class Prepared:
     validators: dict[str, Any] = field(default_factory=dict)
     completion_tokens: int = 0
     """Filled in while running (for usage and the request log)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the engine served from its prefix cache, filled in while running (usage, the log)."""
     tool_names: list[str] = field(default_factory=list)
     """The finished calls' tool names, filled in while running (for the request log)."""
     budget: BudgetPlan | None = None
@@ -295,6 +297,8 @@ class ChatPipeline:
                     self.metrics.ttft.observe(p.server_seconds + time.perf_counter() - t0)
                     first = False
                 p.completion_tokens += d.num_tokens
+                if d.cached_tokens is not None and p.cached_tokens is None:  # the first engine request's (a budget adds one)
+                    p.cached_tokens = min(d.cached_tokens, p.prompt_tokens)
                 parser, builder = parsers[d.index], builders[d.index]
                 if raws:
                     raws[d.index] += d.text

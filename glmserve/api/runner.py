@@ -20,6 +20,7 @@ of this, so a slow client never holds a slot.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import time
@@ -160,36 +161,50 @@ class Services:
     def model_names(self) -> list[str]:
         return self.settings.served_model_names or [self.engine.model_name]
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> str:
+        """The served name a request's ``model`` means: itself when served, the first served
+        name when absent or matching a ``--model-alias`` glob (Claude Code asks for
+        ``claude-haiku-…`` for subagents whatever the settings say); anything else is 404
+        ``model_not_found``, as OpenAI and vLLM answer."""
         names = self.model_names
-        if model is not None and model not in names:
-            raise APIError(400, f"the model {model!r} is not served here; available: {', '.join(names)}",
-                           param="model", code="model_not_found")
+        if model is None:
+            return names[0]
+        if model in names:
+            return model
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.model_aliases):
+            return names[0]
+        aliases = f" (or a name matching {', '.join(self.settings.model_aliases)})" if self.settings.model_aliases else ""
+        raise APIError(404, f"the model {model!r} is not served here; available: {', '.join(names)}{aliases}",
+                       param="model", code="model_not_found")
 
     async def serve(self, endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:
         t0 = time.perf_counter()
         requested = getattr(endpoint, "requested_model", None)
-        self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
+        asked = requested(body) if requested is not None else getattr(body, "model", None)
+        served = self.check_model(asked)
+        # a name served through --model-alias: the log line says which was asked and which served
+        named = {"model": served, "requested_model": asked} if asked not in (None, served) else {}
         await self.engine.check_health()
         lease = Lease(self.admission.acquire(), self.engine)  # before rendering, so a flood is shed cheaply
         hold(request.scope, lease)  # from here on, the request's end closes the lease whatever happens
         try:
             handle = await endpoint.prepare(body, request)
             if handle.stream:
-                return LeasedStream(self._stream(endpoint, handle, t0, lease), lease)
+                return LeasedStream(self._stream(endpoint, handle, t0, lease, named), lease)
             result = await _unless_disconnected(request, endpoint.complete(handle))
         finally:
             if not lease.streaming:
                 await lease.close()
         if result is None:  # the client went away; its engine request was aborted
             self.request_log.record(endpoint.name, handle.request_id, endpoint.log_fields(handle)[0], t0, 499,
-                                    {"disconnected": True})
+                                    {"disconnected": True, **named})
             return Response(status_code=499)
         prompt_tokens, fields = endpoint.log_fields(handle)
-        self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, fields)
+        self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
         return JSONResponse(result)
 
-    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease) -> AsyncIterator[str]:
+    async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
+                      named: dict[str, Any]) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
         try:
             async with aclosing(endpoint.stream(handle)) as events:
@@ -213,7 +228,8 @@ class Services:
         finally:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
-            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {"stream": True, **fields})
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200,
+                                    {"stream": True, **fields, **named})
 
 
 class LeasedStream(StreamingResponse):

@@ -55,6 +55,11 @@ class Settings:
     secret: ServerSecret | None = None
     """Signs thinking blocks and seals reasoning items (``--secret-file``, ``GLMSERVE_SECRET``; None: the
     secret generated under the glmserve cache, :func:`glmserve.server_secret.default_secret`)."""
+    image_input: str = "note"
+    """``note``: image / video / audio parts become a text note (:mod:`glmserve.api.media`);
+    ``reject``: they are a 400 (``--image-input``)."""
+    model_aliases: list[str] = field(default_factory=list)
+    """Glob patterns of model names served as the (first) served model (``--model-alias``)."""
     read_timeout: float | None = 30.0
     """Seconds a client gets to send a request's headers, and then its body (``--read-timeout``;
     None: no limit); past it, 408."""

@@ -69,6 +69,9 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     stop_sequence: str | None = None
     """The string of ``GenerateParams.stop`` that ended the choice (it is not in ``text``)."""
+    cached_tokens: int | None = None
+    """Prompt tokens of the request served from the engine's prefix cache (the same on every
+    delta of a request; None: the engine does not say)."""
 
 
 class Engine(ABC):

@@ -25,6 +25,7 @@ class ScriptedEngine(Engine):
         model_name: str = "scripted",
         max_model_len: int = 4096,
         delay: float = 0.0,
+        cached_tokens: int | None = None,
     ) -> None:
         self.script = script
         self.model_name = model_name
@@ -39,6 +40,8 @@ class ScriptedEngine(Engine):
         the answer back to see what the server sends before the engine's first output.
         ``waiting`` is set once a request waits there."""
         self.waiting = threading.Event()
+        self.cached_tokens = cached_tokens
+        """The prefix-cache hits every request reports (at most its prompt), for protocol tests."""
         self.dead = False
         self.last_prompt: str = ""
         self.last_params: GenerateParams | None = None
@@ -67,6 +70,7 @@ class ScriptedEngine(Engine):
         prompt = "".join(chr(i) for i in prompt_ids)
         self.last_prompt = prompt
         self._running.add(request_id)
+        cached = None if self.cached_tokens is None else min(self.cached_tokens, len(prompt_ids))
         try:
             if self.gate is not None:
                 self.waiting.set()
@@ -88,9 +92,11 @@ class ScriptedEngine(Engine):
                             continue
                         piece = "".join(held)
                     yield Delta(index=index, text=piece, num_tokens=len(held) if params.final_only else 1,
-                                finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None)
+                                finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None,
+                                cached_tokens=cached)
                 if not pieces:
-                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched)
+                    yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched,
+                                cached_tokens=cached)
         finally:
             self._running.discard(request_id)
 

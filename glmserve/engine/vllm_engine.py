@@ -102,6 +102,7 @@ class VLLMEngine(Engine):
                         finish_reason=c.finish_reason,
                         logprobs=self._logprobs(c) if params.logprobs is not None else None,
                         stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
+                        cached_tokens=out.num_cached_tokens,
                     )
         except EngineDeadError as exc:
             self._dead = str(exc) or "engine died"

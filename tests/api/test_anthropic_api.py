@@ -261,9 +261,10 @@ def test_errors_are_sdk_exceptions(srv: ScriptedServer) -> None:
     with pytest.raises(anthropic.BadRequestError) as exc:
         client.messages.create(model="glm-test", max_tokens=10, messages=[
             {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                                        "data": "iVBORw0KGgo="}}]}])
+                                                                        "data": "not base64!"}}]}])
     assert exc.value.body["type"] == "error"
-    assert exc.value.body["error"]["type"] == "invalid_request_error" and "text only" in exc.value.body["error"]["message"]
+    assert exc.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages[0].content[0].source.data" in exc.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model="glm-test", max_tokens=0, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(anthropic.BadRequestError):

@@ -22,6 +22,7 @@ from glmserve.api.anthropic.mapping import (
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, stop_reason
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 from glmserve.formats.base import ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
 from glmserve.server_secret import ServerSecret
 
@@ -110,12 +111,17 @@ def test_system_text() -> None:
 
 @pytest.mark.parametrize("content", [
     [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}],
-    [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}],
+    [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}],
 ])
-def test_images_are_refused(content: list) -> None:
+def test_images_become_notes_or_are_refused(content: list) -> None:
     r = req(messages=[{"role": "user", "content": content}])
+    notes = MediaNotes()
+    msgs = to_openai_messages(r.system, r.messages, media=notes)
+    assert "image was attached here (image/png, 3 bytes)" in msgs[-1]["content"] and "cannot see it" in msgs[-1]["content"]
+    assert [(a.kind, a.media_type, a.size) for a in notes.replaced] == [("image", "image/png", 3)]
     with pytest.raises(APIError) as exc:
-        to_openai_messages(r.system, r.messages)
+        to_openai_messages(r.system, r.messages, media=MediaNotes("reject"))
     assert exc.value.status == 400 and "text only" in exc.value.message
 
 

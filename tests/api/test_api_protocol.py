@@ -188,7 +188,8 @@ def test_required_sets_a_constraint(glm4):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].image_url.url"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": TOOLS + TOOLS[:1]}, "tools[2].function.name"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),

@@ -149,7 +149,7 @@ def test_runner_checks_model_health_and_admission_in_order():
     app, engine = echo_app(["x"], settings=Settings(max_concurrent_requests=0))
     with TestClient(app) as client:
         r = client.post("/v1/echo", json={"model": "other", "text": "hi"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         r = client.post("/v1/echo", json={"text": "hi"})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         engine.dead = True
@@ -169,7 +169,7 @@ def test_an_endpoint_may_say_which_model_it_asks_for():
     app.add_api_route("/v1/any-model", route, methods=["POST"])
     with TestClient(app) as client:
         assert client.post("/v1/any-model", json={"model": "claude-x", "text": "hi"}).status_code == 200
-        assert client.post("/v1/echo", json={"model": "claude-x", "text": "hi"}).status_code == 400
+        assert client.post("/v1/echo", json={"model": "claude-x", "text": "hi"}).status_code == 404
 
 
 class DyingEngine(ScriptedEngine):
@@ -244,7 +244,7 @@ def test_error_shape_registry_picks_the_shape_by_path():
         assert r.status_code == 400 and r.json()["error"]["type"] == "status_400"
         assert "text" in r.json()["error"]["message"]
         r = client.post("/v1/echo", headers=auth, json={"model": "nope", "text": "hi"})  # APIError
-        assert r.status_code == 400 and r.json()["type"] == "error"
+        assert r.status_code == 404 and r.json()["type"] == "error"
         # every other path keeps the OpenAI shape
         r = client.post("/v1/chat/completions", headers=auth, json={"messages": []})
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

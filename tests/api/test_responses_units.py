@@ -111,7 +111,8 @@ def test_items_fold_into_turns_with_reasoning_and_calls():
 def test_bad_items_are_400_with_their_path(tmp_path):
     seal = ReasoningSeal(ServerSecret.generate())
     cases = [
-        ([{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}], "input[0].content[0]"),
+        ([{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,@@"}]}],
+         "input[0].content[0].image_url"),
         ([{"role": "user", "content": "a"}, {"type": "item_reference", "id": "msg_1"}], "input[1]"),
         ([{"type": "computer_call_output", "call_id": "x"}], "input[0].type"),
     ]

@@ -12,12 +12,16 @@ Skipped only where node is absent; where node exists, a missing ``claude`` is a 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 CLAUDE = Path(sys.prefix) / "claude-code" / "node_modules" / ".bin" / "claude"
@@ -26,7 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 
 
 def run_claude(base_url: str, key: str, model: str, prompt: str, cwd: Path, *args: str,
-               timeout: float = 120) -> subprocess.CompletedProcess:
+               timeout: float = 120, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     assert CLAUDE.exists(), f"{CLAUDE} is missing: run scripts/setup.sh (it installs Claude Code where npm exists)"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
     env.update({
@@ -37,6 +41,7 @@ def run_claude(base_url: str, key: str, model: str, prompt: str, cwd: Path, *arg
         "ANTHROPIC_SMALL_FAST_MODEL": model,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "DISABLE_AUTOUPDATER": "1",
+        **(env_extra or {}),
     })
     (cwd.parent / "home").mkdir(exist_ok=True)
     return subprocess.run([str(CLAUDE), "-p", prompt, "--model", model, *args], cwd=cwd, env=env,
@@ -89,3 +94,106 @@ def test_claude_code_turn_on_real_engine(tmp_path: Path) -> None:
         server.stop()
     assert r.returncode == 0, f"stdout={r.stdout!r}\nstderr={r.stderr[-3000:]!r}\nserver log:\n{log[-3000:]}"
     assert "messages msg_" in log and "status=200" in log
+
+
+MCP_SERVER = '''
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("probe")
+
+
+@server.tool()
+def lookup_secret(key: str) -> str:
+    """Look up the secret stored under a key in the probe vault."""
+    return f"the secret under {key} is glm-4711"
+
+
+server.run()
+'''
+MCP_TOOL = "mcp__probe__lookup_secret"
+MCP_DESCRIPTION = "Look up the secret stored under a key in the probe vault."
+SUBAGENT_TASK = "SUBAGENT-TASK: reply with the word ready."
+
+
+def test_claude_code_agent_session_on_scripted_engine(tmp_path: Path) -> None:
+    """One Claude Code session through everything an agent does that a text-only GLM server
+    must survive: ``ToolSearch`` loads a deferred MCP tool (a ``tool_reference`` result), the
+    MCP tool runs, ``Read`` of a PNG (an image in a ``tool_result``: glmserve's note), an
+    ``Agent`` subagent with ``"model": "haiku"`` (requests named ``claude-haiku-…``, served
+    through ``--model-alias``), ``Read`` + ``Edit`` of a file, the answer."""
+    from PIL import Image
+
+    from anthropic_scripted import ScriptedServer, xml_call
+
+    from glmserve.api.settings import Settings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    png = work / "chart.png"
+    Image.new("RGB", (16, 16), (20, 120, 220)).save(png)
+    notes = work / "notes.txt"
+    notes.write_text("status: draft\n")
+    (tmp_path / "mcp_probe.py").write_text(MCP_SERVER)
+    mcp_config = tmp_path / "mcp.json"
+    mcp_config.write_text(json.dumps({"mcpServers": {"probe": {"command": sys.executable,
+                                                               "args": [str(tmp_path / "mcp_probe.py")]}}}))
+    prompts: list[str] = []
+
+    def step(name: str, args: dict) -> str:
+        return f"<think>Next: {name}.</think>\n" + xml_call(name, args)
+
+    def script(prompt: str) -> str:
+        prompts.append(prompt)
+        if SUBAGENT_TASK in prompt and "<tool_call>Agent" not in prompt:  # the subagent's own turn
+            return "<think>Easy.</think>\nSUBAGENT-READY"
+        n = prompt.count("<tool_response>")
+        steps = [
+            ("ToolSearch", {"query": f"select:{MCP_TOOL}", "max_results": 5}),
+            (MCP_TOOL, {"key": "alpha"}),
+            ("Read", {"file_path": str(png)}),
+            ("Agent", {"description": "Say ready", "prompt": SUBAGENT_TASK, "subagent_type": "general-purpose",
+                       "model": "haiku"}),
+            ("Read", {"file_path": str(notes)}),
+            ("Edit", {"file_path": str(notes), "old_string": "draft", "new_string": "final"}),
+        ]
+        if n < len(steps):
+            return step(*steps[n])
+        secret = re.search(r"glm-\d+", prompt)
+        image = "a note for image/png" if "An image was attached here (image/png" in prompt else "no note"
+        sub = "ready" if "SUBAGENT-READY" in prompt else "silent"
+        return (f"<think>All done.</think>\nFINISHED secret={secret.group(0) if secret else 'none'} image={image} "
+                f"subagent={sub}")
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    req_log = logging.getLogger("glmserve.requests")
+    req_log.addHandler(handler)
+    old_level = req_log.level
+    req_log.setLevel(logging.INFO)
+    s = ScriptedServer(Settings(api_keys=["cc-key"], model_aliases=["claude-*"]), max_model_len=400_000,
+                       model="glm-scripted")
+    try:
+        s.output = script
+        r = run_claude(s.url, "cc-key", "glm-scripted", "Use the probe vault, look at chart.png, ask a helper, "
+                       "then mark notes.txt final.", work, "--mcp-config", str(mcp_config), "--allowedTools",
+                       f"ToolSearch,{MCP_TOOL},Read,Agent,Edit", timeout=300, env_extra={"ENABLE_TOOL_SEARCH": "true"})
+        metrics = httpx.get(s.url + "/metrics").text
+    finally:
+        s.stop()
+        req_log.removeHandler(handler)
+        req_log.setLevel(old_level)
+    where = f"stdout={r.stdout[-3000:]!r}\nstderr={r.stderr[-3000:]!r}\nrequests:\n" + "\n".join(records)
+    assert r.returncode == 0, where
+    assert notes.read_text() == "status: final\n", where  # Claude Code ran the Edit
+    assert "FINISHED secret=glm-4711 image=a note for image/png subagent=ready" in r.stdout, where
+    # the deferred MCP tool: not in the first prompt, its definition in the ToolSearch follow-up
+    assert MCP_DESCRIPTION not in prompts[0], where
+    follow_up = next(p for p in prompts if p.count("<tool_response>") == 1 and SUBAGENT_TASK not in p)
+    assert MCP_DESCRIPTION in follow_up and MCP_TOOL in follow_up, where
+    assert any("requested_model=claude-haiku" in line for line in records), where  # the subagent, aliased
+    # exactly one 200 per model turn, and no other status anywhere
+    statuses = re.findall(r'^glmserve_requests_total\{endpoint="([^"]+)",status="(\d+)"\} (\S+)', metrics, re.M)
+    assert all(status == "200" for _, status, _ in statuses), statuses
+    served = sum(float(v) for path, _, v in statuses if path == "/v1/messages")
+    assert served == len(prompts) == len([line for line in records if line.startswith("messages ")]), (statuses, where)

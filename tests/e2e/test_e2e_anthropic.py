@@ -114,11 +114,15 @@ def test_thinking_budget_then_valid_call(client) -> None:
     assert no_ids(final) == no_ids(m)
 
 
-def test_image_is_a_bad_request(client) -> None:
+def test_image_becomes_a_note_and_bad_image_data_a_400(client) -> None:
+    raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+    assert raw.headers["X-Glmserve-Media-Replaced"] == "1" and raw.parse().usage.output_tokens > 0
     with pytest.raises(anthropic.BadRequestError) as exc:
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "not base64"}}]}])
     assert exc.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages[0].content[0].source.data" in exc.value.body["error"]["message"]
 
 
 def test_thinking_budget_on_chat_completions(glm45_server) -> None:

@@ -129,12 +129,12 @@ def test_agent_history_matches_the_models_own_template(server):
     assert r2.choices[0].message.role == "assistant"
 
 
-def test_media_parts_are_400(server):
+def test_malformed_media_parts_are_400(server):
     r = httpx.post(server.base_url + "/chat/completions", json={
         "model": f"tiny-{server.extra['family']}",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "看"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
     assert r.status_code == 400
-    assert r.json()["error"]["param"] == "messages[0].content" and "image_url" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages[0].content[1].image_url.url" and "image_url" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -152,8 +152,8 @@ CHAT_400 = [
     ("messages-too-many", {"messages": MSGS * 2049}, "messages", None),
     ("role-unknown", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", None),
     ("user-without-content", {"messages": [{"role": "user"}]}, "messages[0].content", None),
-    ("image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content", None),
+    ("image-url-malformed", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].image_url.url", None),
     ("tools-too-many", {"tools": [tool(f"f{i}") for i in range(257)]}, "tools", None),
     ("tool-schema-too-large", {"tools": [tool("f", BIG_SCHEMA)]}, "tools[0].function.parameters", None),
     ("tool-schema-too-deep", {"tools": [tool("f", DEEP)]}, "tools[0].function.parameters", None),
@@ -172,7 +172,6 @@ CHAT_400 = [
     ("response_format-bad-schema", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "wat"}}}}, "response_format.json_schema.schema", None),
     ("response_format-unknown", {"response_format": {"type": "yaml"}}, "response_format.type", None),
-    ("model-unknown", {"model": "gpt-5"}, "model", "model_not_found"),
 ]
 
 
@@ -181,6 +180,13 @@ def test_bad_chat_requests_are_clear_400s(guarded, name, extra, param, code):
     body = {"messages": MSGS, "max_tokens": 4, **extra}
     r = httpx.post(guarded.base_url + "/chat/completions", headers=auth(), json=body, timeout=60)
     assert_openai_error(r, 400, param, code)
+
+
+def test_unknown_model_is_404_model_not_found(guarded):
+    """As OpenAI and vLLM answer (the SDK raises NotFoundError)."""
+    body = {"messages": MSGS, "max_tokens": 4, "model": "gpt-5"}
+    r = httpx.post(guarded.base_url + "/chat/completions", headers=auth(), json=body, timeout=60)
+    assert_openai_error(r, 404, "model", "model_not_found")
 
 
 def raw_post(server: Server, path: str, content: bytes, content_type: str | None = "application/json") -> httpx.Response:

@@ -34,10 +34,9 @@ from glmserve.api.anthropic.schemas import (
 from glmserve.api.anthropic.shape import ThinkingSigner
 from glmserve.api.errors import APIError
 from glmserve.api.mapping import reference_name, tool_result_fields
+from glmserve.api.media import MediaNotes
 
 log = logging.getLogger("glmserve.messages")
-
-TEXT_ONLY = "this model accepts text only"
 
 
 def system_text(system: str | list[TextBlock] | None) -> str | None:
@@ -49,10 +48,11 @@ def system_text(system: str | list[TextBlock] | None) -> str | None:
     return "\n".join(b.text for b in system)
 
 
-def _result_fields(block: ToolResultBlock, param: str) -> dict[str, Any]:
-    """A ``tool_result``'s message fields: text blocks joined by newlines, and its
-    ``tool_reference`` blocks (Claude Code's tool search: ``{"type": "tool_reference",
-    "tool_name": …}``) as the shared ``tool_references`` / ``content_parts``."""
+def _result_fields(block: ToolResultBlock, param: str, media: MediaNotes) -> dict[str, Any]:
+    """A ``tool_result``'s message fields: text blocks joined by newlines (``image`` /
+    ``document`` blocks as notes), and its ``tool_reference`` blocks (Claude Code's tool
+    search: ``{"type": "tool_reference", "tool_name": …}``) as the shared ``tool_references``
+    / ``content_parts``."""
     content = block.content
     if content is None:
         return {"content": ""}
@@ -70,7 +70,7 @@ def _result_fields(block: ToolResultBlock, param: str) -> dict[str, Any]:
                                param=f"{param}.content")
             parts.append(("tool_reference", name))
         elif kind in ("image", "document"):
-            raise APIError(400, f"{param}.content[{k}]: {TEXT_ONLY}", param=f"{param}.content")
+            parts.append(("text", media.anthropic(part, f"{param}.content[{k}]")))
         else:
             raise APIError(400, f"{param}.content[{k}]: unsupported block type {kind!r} in a tool_result",
                            param=f"{param}.content")
@@ -83,9 +83,10 @@ DropReasoning = Callable[[str, str], None]
 
 
 def to_openai_messages(system: str | list[TextBlock] | None, messages: list[InputMessage],
-                       signer: ThinkingSigner | None = None, on_drop: DropReasoning | None = None
-                       ) -> list[dict[str, Any]]:
-    """The conversation as OpenAI message dicts (content flattened to strings).
+                       signer: ThinkingSigner | None = None, on_drop: DropReasoning | None = None,
+                       media: MediaNotes | None = None) -> list[dict[str, Any]]:
+    """The conversation as OpenAI message dicts (content flattened to strings; ``image`` and
+    ``document`` blocks, also inside a ``tool_result``, as notes: :mod:`glmserve.api.media`).
 
     User turns: text blocks join into one user message; each ``tool_result`` becomes a
     ``tool`` message (named after the call it answers), in block order.  Assistant turns:
@@ -97,6 +98,7 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
     with empty thinking (``display: "omitted"`` sent back) has nothing to give and is skipped.
     ``system`` messages inside the array stay system turns where they are.
     """
+    media = MediaNotes() if media is None else media
     out: list[dict[str, Any]] = []
     top = system_text(system)
     if top:
@@ -146,11 +148,11 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
             if isinstance(b, TextBlock):
                 pending.append(b.text)
             elif isinstance(b, (ImageBlock, DocumentBlock)):
-                raise APIError(400, f"{param}[{j}]: {TEXT_ONLY}", param=param)
+                pending.append(media.anthropic(b.model_dump(), f"{param}[{j}]"))
             elif isinstance(b, ToolResultBlock) and m.role == "user":
                 flush()
                 tool: dict[str, Any] = {"role": "tool", "tool_call_id": b.tool_use_id,
-                                        **_result_fields(b, f"{param}[{j}]")}
+                                        **_result_fields(b, f"{param}[{j}]", media)}
                 if b.tool_use_id in names:
                     tool["name"] = names[b.tool_use_id]
                 out.append(tool)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,8 +22,10 @@ from starlette.responses import Response
 from glmserve.api.anthropic import mapping as am
 from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
 from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, sse, stop_reason, usage
+from glmserve.api import media
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
+from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
 from glmserve.api.runner import Prelude, Services, header_list
@@ -65,6 +67,8 @@ class MessagesHandle:
     stream: bool
     model: str
     omit_thinking: bool
+    media_fields: dict[str, Any] = field(default_factory=dict)
+    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
 
     @property
     def request_id(self) -> str:
@@ -88,9 +92,11 @@ class Signatures:
         self.services.metrics.reasoning_dropped.labels(reason).inc()
 
 
-def chat_request(body: MessagesBase, services: Services, signatures: Signatures) -> tuple[ChatRequest, list[str]]:
+def chat_request(body: MessagesBase, services: Services, signatures: Signatures,
+                 notes: MediaNotes | None = None) -> tuple[ChatRequest, list[str]]:
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
-    left out because their type only runs in Anthropic's cloud."""
+    left out because their type only runs in Anthropic's cloud.  ``notes`` collects the
+    media blocks replaced by text notes."""
     limits = services.settings.limits
     check_message_count(len(body.messages), limits)
     choice, parallel = am.tool_choice(body)
@@ -101,7 +107,8 @@ def chat_request(body: MessagesBase, services: Services, signatures: Signatures)
     tools = build_tools(sel.defs, limits)
     thinking = am.thinking_options(body)
     chat = ChatRequest(
-        messages=am.to_openai_messages(body.system, body.messages, signatures.signer, signatures.dropped),
+        messages=am.to_openai_messages(body.system, body.messages, signatures.signer, signatures.dropped,
+                                       notes if notes is not None else MediaNotes(services.settings.image_input)),
         tools=tools,
         tool_choice=normalise_tool_choice(choice, tools, "tool_choice"),
         parallel_tool_calls=parallel,
@@ -123,7 +130,8 @@ class Messages:
         self.signatures = signatures
 
     async def prepare(self, body: MessagesRequest, request: Request) -> MessagesHandle:
-        chat, unsupported = chat_request(body, self.services, self.signatures)
+        notes = MediaNotes(self.services.settings.image_input)
+        chat, unsupported = chat_request(body, self.services, self.signatures, notes)
         if unsupported:
             request.state.unsupported_tools = unsupported
         schema = am.output_format_schema(body)
@@ -140,18 +148,23 @@ class Messages:
                                                          self.services.settings.limits) if schema else None,
         )
         run = await self.pipeline.prepare(chat, opts, "msg_")
-        return MessagesHandle(run=run, stream=body.stream, model=body.model or run.model,
-                              omit_thinking=am.thinking_options(body).omit)
+        media.remember(request, notes)
+        return MessagesHandle(run=run, stream=body.stream, model=self.services.check_model(body.model),
+                              omit_thinking=am.thinking_options(body).omit,
+                              media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: MessagesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names)}
+        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
+                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
+                                     **h.media_fields}
 
     def _message(self, h: MessagesHandle, content: list[dict[str, Any]], end: tuple[str | None, str | None]
                  ) -> dict[str, Any]:
         reason, stop_sequence = end
         return {"id": h.run.request_id, "type": "message", "role": "assistant", "model": h.model,
                 "content": content, "stop_reason": reason and stop_reason(reason, stop_sequence),
-                "stop_sequence": stop_sequence, "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)}
+                "stop_sequence": stop_sequence,
+                "usage": usage(h.run.prompt_tokens, h.run.completion_tokens, h.run.cached_tokens)}
 
     async def _fold(self, h: MessagesHandle, folder: BlockFolder, end: list[str | None]) -> AsyncIterator[list[dict[str, Any]]]:
         """The stream events of each pipeline update, then the closing events; ``end`` gets
@@ -189,7 +202,7 @@ class Messages:
         async for events in self._fold(h, folder, end):
             yield "".join(sse(e) for e in events)
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(end[0], end[1]), "stop_sequence": end[1]},
-                   "usage": usage(h.run.prompt_tokens, h.run.completion_tokens)})
+                   "usage": usage(h.run.prompt_tokens, h.run.completion_tokens, h.run.cached_tokens)})
         yield sse({"type": "message_stop"})
 
 
@@ -203,7 +216,7 @@ def router(services: Services) -> APIRouter:
     @r.post(PREFIX, responses=STREAM_RESPONSES)
     async def messages(body: MessagesRequest, request: Request) -> Response:
         """Anthropic's Messages API (Claude Code appends ``?beta=true``, which changes nothing)."""
-        response = await services.serve(endpoint, body, request)
+        response = media.add_header(request, await services.serve(endpoint, body, request))
         unsupported = getattr(request.state, "unsupported_tools", None)
         if unsupported:
             response.headers[UNSUPPORTED_TOOLS_HEADER] = header_list(unsupported)

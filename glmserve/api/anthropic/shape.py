@@ -95,9 +95,12 @@ def stop_reason(finish_reason: str | None, stop_sequence: str | None = None) -> 
     return "end_turn"
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+def usage(prompt_tokens: int, output_tokens: int, cached: int | None = None) -> dict[str, Any]:
+    """Anthropic's split of the prompt: ``cache_read_input_tokens`` are those the engine's prefix
+    cache served, ``input_tokens`` the rest (their sum is the prompt, as Anthropic counts)."""
+    hits = cached or 0
+    return {"input_tokens": prompt_tokens - hits, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": hits}
 
 
 @dataclass

@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
+from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
+from glmserve.api.media import MediaNotes
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
 from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
 from glmserve.api.schemas import ChatCompletionRequest
@@ -74,6 +76,8 @@ class ChatHandle:
     legacy_functions: bool
     """Answer with ``function_call`` (the request used the legacy ``functions``)."""
     logprobs: bool
+    media_fields: dict[str, Any] = field(default_factory=dict)
+    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
 
     @property
     def request_id(self) -> str:
@@ -91,14 +95,19 @@ class ChatCompletions:
 
     async def prepare(self, body: ChatCompletionRequest, request: Request | None = None) -> ChatHandle:
         limits = self.services.settings.limits
-        chat = chat_request_from_openai(body, limits, self.pipeline.fmt.content_joiner)
+        notes = MediaNotes(self.services.settings.image_input)
+        chat = chat_request_from_openai(body, limits, self.pipeline.fmt.content_joiner, notes)
         run = await self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
+        media.remember(request, notes)
         return ChatHandle(run=run, stream=body.stream,
                           include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                          legacy_functions=is_legacy_functions(body), logprobs=body.logprobs)
+                          legacy_functions=is_legacy_functions(body), logprobs=body.logprobs,
+                          media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: ChatHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names)}
+        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
+                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
+                                     **h.media_fields}
 
     @staticmethod
     def _reason(h: ChatHandle, reason: str) -> str:
@@ -120,7 +129,8 @@ class ChatCompletions:
                 choice["logprobs"] = {"content": [logprob_json(x) for x in r.logprobs], "refusal": None}
             choices.append(choice)
         return {"id": p.request_id, "object": "chat.completion", "created": p.created, "model": p.model,
-                "choices": choices, "usage": usage(p.prompt_tokens, p.completion_tokens), "system_fingerprint": None}
+                "choices": choices, "usage": usage(p.prompt_tokens, p.completion_tokens, p.cached_tokens),
+                "system_fingerprint": None}
 
     # ------------------------------------------------------------------- streamed answer
 
@@ -153,7 +163,8 @@ class ChatCompletions:
                     yield chunk(u.index, {}, finish=self._reason(h, u.finish_reason))
         if h.include_usage:
             body = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
-                    "system_fingerprint": None, "choices": [], "usage": usage(p.prompt_tokens, p.completion_tokens)}
+                    "system_fingerprint": None, "choices": [],
+                    "usage": usage(p.prompt_tokens, p.completion_tokens, p.cached_tokens)}
             yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
         yield "data: [DONE]\n\n"
 
@@ -206,8 +217,10 @@ class ChatCompletions:
         return out
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    """``prompt_tokens_details.cached_tokens``: the prompt tokens the engine's prefix cache served."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached or 0}}
 
 
 def logprob_json(x: Any) -> dict[str, Any]:
@@ -227,14 +240,15 @@ def router(services: Services) -> APIRouter:
 
     @r.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await services.serve(endpoint, body, request)
+        return media.add_header(request, await services.serve(endpoint, body, request))
 
     @r.post("/tokenize")
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
         services.check_model(body.model)
         prompt = services.pipeline.render(chat_request_from_openai(body, services.settings.limits,
-                                                                   services.pipeline.fmt.content_joiner))
+                                                                   services.pipeline.fmt.content_joiner,
+                                                                   MediaNotes(services.settings.image_input)))
         ids = await services.pipeline.encode(prompt)
         return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": services.engine.max_model_len}
 

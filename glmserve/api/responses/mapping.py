@@ -30,6 +30,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from glmserve.api.errors import APIError
 from glmserve.api.mapping import reference_name, tool_result_fields
+from glmserve.api.media import MediaNotes
 from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
 from glmserve.api.responses.schemas import (
     FunctionCallItem,
@@ -44,7 +45,6 @@ from glmserve.api.responses.schemas import (
 NAMESPACE_SEP = "__"
 CLIENT_TOOL_TYPES = ("function", "namespace")
 _TEXT_PARTS = ("input_text", "output_text", "text")
-_MEDIA_PARTS = ("input_image", "input_file", "input_audio", "image_url")
 
 _items_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
 
@@ -171,32 +171,34 @@ def parse_items(items: list[dict[str, Any]]) -> list[Any]:
                        param="previous_response_id") from None
 
 
-def _one_text(part: dict[str, Any], where: str) -> str:
-    """The text of one text (or refusal) part; any other part is a 400 naming ``where``."""
+def _one_text(part: dict[str, Any], where: str, media: MediaNotes) -> str:
+    """The text of one text (or refusal) part, or a media part's note (:mod:`glmserve.api.media`);
+    any other part is a 400 naming ``where``."""
     kind = part.get("type")
     if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
         return part["text"]
     if kind == "refusal" and isinstance(part.get("refusal"), str):
         return part["refusal"]
-    if kind in _MEDIA_PARTS:
-        raise APIError(400, f"{where}: this model accepts text only ({kind} is not supported)", param=where)
+    note = media.responses_part(part, where)
+    if note is not None:
+        return note
     raise APIError(400, f"{where}: unsupported content part {kind!r}", param=where)
 
 
-def _text_parts(parts: str | list[dict[str, Any]], param: str) -> str:
+def _text_parts(parts: str | list[dict[str, Any]], param: str, media: MediaNotes) -> str:
     if isinstance(parts, str):
         return parts
-    return "\n".join(_one_text(part, f"{param}[{j}]") for j, part in enumerate(parts))
+    return "\n".join(_one_text(part, f"{param}[{j}]", media) for j, part in enumerate(parts))
 
 
-def _output_fields(output: str | list[dict[str, Any]], param: str) -> dict[str, Any]:
+def _output_fields(output: str | list[dict[str, Any]], param: str, media: MediaNotes) -> dict[str, Any]:
     """A ``function_call_output``'s message fields.  Neither Codex nor the Agents SDK sends a
     tool reference here (the Responses API's own tool search is the hosted ``tool_search`` /
     ``tool_search_output`` items, which this server does not run); a ``{"type":
     "tool_reference", "tool_name" | "name"}`` part is accepted as in Chat Completions tool
     messages, so a client of its own can load a deferred (``defer_loading``) function."""
     if isinstance(output, str) or not any(isinstance(q, dict) and q.get("type") == "tool_reference" for q in output):
-        return {"content": _text_parts(output, param)}
+        return {"content": _text_parts(output, param, media)}
     parts: list[tuple[str, str]] = []
     for j, part in enumerate(output):
         if part.get("type") == "tool_reference":
@@ -206,7 +208,7 @@ def _output_fields(output: str | list[dict[str, Any]], param: str) -> dict[str, 
                                param=f"{param}[{j}]")
             parts.append(("tool_reference", name))
         else:
-            parts.append(("text", _one_text(part, f"{param}[{j}]")))
+            parts.append(("text", _one_text(part, f"{param}[{j}]", media)))
     return tool_result_fields(parts, "\n")
 
 
@@ -254,18 +256,21 @@ class _Turns:
 
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
-                      params: Sequence[str] | None = None, on_drop: DropReasoning | None = None) -> list[dict[str, Any]]:
+                      params: Sequence[str] | None = None, on_drop: DropReasoning | None = None,
+                      media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """Chat messages for input items (models from :mod:`glmserve.api.responses.schemas`); ``instructions``
     become the leading system message.  ``params[n]`` names item ``n`` in errors
-    (default ``input[n]``).  Sealed reasoning that ``seal`` cannot open (or any, without a
-    seal) is dropped and reported to ``on_drop``."""
+    (default ``input[n]``); ``media`` collects the media parts replaced by notes.  Sealed
+    reasoning that ``seal`` cannot open (or any, without a seal) is dropped and reported to
+    ``on_drop``."""
+    media = MediaNotes() if media is None else media
     turns = _Turns()
     if instructions:
         turns.add({"role": "system", "content": instructions})
     for n, item in enumerate(items):
         p = params[n] if params is not None else f"input[{n}]"
         if isinstance(item, MessageItem):
-            text = _text_parts(item.content, f"{p}.content")
+            text = _text_parts(item.content, f"{p}.content", media)
             if item.role == "assistant":
                 turn = turns.assistant()
                 if turn.get("tool_calls"):  # text after calls starts a new turn
@@ -289,7 +294,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
             turns.call_names[item.call_id] = name
         elif isinstance(item, FunctionCallOutputItem):
-            msg = {"role": "tool", "tool_call_id": item.call_id, **_output_fields(item.output, f"{p}.output")}
+            msg = {"role": "tool", "tool_call_id": item.call_id, **_output_fields(item.output, f"{p}.output", media)}
             if item.call_id in turns.call_names:
                 msg["name"] = turns.call_names[item.call_id]
             turns.add(msg)

@@ -16,14 +16,16 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from glmserve.api import media
 from glmserve.api.errors import APIError
+from glmserve.api.media import MediaNotes
 from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.pipeline import GenerationOptions, Prepared
 from glmserve.api.responses.seal import ReasoningSeal
@@ -120,6 +122,8 @@ class ResponsesHandle:
     body: ResponsesRequest
     owner: str
     assembler: ResponseAssembler
+    media_fields: dict[str, Any] = field(default_factory=dict)
+    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
 
     @property
     def request_id(self) -> str:
@@ -169,8 +173,9 @@ class Responses:
         choice = normalise_tool_choice(choice, tools)
         params = [f"previous_response_id (item {k})" for k in range(len(history))] + \
                  [f"input[{i}]" for i in range(len(body.input))]
+        notes = MediaNotes(self.services.settings.image_input)
         messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params,
-                                     on_drop=self._dropped)
+                                     on_drop=self._dropped, media=notes)
         check_message_count(len(messages), limits, "input", "messages (input items and history)")
         enable, effort = thinking(body)
         chat = ChatRequest(messages=messages, tools=tools, tool_choice=choice,
@@ -193,14 +198,16 @@ class Responses:
         asm = ResponseAssembler(self._response_object(body, run), names=declared.names, seal=self.state.seal,
                                 include_encrypted=body.include_encrypted_reasoning,
                                 hooked=self.pipeline.argument_hook is not None)
-        return ResponsesHandle(run=run, stream=body.stream, body=body, owner=owner, assembler=asm)
+        media.remember(request, notes)
+        return ResponsesHandle(run=run, stream=body.stream, body=body, owner=owner, assembler=asm,
+                               media_fields=notes.report(run.request_id, self.services.metrics))
 
     def _response_object(self, body: ResponsesRequest, run: Prepared) -> dict[str, Any]:
         fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format \
             else {"type": "text"}
         return {
             "id": run.request_id, "object": "response", "created_at": run.created, "status": "in_progress",
-            "model": body.model or self.services.model_names[0], "output": [], "error": None, "incomplete_details": None,
+            "model": self.services.check_model(body.model), "output": [], "error": None, "incomplete_details": None,
             "instructions": body.instructions, "metadata": body.metadata or {},
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
@@ -214,8 +221,9 @@ class Responses:
         }
 
     def log_fields(self, h: ResponsesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     "store": h.body.store}
+        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
+                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
+                                     "store": h.body.store, **h.media_fields}
 
     async def _save(self, h: ResponsesHandle) -> None:
         if h.body.store:
@@ -234,7 +242,7 @@ class Responses:
                 if u.finish_reason is not None:
                     reason = u.finish_reason
                 yield events  # even empty: the first one releases the stream's prelude
-        final = asm.finish(reason, h.run.prompt_tokens)
+        final = asm.finish(reason, h.run.prompt_tokens, h.run.cached_tokens)
         await self._save(h)
         yield final
 
@@ -293,7 +301,7 @@ def router(services: Services) -> APIRouter:
 
     @r.post("/v1/responses", responses=EVENTS)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
-        return await services.serve(endpoint, body, request)
+        return media.add_header(request, await services.serve(endpoint, body, request))
 
     def not_found(response_id: str) -> APIError:
         return APIError(404, f"no response with id {response_id!r} found", param="response_id")

@@ -29,10 +29,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
+def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int, cached: int | None = None) -> dict[str, Any]:
+    """``input_tokens_details.cached_tokens``: the prompt tokens the engine's prefix cache served."""
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached or 0, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
@@ -171,7 +172,8 @@ class ResponseAssembler:
         out.append(self._ev("response.output_item.done", output_index=index, item=copy.deepcopy(item)))
         return out
 
-    def finish(self, finish_reason: str | None, input_tokens: int) -> list[dict[str, Any]]:
+    def finish(self, finish_reason: str | None, input_tokens: int, cached_tokens: int | None = None
+               ) -> list[dict[str, Any]]:
         """Close what is open and return the final event (``response.completed``, or
         ``response.incomplete`` when the output limit cut the answer short)."""
         cut = finish_reason == "length"
@@ -183,7 +185,7 @@ class ResponseAssembler:
                 out.append(self._ev("response.output_item.done", output_index=index, item=copy.deepcopy(item)))
         r = self.response
         r["output"] = list(self.items)
-        r["usage"] = usage(input_tokens, self.output_tokens, self.reasoning_tokens)
+        r["usage"] = usage(input_tokens, self.output_tokens, self.reasoning_tokens, cached_tokens)
         if cut:
             r["status"] = "incomplete"
             r["incomplete_details"] = {"reason": "max_output_tokens"}
