@@ -9,7 +9,7 @@ everywhere.  Nothing here needs an engine.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jsonschema
@@ -104,7 +104,7 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
     if limits.max_tools is not None and len(defs) > limits.max_tools:
         raise APIError(400, f"{len(defs)} tools, but this server allows at most {limits.max_tools} tools per request "
                             "(--max-tools)", param=count_param)
-    tools = [(param, Tool.from_openai(raw)) for param, raw in defs]
+    tools = [(param, replace(Tool.from_openai(raw), param=param)) for param, raw in defs]
     for param, tool in tools:  # sizes first: nothing oversized reaches the schema checker
         if tool.parameters is not None:
             check_schema_size(tool.parameters, f"{param}.parameters", limits)

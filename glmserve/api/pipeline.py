@@ -28,7 +28,7 @@ from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
-from glmserve.formats.grammar import UncompilableSchema
+from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
 from glmserve.metrics import Metrics
@@ -70,8 +70,9 @@ class GenerationOptions:
     ignore_eos: bool = False
     output_constraint: Constraint | None = None
     """The response format's constraint, used when no tool constraint applies."""
-    schema_param: str = "tools[{}].function.parameters"
-    """The request field (formatted with the tool's index) a 400 about a strict tool's schema names."""
+    schema_field: str = "parameters"
+    """The schema's field in a tool object (``parameters``; ``input_schema`` on Messages): a 400 about a
+    strict tool's schema names the declaring field (``Tool.param``) plus this."""
     thinking_budget: int | None = None
     """At most this many reasoning tokens: then the reasoning is closed and the answer
     generated under the same constraints (:mod:`glmserve.api.thinking_budget`).  Needs n=1;
@@ -161,17 +162,22 @@ class ChatPipeline:
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
-    def constraint(self, chat: ChatRequest, schema_param: str = "tools[{}].function.parameters") -> Constraint | None:
+    def constraint(self, chat: ChatRequest, schema_field: str = "parameters", count: bool = True) -> Constraint | None:
         """The format's tool constraint.  A strict tool whose schema cannot be compiled is the
-        client's error, named by ``schema_param`` formatted with the tool's index."""
+        client's error, named as the field that declared the tool (``Tool.param``) plus
+        ``schema_field``.  ``count``: add its relaxed tools to the fallback metric (once per
+        request, however many constraints the request builds)."""
         if not chat.tools or chat.tool_choice == "none":
             return None
         t0 = time.perf_counter()
         try:
             constraint = self.fmt.constraint(chat)
         except UncompilableSchema as exc:  # a strict tool whose schema xgrammar cannot enforce
-            param = schema_param.format(exc.index)
+            declared = next((t.param for t in chat.tools if t.name == exc.name and t.param), None)
+            param = f"{declared}.{schema_field}" if declared else f"tools[{exc.index}].{schema_field}"
             raise APIError(400, f"{param}: {exc.reason}", param=param) from None
+        except ToolChoiceUnavailable as exc:
+            raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
         except UnreadableSchema as exc:  # a schema nothing can read (a dangling $ref)
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
@@ -180,7 +186,7 @@ class ChatPipeline:
             raise APIError(500, f"the server failed to build a decoding constraint for these tools: "
                                 f"{type(exc).__name__}", code="server_error") from None
         self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
-        if constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
+        if count and constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
         return constraint
 
@@ -220,7 +226,7 @@ class ChatPipeline:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this "
                                 f"model's context of {limit} tokens (at most {room} can be generated)",
                            param=opts.max_tokens_param, code="context_length_exceeded")
-        constraint = self.constraint(chat, opts.schema_param) or opts.output_constraint
+        constraint = self.constraint(chat, opts.schema_field) or opts.output_constraint
         t3 = time.perf_counter()
         extra: dict[str, Any] = {}
         if opts.top_k is not None:
@@ -265,7 +271,7 @@ class ChatPipeline:
         switch = self.fmt.reasoning_switch(chat)
         if switch is None:  # thinking off, or a format without a reasoning block to close
             return None
-        answer = self.constraint(switch.answer) or opts.output_constraint
+        answer = self.constraint(switch.answer, opts.schema_field, count=False) or opts.output_constraint
         return BudgetPlan(budget=opts.thinking_budget, opener_ids=self.engine.encode_parts(list(switch.opener)),
                           opener_text=switch.opener_text, closer=switch.closer,
                           closer_ids=self.engine.encode_parts([Control(switch.closer)]), answer_constraint=answer,

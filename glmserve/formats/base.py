@@ -69,6 +69,9 @@ class Tool:
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    param: str | None = field(default=None, compare=False)
+    """The request field that declared it (``tools[3].function``), so an error about the tool
+    names the client's own index, not its place after hosted or deferred tools were set aside."""
 
     @property
     def function(self) -> dict[str, Any]:

@@ -68,9 +68,16 @@ class UncompilableSchema(ValueError):
 
     def __init__(self, index: int, name: str, error: str) -> None:
         self.index = index
+        self.name = name
         self.param = f"tools[{index}].function.parameters"
         self.reason = f"tool {name!r} is strict, but xgrammar cannot compile its schema: {error}"
         super().__init__(f"{self.param}: {self.reason}")
+
+
+class ToolChoiceUnavailable(ValueError):
+    """A ``tool_choice`` that no callable tool can satisfy (a name not declared, ``required``
+    when every tool is still deferred): the client's error, unlike other ``ValueError`` exceptions
+    raised while building a grammar."""
 
 
 def canonical(obj: Any) -> str:
@@ -150,13 +157,13 @@ def constraint_key(request: ChatRequest, family: str, check: SchemaCheck, **extr
     tools = request.tools_in_prompt
     choice = request.tool_choice
     if choice == "required" and request.tools and not tools:
-        raise ValueError("tool_choice 'required' needs a callable tool, but every declared tool is deferred "
+        raise ToolChoiceUnavailable("tool_choice 'required' needs a callable tool, but every declared tool is deferred "
                          "(defer_loading) and no tool_reference result has named one")
     if choice == "none" or not tools:
         return None
     named = choice not in ("auto", "required")
     if named and choice not in {t.name for t in tools}:
-        raise ValueError(f"tool_choice names {choice!r}, which is not among the declared tools")
+        raise ToolChoiceUnavailable(f"tool_choice names {choice!r}, which is not among the declared tools")
     schemas, relaxed, refused = _tool_schemas(check, canonical([[t.name, t.parameters, t.strict] for t in tools]))
     if refused is not None:
         raise UncompilableSchema(*refused)
@@ -198,5 +205,5 @@ def one_of(items: list[Any]) -> Any:
     return items[0] if len(items) == 1 else st.OrFormat(elements=items)
 
 
-__all__ = ["ANY_OBJECT", "UncompilableSchema", "build", "cached", "canonical", "clear_caches", "compile_format",
+__all__ = ["ANY_OBJECT", "ToolChoiceUnavailable", "UncompilableSchema", "build", "cached", "canonical", "clear_caches", "compile_format",
            "constraint_key", "json_schema_check", "normalise_schema", "one_of", "schema_grammar"]

@@ -457,3 +457,39 @@ def test_server_time_is_exported_per_phase_and_excludes_the_engine():
     e2e = samples[("glmserve_request_latency_seconds_sum", None)]
     assert e2e >= n * pieces_per_request * delay
     assert total < e2e - 0.5 * n * pieces_per_request * delay
+
+
+def test_strict_schema_error_names_the_clients_own_tool_index():
+    """Hosted and deferred tools are set aside before the constraint is built: the 400 still
+    names the index the client gave the strict tool (Messages ``tools[2].input_schema``)."""
+    s = Scripted("glm51", output="</think>x", size=3)
+    try:
+        bad = {"name": "f", "strict": True, "input_schema": UNCOMPILABLE}
+        r = httpx.post(s.url + "/v1/messages", timeout=60, json={
+            "model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "x"}],
+            "tool_choice": {"type": "any"},
+            "tools": [{"type": "web_search_20250305", "name": "web_search"},
+                      {"name": "later", "defer_loading": True, "input_schema": {"type": "object"}}, bad]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith("tools[2].input_schema:"), r.text
+        r = httpx.post(s.base_url + "/chat/completions", timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "later", "defer_loading": True}},
+                      {"type": "function", "function": {"name": "f", "strict": True, "parameters": UNCOMPILABLE}}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools[1].function.parameters", r.text
+    finally:
+        s.stop()
+
+
+def test_a_thinking_budget_counts_a_schema_fallback_once():
+    """The budget builds the answer's constraint a second time; the fallback metric counts the request once."""
+    s = Scripted("glm47", output=CALL_OF_F["glm47"], size=3)
+    try:
+        r = httpx.post(s.base_url + "/chat/completions", timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+            "thinking_budget": 64, "tools": [{"type": "function", "function": {"name": "f", "parameters": UNCOMPILABLE}}]})
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(s.url + "/metrics").text
+        assert "glmserve_tool_schema_fallbacks_total 1.0" in metrics
+    finally:
+        s.stop()

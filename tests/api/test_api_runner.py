@@ -385,7 +385,7 @@ def test_runner_holds_the_prelude_until_the_first_output(script, sent):
     async def collect() -> list[str]:
         lease = Lease(services.admission.acquire(), services.engine)
         handle = type("H", (), {"request_id": "r", "stream": True})()
-        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease)]
+        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease, {})]
 
     assert asyncio.run(collect()) == sent
     assert services.admission.in_flight == 0

@@ -143,7 +143,7 @@ class Messages:
             top_k=body.top_k,
             stop=list(body.stop_sequences or []),
             thinking_budget=am.thinking_options(body).budget,
-            schema_param="tools[{}].input_schema",
+            schema_field="input_schema",
             output_constraint=response_format_constraint(schema, "output_config.format.schema",
                                                          self.services.settings.limits) if schema else None,
         )

@@ -47,7 +47,7 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         ignore_eos=req.ignore_eos,
         output_constraint=openai_output_constraint(req, services.settings.limits),
-        schema_param="tools[{}].function.parameters" if req.tools else "functions[{}].parameters",
+        schema_field="parameters",
         thinking_budget=thinking_budget(req),
     )
 

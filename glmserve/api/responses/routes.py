@@ -185,7 +185,7 @@ class Responses:
         opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
                                  max_tokens_param="max_output_tokens", temperature=body.temperature,
                                  top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
-                                 schema_param="tools[{}].parameters")
+                                 schema_field="parameters")
         try:
             run = await self.pipeline.prepare(chat, opts, "resp_")
         except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
