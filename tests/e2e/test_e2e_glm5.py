@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from servers import start_server
-from test_e2e_glm import MSGS, SCHEMAS, TOOLS, check_calls, streamed_calls
+from test_e2e_glm import MSGS, SCHEMAS, TOOLS, check_answer, check_calls, streamed_calls
 
 pytestmark = pytest.mark.e2e
 
@@ -70,10 +70,8 @@ def test_parallel_required_calls_are_valid(server):
     c = server.client()
     for seed in range(2):
         r = c.chat.completions.create(**ask(server, tool_choice="required", seed=seed, temperature=1.0))
-        ch = r.choices[0]
-        assert ch.finish_reason in ("tool_calls", "length")
-        if ch.finish_reason == "tool_calls" or ch.message.tool_calls:
-            check_calls(ch.message.tool_calls)
+        # at least one finished, valid call; only the last may be cut by the token limit
+        assert check_answer(r.choices[0]), r.choices[0]
 
 
 def test_reasoning_effort_and_thinking_switch(server):
