@@ -168,12 +168,23 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":  # routed by now: the scope holds the route
+                started = True
                 self.metrics.requests.labels(route_label(scope), status_label(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except BaseException:
+            # an unhandled error is answered 500 by Starlette's outermost middleware, outside this one:
+            # count it here, or the server's own failures would be missing from the series
+            if not started:
+                self.metrics.requests.labels(route_label(scope), status_label(500)).inc()
+            raise
 
 
 class Closable(Protocol):

@@ -92,6 +92,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterable, Literal
 
+import pydantic_core
+
 from glmserve.formats import grammar
 from glmserve.formats.base import (
     CALL_CLOSE,
@@ -257,7 +259,12 @@ def _tool_arguments(call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         try:
             args = json.loads(args)
         except ValueError:
-            raise ValueError(f"tool call {name!r}: arguments are not valid JSON") from None
+            # a call cut by the token limit comes back as it was returned (the JSON prefix its
+            # arguments reached): what it holds is rendered, as Anthropic's partial `input` is
+            try:
+                args = pydantic_core.from_json(args, allow_partial=True)
+            except ValueError:
+                raise ValueError(f"tool call {name!r}: arguments are not valid JSON") from None
     if not isinstance(args, dict):
         raise ValueError(f"tool call {name!r}: arguments must be a JSON object")
     return name, args

@@ -15,6 +15,7 @@ real agents in ``tests/clients/``.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from typing import Any
 
@@ -241,3 +242,29 @@ def test_cached_tokens_reach_every_usage(srv: Served, caplog: pytest.LogCaptureF
     assert rs[0].response.usage.input_tokens_details.cached_tokens == 5
     logged = [rec.getMessage() for rec in caplog.records]
     assert len([line for line in logged if "cached_tokens=5" in line]) == 6, logged
+
+
+def test_streamed_message_start_reports_the_cache_hits(srv: Served) -> None:
+    """Claude Code reads input and cache figures from ``message_start``: it is written once the
+    engine's first output says how much of the prompt the cache served."""
+    body = {"model": "glm-served", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", srv.url + "/v1/messages", json=body, timeout=30) as r:
+        text = "".join(r.iter_text())
+    start = next(json.loads(line[6:]) for line in text.splitlines()
+                 if line.startswith("data: ") and '"message_start"' in line)
+    assert start["message"]["usage"]["cache_read_input_tokens"] == 5
+    assert start["message"]["usage"]["input_tokens"] > 0
+
+
+def test_every_api_answers_with_the_served_name_asked_for() -> None:
+    """With two served names, the one asked for comes back from every API (an alias: the first)."""
+    s = Served(served_model_names=["glm-a", "glm-b"], model_aliases=["claude-*"])
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        for asked, served in (("glm-b", "glm-b"), ("claude-x", "glm-a")):
+            assert s.openai().chat.completions.create(model=asked, messages=msgs).model == served
+            assert s.openai().completions.create(model=asked, prompt="hi", max_tokens=2).model == served
+            assert s.anthropic().messages.create(model=asked, max_tokens=5, messages=msgs).model == served
+            assert s.openai().responses.create(model=asked, input="hi", store=False).model == served
+    finally:
+        s.stop()

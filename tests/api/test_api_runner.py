@@ -389,3 +389,17 @@ def test_runner_holds_the_prelude_until_the_first_output(script, sent):
 
     assert asyncio.run(collect()) == sent
     assert services.admission.in_flight == 0
+
+
+def test_an_unhandled_error_is_counted_as_a_500():
+    """Starlette answers an unhandled error outside the metrics middleware; it is counted all the same."""
+    app, _ = echo_app([])
+
+    async def boom() -> None:
+        raise TypeError("a bug")
+
+    app.add_api_route("/v1/boom", boom, methods=["POST"])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/boom").status_code == 500
+        metrics = client.get("/metrics").text
+    assert 'glmserve_requests_total{endpoint="/v1/boom",status="500"} 1.0' in metrics, metrics

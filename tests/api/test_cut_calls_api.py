@@ -238,3 +238,18 @@ def test_chat_cut_call_under_an_argument_hook_has_no_arguments():
         assert args == {0: '{"CITY": "北京", "DAYS": 3}', 1: ""}
     finally:
         hooked.stop()
+
+
+def test_chat_cut_call_sent_back_is_rendered_as_far_as_it_got(srv):
+    """A client that appends the cut answer to its history (the OpenAI SDK's loop does) is
+    served: the call's arguments are the JSON prefix returned, rendered as what it holds."""
+    first = srv.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "北京天气？"}],
+                                                 tools=CHAT_TOOLS, max_tokens=at("<arg_value>3") - 1)
+    assert first.choices[0].finish_reason == "length"
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.arguments == '{"city": "北京"'
+    history = [{"role": "user", "content": "北京天气？"}, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "晴"}]
+    r = srv.client().chat.completions.create(model="m", messages=history, tools=CHAT_TOOLS, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert "<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>" in srv.prompts[-1]

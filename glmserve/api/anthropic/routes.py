@@ -93,7 +93,7 @@ class Signatures:
 
 
 def chat_request(body: MessagesBase, services: Services, signatures: Signatures,
-                 notes: MediaNotes | None = None) -> tuple[ChatRequest, list[str]]:
+                 notes: MediaNotes | None = None, report_drops: bool = True) -> tuple[ChatRequest, list[str]]:
     """The ChatRequest for a Messages (or count_tokens) body, and the names of the tools
     left out because their type only runs in Anthropic's cloud.  ``notes`` collects the
     media blocks replaced by text notes."""
@@ -107,7 +107,8 @@ def chat_request(body: MessagesBase, services: Services, signatures: Signatures,
     tools = build_tools(sel.defs, limits)
     thinking = am.thinking_options(body)
     chat = ChatRequest(
-        messages=am.to_openai_messages(body.system, body.messages, signatures.signer, signatures.dropped,
+        messages=am.to_openai_messages(body.system, body.messages, signatures.signer,
+                                       signatures.dropped if report_drops else None,
                                        notes if notes is not None else MediaNotes(services.settings.image_input)),
         tools=tools,
         tool_choice=normalise_tool_choice(choice, tools, "tool_choice"),
@@ -194,12 +195,15 @@ class Messages:
 
     async def stream(self, h: MessagesHandle) -> AsyncIterator[str]:
         folder = self._folder(h)
-        start = self._message(h, [], (None, None))
-        start["usage"] = usage(h.run.prompt_tokens, 0)
-        # message_start leaves with the engine's first output (a batch without events sends it too)
-        yield Prelude(sse({"type": "message_start", "message": start}) + sse({"type": "ping"}))
         end: list[str | None] = ["stop", None]
+        started = False
         async for events in self._fold(h, folder, end):
+            if not started:  # written once the engine's first output is in, so its usage has the cache hits
+                start = self._message(h, [], (None, None))
+                start["usage"] = usage(h.run.prompt_tokens, 0, h.run.cached_tokens)
+                # message_start leaves with that output (a batch without events sends it too)
+                yield Prelude(sse({"type": "message_start", "message": start}) + sse({"type": "ping"}))
+                started = True
             yield "".join(sse(e) for e in events)
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(end[0], end[1]), "stop_sequence": end[1]},
                    "usage": usage(h.run.prompt_tokens, h.run.completion_tokens, h.run.cached_tokens)})
@@ -226,7 +230,8 @@ def router(services: Services) -> APIRouter:
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
         """The prompt tokens a Messages request would take (no generation)."""
         services.check_model(body.model)
-        chat, _ = chat_request(body, services, signatures)
+        # counting is not serving: a dropped thinking block is logged and counted when the request is sent
+        chat, _ = chat_request(body, services, signatures, report_drops=False)
         prompt = services.pipeline.render(chat)
         return {"input_tokens": len(await services.pipeline.encode(prompt))}
 

@@ -98,6 +98,7 @@ class ChatCompletions:
         notes = MediaNotes(self.services.settings.image_input)
         chat = chat_request_from_openai(body, limits, self.pipeline.fmt.content_joiner, notes)
         run = await self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
+        run.model = self.services.check_model(body.model)  # the name asked for when served, as the other APIs answer
         media.remember(request, notes)
         return ChatHandle(run=run, stream=body.stream,
                           include_usage=bool(body.stream_options and body.stream_options.include_usage),

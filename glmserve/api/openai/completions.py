@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,11 +43,15 @@ class CompletionService:
 
     name = "completion"
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_output_tokens: int | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_output_tokens: int | None = None,
+                 served_name: Callable[[str | None], str] | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_output_tokens = max_output_tokens
         """The server-wide cap (``--max-output-tokens``)."""
+        self.served_name = served_name
+        """The served name a request's ``model`` means (``Services.check_model``: an alias is the
+        first served name); None: the engine's name."""
 
     def log_fields(self, p: PreparedCompletion) -> tuple[int, dict[str, Any]]:
         return p.prompt_tokens, {"completion_tokens": p.completion_tokens}
@@ -106,7 +110,7 @@ class CompletionService:
         return PreparedCompletion(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
-            model=self.engine.model_name,
+            model=self.served_name(req.model) if self.served_name else self.engine.model_name,
             prompts=prompts,
             prompt_texts=texts,
             params=params,
@@ -190,7 +194,8 @@ class CompletionService:
 
 
 def router(services: Services) -> APIRouter:
-    endpoint = CompletionService(services.engine, services.metrics, services.settings.max_output_tokens)
+    endpoint = CompletionService(services.engine, services.metrics, services.settings.max_output_tokens,
+                                 services.check_model)
     r = APIRouter()
 
     @r.post("/v1/completions", responses=STREAMS)
