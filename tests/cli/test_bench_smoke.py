@@ -286,11 +286,14 @@ def parser_cost():
 
 @pytest.mark.parametrize("fmt", ["chatml", "glm4", "glm4-0414", "glmz1", "glm45", "glm47"])
 def test_parser_cost_per_delta_does_not_grow(parser_cost, fmt):
-    """Per-delta time from 1K to 32K characters stays within 5x (it should be flat; quadratic parsers grow ~30x)."""
-    small = min((parser_cost.time_glmserve(fmt, 1_000) for _ in range(3)), key=lambda r: r["mean_us"])
-    big = min((parser_cost.time_glmserve(fmt, 32_000) for _ in range(2)), key=lambda r: r["mean_us"])
+    """Per-delta time from 1K to 32K characters stays within 5x (it should be flat; quadratic parsers grow ~30x).
+    The median delta, not the mean: a loaded machine's preemptions land in the mean of the longer run
+    (seen: 7.5 µs against a 5.0 µs bound at load 20), while a parser that re-reads its input is slower
+    on every delta, the median one included."""
+    small = min((parser_cost.time_glmserve(fmt, 1_000) for _ in range(3)), key=lambda r: r["median_us"])
+    big = min((parser_cost.time_glmserve(fmt, 32_000) for _ in range(2)), key=lambda r: r["median_us"])
     assert small["correct"] and big["correct"], "the parser did not return the arguments that were written"
-    assert big["mean_us"] <= 5 * small["mean_us"], (small["mean_us"], big["mean_us"])
+    assert big["median_us"] <= 5 * small["median_us"], (small["median_us"], big["median_us"])
 
 
 def test_parser_cost_report_and_files(parser_cost, tmp_path):
