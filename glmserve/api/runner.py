@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from glmserve.api.admission import Admission, Lease, RequestLog, TrackedEngine
 from glmserve.api.errors import APIError
 from glmserve.api.middleware import hold
-from glmserve.api.pipeline import ChatPipeline
+from glmserve.api.pipeline import ChatPipeline, Prepared
 from glmserve.api.settings import Settings
 from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatFormat
@@ -91,6 +91,20 @@ class Handle(Protocol):
 
     request_id: str
     stream: bool
+
+
+@dataclass
+class PreparedHandle:
+    """What the chat-pipeline endpoints' handles share: a :class:`Handle` over a prepared run."""
+
+    run: Prepared
+    stream: bool
+    media_fields: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.run.request_id
 
 
 BodyT = TypeVar("BodyT", contravariant=True)

@@ -27,8 +27,8 @@ from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
-from glmserve.api.pipeline import ChatPipeline, GenerationOptions, Prepared
-from glmserve.api.runner import Prelude, Services, header_list
+from glmserve.api.pipeline import ChatPipeline, GenerationOptions
+from glmserve.api.runner import Prelude, PreparedHandle, Services, header_list
 from glmserve.formats.base import ChatRequest, ToolCallEnd
 from glmserve.server_secret import SecretSource
 
@@ -62,17 +62,9 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @dataclass
-class MessagesHandle:
-    run: Prepared
-    stream: bool
+class MessagesHandle(PreparedHandle):
     model: str
     omit_thinking: bool
-    media_fields: dict[str, Any] = field(default_factory=dict)
-    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
-
-    @property
-    def request_id(self) -> str:
-        return self.run.request_id
 
 
 class Signatures:

@@ -22,8 +22,8 @@ from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.media import MediaNotes
-from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, Prepared
-from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
+from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions
+from glmserve.api.runner import STREAMS, Prelude, PreparedHandle, Services, chunk_encoder
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -67,21 +67,13 @@ def thinking_budget(req: ChatCompletionRequest) -> int | None:
 
 
 @dataclass
-class ChatHandle:
+class ChatHandle(PreparedHandle):
     """A prepared Chat Completions request."""
 
-    run: Prepared
-    stream: bool
     include_usage: bool
     legacy_functions: bool
     """Answer with ``function_call`` (the request used the legacy ``functions``)."""
     logprobs: bool
-    media_fields: dict[str, Any] = field(default_factory=dict)
-    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
-
-    @property
-    def request_id(self) -> str:
-        return self.run.request_id
 
 
 class ChatCompletions:

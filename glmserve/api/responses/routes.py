@@ -47,7 +47,7 @@ from glmserve.api.responses.store import (
     is_postgres_url,
     open_store,
 )
-from glmserve.api.runner import Prelude, Services
+from glmserve.api.runner import Prelude, PreparedHandle, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
 from glmserve.server_secret import SecretSource
@@ -114,20 +114,12 @@ async def store_call(op: Awaitable[T]) -> T:
 
 
 @dataclass
-class ResponsesHandle:
+class ResponsesHandle(PreparedHandle):
     """A prepared Responses request."""
 
-    run: Prepared
-    stream: bool
     body: ResponsesRequest
     owner: str
     assembler: ResponseAssembler
-    media_fields: dict[str, Any] = field(default_factory=dict)
-    """The request-log fields of the media parts replaced by notes (:mod:`glmserve.api.media`)."""
-
-    @property
-    def request_id(self) -> str:
-        return self.run.request_id
 
 
 def _owner(request: Request) -> str:
