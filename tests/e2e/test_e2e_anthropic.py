@@ -46,8 +46,12 @@ def tool_uses(message, names=None) -> list:
 
 
 def no_ids(message) -> dict:
+    """The message less what differs between two sends of one request: its ids, and the prompt's
+    split into fresh and cached tokens (the second send reads the prompt from the prefix cache)."""
     d = message.model_dump()
     d.pop("id")
+    for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+        d["usage"].pop(k, None)
     for b in d["content"]:
         b.pop("id", None)
     return d

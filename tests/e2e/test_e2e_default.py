@@ -174,7 +174,7 @@ def test_tool_choice_none_gives_no_call(default_server):
     [
         ({"model": MODEL}, 400, "messages"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
-        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),  # as OpenAI and vLLM answer
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens"),
