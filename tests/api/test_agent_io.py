@@ -210,6 +210,7 @@ def test_unknown_model_is_404_in_each_shape(srv: Served) -> None:
     with pytest.raises(openai.NotFoundError) as oexc:
         srv.openai().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}])
     assert oexc.value.code == "model_not_found" and oexc.value.body["param"] == "model"
+    assert oexc.value.type == "invalid_request_error"  # as OpenAI's own 404 for a model it does not serve
     with pytest.raises(openai.NotFoundError) as oexc:
         srv.openai().responses.create(model="llama", input="hi")
     assert oexc.value.code == "model_not_found"

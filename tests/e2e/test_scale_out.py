@@ -37,7 +37,7 @@ import pytest
 
 from servers import Server, free_port, start_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.scale_out]
 
 MODEL_NAME = "tiny-glm45"
 ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
