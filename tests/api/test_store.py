@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreUnavailable, encode, open_store
+from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreUnavailable, encode
+from glmserve.api.responses.store_factory import open_store
 from glmserve.api.responses.store_postgres import PostgresStore, describe_url
 from glmserve.api.responses.store_sqlite import SQLiteStore
 

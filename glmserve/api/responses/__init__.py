@@ -4,7 +4,8 @@ shared core.
 - ``schemas.py``: request models.
 - ``mapping.py``: input items, tools, tool choice -> ``ChatRequest`` + ``GenerationOptions``.
 - ``shape.py``: output items and stream events (one fold for both).
-- ``store.py``: stored responses, per API key.
+- ``store.py``: stored responses, per API key: the contract; ``store_sqlite.py`` and
+  ``store_postgres.py`` keep it, ``store_factory.py`` opens the one ``--responses-db`` names.
 - ``seal.py``: ``encrypted_content`` for reasoning items.
 - ``routes.py``: the endpoint and its router.
 """

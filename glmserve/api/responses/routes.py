@@ -39,14 +39,8 @@ from glmserve.api.responses.mapping import (
 )
 from glmserve.api.responses.schemas import ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler, sse
-from glmserve.api.responses.store import (
-    Bounds,
-    ChainBroken,
-    ResponseStore,
-    StoreUnavailable,
-    is_postgres_url,
-    open_store,
-)
+from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreUnavailable
+from glmserve.api.responses.store_factory import is_postgres_url, open_store
 from glmserve.api.runner import Prelude, PreparedHandle, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest

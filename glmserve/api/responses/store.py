@@ -1,4 +1,5 @@
-"""Stored responses: one interface, two backends.
+"""Stored responses: the contract both backends keep (the factory that picks one is
+:mod:`glmserve.api.responses.store_factory`).
 
 One row per stored response: the response object as returned, the input items of its own
 request, and the ``previous_response_id`` it continued.  ``previous_response_id`` rebuilds a
@@ -7,7 +8,7 @@ conversation costs linear, not quadratic, space).  Every row belongs to the API 
 created it (``owner``, an identity of the key that the auth middleware derives, "" when
 auth is off): another key sees no such response.
 
-Backends (:func:`open_store` picks one from ``--responses-db``):
+Backends (:func:`~glmserve.api.responses.store_factory.open_store` picks one from ``--responses-db``):
 
 * :class:`~glmserve.api.responses.store_sqlite.SQLiteStore`, the embedded default: a file
   (mode 0600) under the glmserve cache directory; one server, or several on one machine.
@@ -25,10 +26,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from glmserve.models import cache_dir
 
 MAX_CHAIN = 10_000
 """Longest previous_response_id chain followed (a guard, far beyond any conversation)."""
@@ -38,14 +36,6 @@ DEFAULT_MAX_BYTES = 1 << 30
 """Stored bytes (responses and their input items, as JSON) before the oldest are evicted."""
 DEFAULT_TIMEOUT = 5.0
 """Seconds a store operation may take before the client gets a 503."""
-
-
-def default_db_path() -> Path:
-    return cache_dir() / "responses.sqlite3"
-
-
-def is_postgres_url(spec: str | Path | None) -> bool:
-    return isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://"))
 
 
 class ChainBroken(LookupError):
@@ -152,17 +142,3 @@ class ResponseStore(ABC):
     @abstractmethod
     def describe(self) -> str:
         """Where the store is, for logs (never a password)."""
-
-
-def open_store(spec: str | Path | None, bounds: Bounds | None = None,
-               timeout: float = DEFAULT_TIMEOUT) -> ResponseStore:
-    """The backend ``spec`` names: a ``postgresql://`` URL, else a SQLite file (None: the
-    default file under the glmserve cache).  Opening is lazy: nothing connects yet."""
-    bounds = bounds or Bounds()
-    if is_postgres_url(spec):
-        from glmserve.api.responses.store_postgres import PostgresStore
-
-        return PostgresStore(str(spec), bounds, timeout)
-    from glmserve.api.responses.store_sqlite import SQLiteStore
-
-    return SQLiteStore(spec, bounds, timeout)

@@ -30,10 +30,10 @@ from glmserve.api.responses.store import (
     Stored,
     StoreUnavailable,
     assemble_history,
-    default_db_path,
     encode,
     just_enough,
 )
+from glmserve.models import cache_dir
 
 SCHEMA_VERSION = 2
 """1: responses only; 2: + ``size``, the ``created_at`` index and the byte total."""
@@ -62,6 +62,10 @@ _CHAIN = (
     "  JOIN chain ON r.id = chain.prev WHERE r.owner = ? AND r.created_at >= ? AND chain.depth < ?)"
     " SELECT response, input_items, prev FROM chain ORDER BY depth"
 )
+
+
+def default_db_path() -> Path:
+    return cache_dir() / "responses.sqlite3"
 
 
 def private_file(path: Path) -> None:
