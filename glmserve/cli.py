@@ -83,6 +83,12 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--responses-max-bytes", type=_size, default=1 << 30, metavar="SIZE",
                    help="bound on the stored responses and their inputs (JSON bytes; K/M/G/KiB/MiB/GiB accepted; "
                         "default 1GiB; 0 for no bound): past it the oldest responses are evicted")
+    g.add_argument("--responses-max-bytes-per-key", type=lambda t: _size(t) or 0, default=None, metavar="SIZE",
+                   help="each API key's share of the store: a key's writes evict only its own oldest responses, "
+                        "never another key's, and a response that does not fit without evicting another key's is "
+                        "not stored (507 store_full). Default: --responses-max-bytes divided by the number of "
+                        "--api-key keys (the shares add up to the bound); 0: no shares, the oldest responses of "
+                        "any key are evicted")
     g.add_argument("--responses-db-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how long a store operation may take before the client gets a 503 (default 5)")
     g.add_argument("--image-input", choices=["note", "reject"], default="note",
@@ -238,6 +244,7 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
                         responses_db=args.responses_db, responses_ttl=args.responses_ttl,
                         responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
+                        responses_max_bytes_per_key=args.responses_max_bytes_per_key,
                         secret=secret, read_timeout=args.read_timeout,
                         max_tools=args.max_tools, max_messages=args.max_messages,
                         image_input=args.image_input, model_aliases=list(args.model_alias))

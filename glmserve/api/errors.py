@@ -175,6 +175,7 @@ _ERRORS = {
     "429": "too many requests in flight; retry after Retry-After seconds",
     "500": "internal error",
     "503": "the engine (or, under /v1/responses, the response store) is unavailable",
+    "507": "the response was not stored: it does not fit the API key's share of the store (store_full)",
 }
 
 
@@ -193,6 +194,8 @@ def _error_codes(path: str, op: dict[str, Any]) -> list[str]:
         codes += ["429", "503"]
     if path == "/health" or path.startswith("/v1/responses"):  # the engine; the response store
         codes.append("503")
+    if path == "/v1/responses" and "requestBody" in op:  # a response its key's share cannot hold
+        codes.append("507")
     return sorted(set(codes))
 
 

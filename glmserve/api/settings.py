@@ -50,6 +50,10 @@ class Settings:
     """Seconds a stored response is kept (``--responses-ttl``; None: until evicted or deleted)."""
     responses_max_bytes: int | None = 1 << 30
     """Stored bytes before the oldest responses are evicted (``--responses-max-bytes``; None: no bound)."""
+    responses_max_bytes_per_key: int | None = None
+    """Each API key's share of the store (``--responses-max-bytes-per-key``): a key's writes evict
+    only its own oldest responses.  None: ``responses_max_bytes`` divided among the API keys
+    (:attr:`responses_share`); 0: no shares, the oldest responses of any key are evicted."""
     responses_db_timeout: float = 5.0
     """Seconds a store operation may take before the client gets a 503 (``--responses-db-timeout``)."""
     secret: ServerSecret | None = None
@@ -68,6 +72,16 @@ class Settings:
         check_api_keys(self.api_keys)
         if self.read_timeout is not None and not self.read_timeout > 0:
             raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout!r}")
+
+    @property
+    def responses_share(self) -> int | None:
+        """The store's per-key share in bytes (None: no shares).  By default the bound divided
+        among the keys, so that the shares add up to it and no key ever finds the store full."""
+        if self.responses_max_bytes_per_key is not None:
+            return self.responses_max_bytes_per_key or None
+        if self.responses_max_bytes is None:
+            return None
+        return self.responses_max_bytes // max(1, len(self.api_keys))
 
     @property
     def limits(self) -> Limits:

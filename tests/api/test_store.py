@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreUnavailable, encode
+from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreFull, StoreUnavailable, encode
 from glmserve.api.responses.store_factory import open_store
 from glmserve.api.responses.store_postgres import PostgresStore, describe_url
 from glmserve.api.responses.store_sqlite import SQLiteStore
@@ -193,6 +193,99 @@ async def test_two_connections_share_one_store(make_store):
         await b.close()
 
 
+async def test_shares_evict_only_the_writers_own(make_store):
+    """With per-owner shares a write evicts only its owner's oldest responses: another key
+    flooding the store never touches k1's, the global bound still holds, and a response that
+    would need another owner's room is refused with nothing stored or evicted."""
+    size = encode(response("resp_a0"), user("q"))[2]  # every id below is as long
+    store = make_store(Bounds(ttl=None, max_bytes=6 * size, max_bytes_per_owner=4 * size))
+    try:
+        await store.put("k1", response("resp_a0"), user("q"), None)
+        for i in range(1, 4):
+            await store.put("k1", response(f"resp_a{i}"), user("q"), f"resp_a{i - 1}")
+        for i in range(10):  # k2 floods: the store has room for two of its responses
+            await store.put("k2", response(f"resp_b{i}"), user("q"), None)
+        assert await ids(store) == {"resp_a0", "resp_a1", "resp_a2", "resp_a3", "resp_b8", "resp_b9"}
+        assert len(await store.history("k1", "resp_a3")) == 8  # k1's whole chain is there
+        assert (await store.owner_bytes("k1"), await store.owner_bytes("k2")) == (4 * size, 2 * size)
+        # k1's own share: its new responses evict its own oldest, not k2's
+        await store.put("k1", response("resp_a4"), user("q"), "resp_a3")
+        assert await ids(store) == {"resp_a1", "resp_a2", "resp_a3", "resp_a4", "resp_b8", "resp_b9"}
+        before = await ids(store)
+        with pytest.raises(StoreFull, match="other API keys hold"):  # k3 has nothing of its own to evict
+            await store.put("k3", response("resp_c0"), user("q"), None)
+        with pytest.raises(StoreFull, match="larger than an API key's share"):
+            await store.put("k2", response("resp_b10", pad=4 * size), user("q"), None)
+        assert await ids(store) == before and await store.owner_bytes("k3") == 0
+        assert await store.delete("k2", "resp_b8")
+        await store.put("k3", response("resp_c0"), user("q"), None)  # room again
+        assert await store.total_bytes() == await summed(store) == 6 * size
+        assert (await store.owner_bytes("k1"), await store.owner_bytes("k2"), await store.owner_bytes("k3")) == \
+            (4 * size, size, size)
+    finally:
+        await store.close()
+
+
+async def drop_schema(store: ResponseStore) -> None:
+    """Another client drops glmserve's tables (an operator's mistake, a restore of an empty dump)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path, isolation_level=None) as db:
+            for table in ("responses", "store_meta", "store_owners"):
+                db.execute(f"DROP TABLE {table}")
+        return
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+        await conn.execute("DROP TABLE glmserve_responses, glmserve_meta, glmserve_owners CASCADE")
+        await conn.execute("DROP FUNCTION glmserve_account")
+
+
+async def test_a_schema_dropped_under_the_store_comes_back(make_store):
+    """The tables vanish while the store is open: the next operation (whichever) creates
+    them again and succeeds, with no restart; what was stored is gone, the totals are right."""
+    store = make_store()
+    try:
+        await store.put("k", response("resp_1"), user("q"), None)
+        for op in ("put", "get", "check"):
+            await drop_schema(store)
+            if op == "put":
+                await store.put("k", response("resp_2"), user("q"), "resp_1")
+                assert (await store.get("k", "resp_2")).previous_response_id == "resp_1"
+            elif op == "get":
+                assert await store.get("k", "resp_2") is None
+            else:
+                await store.check()
+            await store.put("k", response("resp_3"), user("q"), None)
+            assert await store.total_bytes() == await summed(store) == await store.owner_bytes("k") > 0
+    finally:
+        await store.close()
+
+
+async def corrupt_row(store: ResponseStore, rid: str) -> None:
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path, isolation_level=None) as db:
+            db.execute("UPDATE responses SET response = '{not json' WHERE id = ?", (rid,))
+        return
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+        await conn.execute("UPDATE glmserve_responses SET response = '{not json' WHERE id = %s", (rid,))
+
+
+async def test_an_unreadable_row_is_unavailable_not_a_crash(make_store):
+    store = make_store()
+    try:
+        await store.put("k", response("resp_1"), user("q"), None)
+        await store.put("k", response("resp_2"), user("q"), "resp_1")
+        await corrupt_row(store, "resp_1")
+        for op in (store.get("k", "resp_1"), store.history("k", "resp_2")):
+            with pytest.raises(StoreUnavailable, match="resp|JSON|Expecting|unreadable"):
+                await op
+        assert (await store.get("k", "resp_2")).previous_response_id == "resp_1"
+    finally:
+        await store.close()
+
+
 # --------------------------------------------------------------------------- SQLite only
 
 
@@ -234,6 +327,59 @@ async def test_sqlite_schema_1_is_migrated(tmp_path):
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+async def test_sqlite_corrupt_file_is_unavailable_until_replaced(tmp_path):
+    """A file that is not a database: every operation, the health check included, is
+    StoreUnavailable (never another exception); once the operator moves it away, the same
+    store creates a fresh one."""
+    path = tmp_path / "r.sqlite3"
+    path.write_bytes(b"this is not a SQLite database, it is garbage " * 200)
+    store = SQLiteStore(path)
+    try:
+        for op in (store.put("k", response("resp_1"), user("q"), None), store.get("k", "resp_1"),
+                   store.history("k", "resp_1"), store.delete("k", "resp_1"), store.check()):
+            with pytest.raises(StoreUnavailable, match="not a database"):
+                await op
+        path.rename(tmp_path / "r.sqlite3.corrupt")
+        await store.put("k", response("resp_1"), user("q"), None)
+        assert (await store.get("k", "resp_1")).response == response("resp_1")
+    finally:
+        await store.close()
+
+
+async def test_sqlite_schema_2_gets_owner_totals(tmp_path):
+    """A file of a glmserve without per-owner totals gets them, counted from what is there."""
+    path = tmp_path / "r.sqlite3"
+    sizes = {}
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,"
+                   " previous_response_id TEXT, input_items TEXT NOT NULL, response TEXT NOT NULL,"
+                   " size INTEGER NOT NULL DEFAULT 0)")
+        db.execute("CREATE TABLE store_meta (k INTEGER PRIMARY KEY CHECK (k = 1), total_bytes INTEGER NOT NULL)")
+        db.execute("CREATE TRIGGER responses_added AFTER INSERT ON responses BEGIN"
+                   " UPDATE store_meta SET total_bytes = total_bytes + NEW.size WHERE k = 1; END")
+        db.execute("CREATE TRIGGER responses_removed AFTER DELETE ON responses BEGIN"
+                   " UPDATE store_meta SET total_bytes = total_bytes - OLD.size WHERE k = 1; END")
+        db.execute("CREATE TRIGGER responses_changed AFTER UPDATE OF size ON responses BEGIN"
+                   " UPDATE store_meta SET total_bytes = total_bytes - OLD.size + NEW.size WHERE k = 1; END")
+        db.execute("INSERT INTO store_meta VALUES (1, 0)")
+        for rid, owner in (("resp_1", "k1"), ("resp_2", "k2"), ("resp_3", "k1")):
+            resp, items, size = encode(response(rid, pad=len(owner) * 10), user("q"))
+            sizes[owner] = sizes.get(owner, 0) + size
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (rid, owner, time.time(), None, items, resp, size))
+        db.execute("PRAGMA user_version=2")
+    store = SQLiteStore(path)
+    try:
+        assert (await store.owner_bytes("k1"), await store.owner_bytes("k2")) == (sizes["k1"], sizes["k2"])
+        assert await store.total_bytes() == sum(sizes.values())
+        await store.put("k2", response("resp_3"), user("q"), None)  # replaced by k2: both owners' totals move
+        assert await store.owner_bytes("k1") + await store.owner_bytes("k2") == await store.total_bytes() == \
+            await summed(store)
+        assert await store.owner_bytes("k1") == sizes["k1"] - encode(response("resp_3", pad=20), user("q"))[2]
+    finally:
+        await store.close()
 
 
 async def test_sqlite_unwritable_is_unavailable(tmp_path):
@@ -305,6 +451,58 @@ async def test_postgres_down_at_start_up(postgres):
             await asyncio.to_thread(postgres.start)
         await store.put("k", response("resp_1"), user("q"), None)
         assert (await store.get("k", "resp_1")) is not None
+    finally:
+        await store.close()
+
+
+async def test_postgres_read_only_standby_is_unavailable_then_recovers(postgres):
+    """After a failover the store's connections land on a read-only standby: writes raise
+    the driver's InternalError (ReadOnlySqlTransaction), which is StoreUnavailable like any
+    other failure, and the health check says so too; back on a primary, all works."""
+    import psycopg
+
+    name = f"store_{next(_names)}"
+    url = postgres.fresh_database(name)
+    store = PostgresStore(url, timeout=3.0)
+
+    async def read_only(on: bool) -> None:
+        async with await psycopg.AsyncConnection.connect(postgres.url, autocommit=True) as conn:
+            await conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    try:
+        await store.put("k", response("resp_1"), user("q"), None)
+        await read_only(True)
+        with pytest.raises(StoreUnavailable, match="ReadOnlySqlTransaction|read-only"):
+            await store.put("k", response("resp_2"), user("q"), "resp_1")
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.check()
+        assert (await store.get("k", "resp_1")) is not None  # reads still answer
+        await read_only(False)
+        await store.check()
+        await store.put("k", response("resp_2"), user("q"), "resp_1")
+        assert len(await store.history("k", "resp_2")) == 4
+    finally:
+        await store.close()
+
+
+async def test_postgres_database_recreated_empty(postgres):
+    """The database is dropped and created again (empty) under a running store: the next
+    operation finds no tables, creates them, and succeeds -- no UndefinedTable until a restart."""
+    import psycopg
+
+    name = f"store_{next(_names)}"
+    url = postgres.fresh_database(name)
+    store = PostgresStore(url, timeout=2.0)
+    try:
+        await store.put("k", response("resp_1"), user("q"), None)
+        async with await psycopg.AsyncConnection.connect(postgres.url, autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        assert await store.get("k", "resp_1") is None
+        await store.put("k", response("resp_2"), user("q"), "resp_1")
+        await store.check()
+        assert await store.total_bytes() == await store.owner_bytes("k") == await summed(store) > 0
     finally:
         await store.close()
 

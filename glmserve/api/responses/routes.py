@@ -39,7 +39,7 @@ from glmserve.api.responses.mapping import (
 )
 from glmserve.api.responses.schemas import ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler, sse
-from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreUnavailable
+from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreFull, StoreUnavailable
 from glmserve.api.responses.store_factory import is_postgres_url, open_store
 from glmserve.api.runner import Prelude, PreparedHandle, Services
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
@@ -97,14 +97,18 @@ class ResponsesState:
 
 
 async def store_call(op: Awaitable[T]) -> T:
-    """``op`` on the store; a database that is down or slow is a 503 for the client (the
-    details, which name hosts, go to the log)."""
+    """``op`` on the store; any failure of the database is a 503 for the client (the details,
+    which name hosts, go to the log); a response the API key's share cannot hold is a 507."""
     try:
         return await op
     except StoreUnavailable as exc:
         log.warning("%s", exc)
         raise APIError(503, "the response store is unavailable; retry later", code="store_unavailable",
                        headers={"Retry-After": "2"}) from None
+    except StoreFull as exc:
+        log.warning("response not stored: %s", exc)
+        raise APIError(507, f"the response was not stored: {exc} (store: false keeps nothing)",
+                       code="store_full") from None
 
 
 @dataclass
@@ -278,7 +282,8 @@ EVENTS: dict[int | str, dict[str, Any]] = {
 def router(services: Services) -> APIRouter:
     st = services.settings
     state = ResponsesState(st.responses_db, SecretSource(st.secret),
-                           Bounds(ttl=st.responses_ttl, max_bytes=st.responses_max_bytes), st.responses_db_timeout)
+                           Bounds(ttl=st.responses_ttl, max_bytes=st.responses_max_bytes,
+                                  max_bytes_per_owner=st.responses_share), st.responses_db_timeout)
     services.on_start.append(state.start)
     services.on_stop.append(state.close)
     services.checks["store"] = state.check

@@ -15,10 +15,17 @@ Backends (:func:`~glmserve.api.responses.store_factory.open_store` picks one fro
 * :class:`~glmserve.api.responses.store_postgres.PostgresStore` for ``postgresql://`` URLs:
   many replicas share it, so none of them keeps state of its own.
 
-Both keep the same bounds: a response expires ``ttl`` seconds after it was stored (30 days
-by default, as OpenAI keeps them), and when the stored bytes pass ``max_bytes`` the oldest
-responses are evicted.  A database that cannot answer within ``timeout`` seconds raises
-:class:`StoreUnavailable` (a 503 for the client), never a hang.
+Both keep the same bounds (:class:`Bounds`): a response expires ``ttl`` seconds after it was
+stored (30 days by default, as OpenAI keeps them); the stored bytes stay within ``max_bytes``;
+and with a per-owner share (``max_bytes_per_owner``) an owner's write evicts only that owner's
+own oldest responses -- so one API key posting large inputs can never evict another key's
+responses -- and is refused (:class:`StoreFull`, nothing evicted) when even that would not
+make room.  Without shares the oldest responses of any owner are evicted.
+
+Every failure of the database, whatever it raises (down, unreachable, slower than
+``timeout``, a corrupt file, a read-only standby, a schema dropped under the server), is
+:class:`StoreUnavailable` (a 503 for the client), never a hang and never another exception;
+a schema that went missing is created again on the next operation, without a restart.
 """
 
 from __future__ import annotations
@@ -43,7 +50,14 @@ class ChainBroken(LookupError):
 
 
 class StoreUnavailable(RuntimeError):
-    """The database did not answer (down, unreachable, or slower than the timeout)."""
+    """The database failed: it did not answer (down, unreachable, slower than the timeout) or
+    answered with an error (a corrupt file, read-only, a schema it lost)."""
+
+
+class StoreFull(RuntimeError):
+    """A response the store cannot keep without evicting another owner's responses: larger
+    than the owner's share, or the other owners hold all the room ``max_bytes`` leaves.  The
+    write is refused and nothing is evicted."""
 
 
 @dataclass
@@ -55,11 +69,26 @@ class Stored:
 
 @dataclass(frozen=True)
 class Bounds:
-    """Retention: ``ttl`` seconds (None: kept until evicted or deleted) and ``max_bytes``
-    (None: unbounded)."""
+    """Retention: ``ttl`` seconds (None: kept until evicted or deleted), ``max_bytes`` (None:
+    unbounded) and ``max_bytes_per_owner``, each owner's share (None: no shares)."""
 
     ttl: float | None = DEFAULT_TTL
     max_bytes: int | None = DEFAULT_MAX_BYTES
+    max_bytes_per_owner: int | None = None
+
+    def own_excess(self, total: int, owned: int, size: int) -> int:
+        """With shares: the bytes an owner must evict from its own older responses once it
+        stored one of ``size`` bytes (``total``, the store's bytes, and ``owned``, the owner's,
+        both count it).  :class:`StoreFull` when evicting all of them would not be enough."""
+        share, bound = self.max_bytes_per_owner, self.max_bytes
+        if share is not None and size > share:
+            raise StoreFull(f"a response of {size} bytes is larger than an API key's share of the store "
+                            f"({share} bytes)")
+        if bound is not None and total - owned + size > bound:
+            raise StoreFull(f"other API keys hold {total - owned} of the store's {bound} bytes: no room for "
+                            f"{size} more without evicting their responses")
+        excess = owned - share if share is not None else 0
+        return max(excess, total - bound) if bound is not None else excess
 
 
 def encode(response: dict[str, Any], input_items: list[dict[str, Any]]) -> tuple[str, str, int]:
@@ -100,15 +129,16 @@ def assemble_history(response_id: str, rows: list[tuple[str, str, str | None]]) 
 
 class ResponseStore(ABC):
     """What the Responses routes need of a store; every method may raise
-    :class:`StoreUnavailable`."""
+    :class:`StoreUnavailable`, and no other exception for a failure of the database."""
 
     bounds: Bounds
 
     @abstractmethod
     async def put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]],
                   previous_response_id: str | None) -> None:
-        """Store (or replace) ``response``; returns once it is durable, evicting the oldest
-        responses if the store is over ``max_bytes``."""
+        """Store (or replace) ``response``; returns once it is durable, having evicted what
+        the bounds require (:class:`Bounds`), or raises :class:`StoreFull` having stored and
+        evicted nothing."""
 
     @abstractmethod
     async def get(self, owner: str, response_id: str) -> Stored | None:
@@ -130,6 +160,10 @@ class ResponseStore(ABC):
     @abstractmethod
     async def total_bytes(self) -> int:
         """The stored bytes that ``max_bytes`` bounds."""
+
+    @abstractmethod
+    async def owner_bytes(self, owner: str) -> int:
+        """``owner``'s stored bytes, which ``max_bytes_per_owner`` bounds."""
 
     @abstractmethod
     async def check(self) -> None:

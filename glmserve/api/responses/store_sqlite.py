@@ -7,14 +7,20 @@ the same machine, reads what the first wrote.  Writes take the write lock up fro
 (``BEGIN IMMEDIATE``) so two processes never deadlock upgrading a read.  Queries are short
 and run in a worker thread so they never block the event loop.
 
-A running byte total (``store_meta``, kept by triggers on every insert, replace and delete)
-makes the size bound cheap to check on each write.
+Running byte totals, of the store (``store_meta``) and of each owner (``store_owners``), kept
+by triggers on every insert, replace and delete, make the bounds cheap to check on each write.
+
+Any ``sqlite3`` error is :class:`~glmserve.api.responses.store.StoreUnavailable`; after one
+(other than a busy lock) the connection is dropped, so the next operation opens the file
+again and creates whatever of the schema is missing: a table dropped under the server, or a
+corrupt file replaced by the operator, needs no restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -28,6 +34,7 @@ from glmserve.api.responses.store import (
     Bounds,
     ResponseStore,
     Stored,
+    StoreFull,
     StoreUnavailable,
     assemble_history,
     encode,
@@ -35,22 +42,47 @@ from glmserve.api.responses.store import (
 )
 from glmserve.models import cache_dir
 
+log = logging.getLogger("glmserve.responses.store")
+
 SCHEMA_VERSION = 2
-"""1: responses only; 2: + ``size``, the ``created_at`` index and the byte total."""
+"""1: responses only; 2: + ``size``, the ``created_at`` index and the byte total.  Each owner's
+byte total (``store_owners``, its triggers, the owner index: per-owner shares) came later, added
+in place without a new version: a glmserve that predates it still reads and writes the file
+(its trigger-less writes are counted by the triggers all the same)."""
 T = TypeVar("T")
 _EVICT_BATCH = 64
 _SWEEP_BATCH = 1000
 
-_SCHEMA_V2 = [
+# (no INSERT OR IGNORE in the triggers: a trigger's statements take the conflict policy of the
+# statement that fired them, the put's upsert)
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS responses ("
+    " id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,"
+    " previous_response_id TEXT, input_items TEXT NOT NULL, response TEXT NOT NULL,"
+    " size INTEGER NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS responses_created ON responses (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS responses_owner ON responses (owner, created_at, id, size)",
     "CREATE TABLE IF NOT EXISTS store_meta (k INTEGER PRIMARY KEY CHECK (k = 1), total_bytes INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO store_meta VALUES (1, (SELECT COALESCE(SUM(size), 0) FROM responses))",
-    "CREATE TRIGGER IF NOT EXISTS responses_added AFTER INSERT ON responses BEGIN"
-    " UPDATE store_meta SET total_bytes = total_bytes + NEW.size WHERE k = 1; END",
-    "CREATE TRIGGER IF NOT EXISTS responses_removed AFTER DELETE ON responses BEGIN"
-    " UPDATE store_meta SET total_bytes = total_bytes - OLD.size WHERE k = 1; END",
-    "CREATE TRIGGER IF NOT EXISTS responses_changed AFTER UPDATE OF size ON responses BEGIN"
-    " UPDATE store_meta SET total_bytes = total_bytes - OLD.size + NEW.size WHERE k = 1; END",
+    "CREATE TABLE IF NOT EXISTS store_owners (owner TEXT PRIMARY KEY, total_bytes INTEGER NOT NULL)",
+    "DROP TRIGGER IF EXISTS responses_added",
+    "DROP TRIGGER IF EXISTS responses_removed",
+    "DROP TRIGGER IF EXISTS responses_changed",
+    "CREATE TRIGGER responses_added AFTER INSERT ON responses BEGIN"
+    " UPDATE store_meta SET total_bytes = total_bytes + NEW.size WHERE k = 1;"
+    " INSERT INTO store_owners SELECT NEW.owner, 0 WHERE NOT EXISTS (SELECT 1 FROM store_owners WHERE owner = NEW.owner);"
+    " UPDATE store_owners SET total_bytes = total_bytes + NEW.size WHERE owner = NEW.owner; END",
+    "CREATE TRIGGER responses_removed AFTER DELETE ON responses BEGIN"
+    " UPDATE store_meta SET total_bytes = total_bytes - OLD.size WHERE k = 1;"
+    " UPDATE store_owners SET total_bytes = total_bytes - OLD.size WHERE owner = OLD.owner; END",
+    "CREATE TRIGGER responses_changed AFTER UPDATE OF size, owner ON responses BEGIN"
+    " UPDATE store_meta SET total_bytes = total_bytes - OLD.size + NEW.size WHERE k = 1;"
+    " UPDATE store_owners SET total_bytes = total_bytes - OLD.size WHERE owner = OLD.owner;"
+    " INSERT INTO store_owners SELECT NEW.owner, 0 WHERE NOT EXISTS (SELECT 1 FROM store_owners WHERE owner = NEW.owner);"
+    " UPDATE store_owners SET total_bytes = total_bytes + NEW.size WHERE owner = NEW.owner; END",
+    # the totals, counted afresh (under the write lock the whole schema step holds)
+    "INSERT OR REPLACE INTO store_meta VALUES (1, (SELECT COALESCE(SUM(size), 0) FROM responses))",
+    "DELETE FROM store_owners",
+    "INSERT INTO store_owners SELECT owner, SUM(size) FROM responses GROUP BY owner",
 ]
 
 _CHAIN = (
@@ -80,6 +112,15 @@ def private_file(path: Path) -> None:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Another connection holds the lock past the timeout: the file itself is fine."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _schema_lost(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such ")
 
 
 class SQLiteStore(ResponseStore):
@@ -127,21 +168,26 @@ class SQLiteStore(ResponseStore):
         return result
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS responses ("
-            " id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,"
-            " previous_response_id TEXT, input_items TEXT NOT NULL, response TEXT NOT NULL,"
-            " size INTEGER NOT NULL DEFAULT 0)"
-        )
+        """Create what is missing of the schema; migrate an older one (version 1 has no size
+        column: add it and count what is there).  Skipped when the schema is whole."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 1:  # no size column yet: add it and count what is there
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"{self.path} has schema version {version}; this glmserve writes "
+                                        f"{SCHEMA_VERSION} (upgrade glmserve)")
+        found = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')").fetchall())
+        tables = set(found)
+        whole = {"responses", "store_meta", "store_owners", "responses_added", "responses_removed", "responses_changed"}
+        if version == SCHEMA_VERSION and whole <= tables and "store_owners" in found["responses_changed"]:
+            return
+        if version == 1 and "responses" in tables:
             db.execute("ALTER TABLE responses ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
             db.execute("UPDATE responses SET size = length(CAST(response AS BLOB)) + length(CAST(input_items AS BLOB))")
-        elif version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(f"{self.path} has schema version {version}; this glmserve writes {SCHEMA_VERSION}")
-        for statement in _SCHEMA_V2:
+        for statement in _SCHEMA:
             db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version:
+            log.info("responses store: schema version %d in %s (was %d, tables %s)", SCHEMA_VERSION, self.path,
+                     version, ", ".join(sorted(tables & whole)) or "none")
 
     def _cutoff(self) -> float:
         ttl = self.bounds.ttl
@@ -149,6 +195,7 @@ class SQLiteStore(ResponseStore):
 
     def _put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]], previous: str | None) -> None:
         resp, items, size = encode(response, input_items)
+        rid = response["id"]
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
@@ -156,27 +203,53 @@ class SQLiteStore(ResponseStore):
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,"
                 " created_at = excluded.created_at, previous_response_id = excluded.previous_response_id,"
                 " input_items = excluded.input_items, response = excluded.response, size = excluded.size",
-                (response["id"], owner, time.time(), previous, items, resp, size),
+                (rid, owner, time.time(), previous, items, resp, size),
             )
-            if self.bounds.ttl:
-                db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < ?"
-                           " ORDER BY created_at LIMIT ?)", (self._cutoff(), _SWEEP_BATCH))
-            if self.bounds.max_bytes is not None:
-                self._evict(db, response["id"], self.bounds.max_bytes)
+            self._sweep(db, _SWEEP_BATCH)
+            if self.bounds.max_bytes_per_owner is not None:
+                self._evict_own(db, owner, rid, size)
+            elif self.bounds.max_bytes is not None:
+                self._evict(db, rid, self.bounds.max_bytes)
 
         with self._lock:
             self._write(write)
 
+    def _sweep(self, db: sqlite3.Connection, limit: int) -> None:
+        """Delete up to ``limit`` expired responses (anyone's: they are gone for everyone)."""
+        if self.bounds.ttl:
+            db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < ?"
+                       " ORDER BY created_at LIMIT ?)", (self._cutoff(), limit))
+
     @staticmethod
     def _evict(db: sqlite3.Connection, keep: str, max_bytes: int) -> None:
-        """Delete the oldest responses (never ``keep``, the one just stored) until the total
-        is within ``max_bytes``."""
+        """No shares: delete the oldest responses of any owner (never ``keep``, the one just
+        stored) until the total is within ``max_bytes``."""
         while (excess := db.execute("SELECT total_bytes FROM store_meta WHERE k = 1").fetchone()[0] - max_bytes) > 0:
             oldest = db.execute("SELECT id, size FROM responses WHERE id != ? ORDER BY created_at, id LIMIT ?",
                                 (keep, _EVICT_BATCH)).fetchall()
             if not oldest:
                 return
             db.executemany("DELETE FROM responses WHERE id = ?", [(rid,) for rid in just_enough(oldest, excess)])
+
+    def _evict_own(self, db: sqlite3.Connection, owner: str, keep: str, size: int) -> None:
+        """Shares: delete ``owner``'s own oldest responses (never ``keep``, the one just
+        stored) until it is within its share and the store within its bound; StoreFull (the
+        transaction rolls back) when that cannot be done."""
+        def excess() -> int:
+            total, owned = db.execute("SELECT (SELECT total_bytes FROM store_meta WHERE k = 1),"
+                                      " (SELECT total_bytes FROM store_owners WHERE owner = ?)", (owner,)).fetchone()
+            return self.bounds.own_excess(total, owned, size)
+
+        try:
+            over = excess()
+        except StoreFull:
+            self._sweep(db, -1)  # expired responses beyond the usual batch may be what fills it
+            over = excess()
+        while over > 0:
+            oldest = db.execute("SELECT id, size FROM responses WHERE owner = ? AND id != ?"
+                                " ORDER BY created_at, id LIMIT ?", (owner, keep, _EVICT_BATCH)).fetchall()
+            db.executemany("DELETE FROM responses WHERE id = ?", [(rid,) for rid in just_enough(oldest, over)])
+            over = excess()
 
     def _get(self, owner: str, response_id: str) -> Stored | None:
         with self._lock:
@@ -202,13 +275,38 @@ class SQLiteStore(ResponseStore):
             rows = self._db.execute(_CHAIN, (response_id, owner, cutoff, owner, cutoff, MAX_CHAIN)).fetchall()
         return assemble_history(response_id, rows)
 
+    def _reconnect_after(self, exc: sqlite3.Error) -> None:
+        """Drop the connection after a failure of the file itself (not a busy lock): the next
+        operation opens it again and creates what is missing of the schema."""
+        if not _busy(exc):
+            self.close_sync()
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` in the worker thread; a schema that went missing (a table dropped under the
+        server) is created again and ``fn`` retried once."""
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self._reconnect_after(exc)
+            if not _schema_lost(exc):
+                raise
+            log.warning("responses store: %s lost its schema (%s); creating it again", self.path, exc)
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self._reconnect_after(exc)
+            raise
+
     # ----------------------------------------------------------------- async API
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(fn, *args)
-        except (sqlite3.OperationalError, OSError) as exc:  # locked past the timeout, disk full, unwritable
-            raise StoreUnavailable(f"the response store ({self.path.name}) failed: {exc}") from exc
+            return await asyncio.to_thread(self._call, fn, *args)
+        except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
+            # locked past the timeout, disk full, unwritable, not a database (corrupt), a row
+            # that is not JSON, a total row gone: every failure of the file is the store's
+            raise StoreUnavailable(f"the response store ({self.path.name}) failed: {type(exc).__name__}: {exc}") \
+                from exc
 
     async def put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]],
                   previous_response_id: str | None) -> None:
@@ -226,7 +324,9 @@ class SQLiteStore(ResponseStore):
     async def check(self) -> None:
         def ping() -> None:
             with self._lock:
-                self._db.execute("SELECT 1 FROM store_meta").fetchone()
+                # every table: one dropped under the server shows here, and is created again
+                self._db.execute("SELECT (SELECT total_bytes FROM store_meta WHERE k = 1),"
+                                 " (SELECT 1 FROM store_owners LIMIT 1), (SELECT 1 FROM responses LIMIT 1)").fetchone()
 
         await self._run(ping)
 
@@ -236,6 +336,14 @@ class SQLiteStore(ResponseStore):
                 return int(self._db.execute("SELECT total_bytes FROM store_meta WHERE k = 1").fetchone()[0])
 
         return await self._run(total)
+
+    async def owner_bytes(self, owner: str) -> int:
+        def owned() -> int:
+            with self._lock:
+                row = self._db.execute("SELECT total_bytes FROM store_owners WHERE owner = ?", (owner,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(owned)
 
     async def close(self) -> None:
         self.close_sync()
