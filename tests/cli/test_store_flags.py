@@ -45,3 +45,19 @@ def test_bad_values_are_refused(flag, value):
 def test_a_postgres_url_is_taken_as_is():
     url = "postgresql://u:p@db:5432/glmserve"
     assert parse("--responses-db", url).responses_db == url
+
+
+@pytest.mark.parametrize("argv, keys, share", [
+    ((), [], 1 << 30),  # one owner: the whole store
+    ((), ["a", "b", "c", "d"], 1 << 28),  # the bound divided among the keys
+    (("--responses-max-bytes-per-key", "64MiB"), ["a", "b"], 64 << 20),
+    (("--responses-max-bytes-per-key", "0"), ["a", "b"], None),  # no shares
+    (("--responses-max-bytes", "0"), ["a", "b"], None),  # no bound, so nothing to divide
+])
+def test_per_key_share(argv, keys, share):
+    from glmserve.api.settings import Settings
+
+    a = parse(*argv)
+    settings = Settings(api_keys=keys, responses_max_bytes=a.responses_max_bytes,
+                        responses_max_bytes_per_key=a.responses_max_bytes_per_key)
+    assert settings.responses_share == share
