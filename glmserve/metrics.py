@@ -29,7 +29,7 @@ STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409
                            "499", "500", "501", "502", "503", "504"})
 """Statuses counted as themselves; any other is counted as its class (``2xx``...)."""
 
-REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal")
+REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal", "unsealed")
 """Why reasoning sent back by a client was not given to the model as its own."""
 
 
@@ -86,7 +86,9 @@ class Metrics:
             "glmserve_reasoning_dropped", "Reasoning blocks or items sent back by a client and not given to the model "
             "as its own reasoning: invalid_signature (an Anthropic thinking block whose signature this server's "
             "secrets do not verify), invalid_seal (a Responses reasoning item whose encrypted_content does not "
-            "open; any plain text beside it is dropped too)", ["reason"], registry=r,
+            "open; any plain text beside it is dropped too), unsealed (a Responses reasoning item with plain text "
+            "and no encrypted_content, sent by the client rather than read from the server's store)", ["reason"],
+            registry=r,
         )
         for reason in REASONING_DROP_REASONS:
             self.reasoning_dropped.labels(reason)

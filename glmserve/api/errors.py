@@ -112,36 +112,65 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_shape(path).body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _loc_to_param(loc: tuple[Any, ...]) -> str:
+_LABELS = ("function-", "union[", "tagged-union[", "list[", "str", "dict[", "literal[", "int", "float", "bool")
+_NO_BODY = object()
+
+
+def _label(item: Any) -> bool:
+    """A union branch's name in an error location (``str``, ``list[...]``...), not a field."""
+    return isinstance(item, str) and (item.startswith(_LABELS) or "[" in item)
+
+
+def _loc_to_param(loc: tuple[Any, ...], body: Any = _NO_BODY) -> str:
+    """The request field an error location names, as ``a.b[0].c``.  With the request ``body``
+    the location is walked through it, so the labels pydantic puts in it for union branches
+    (``str``, ``list[...]``, a tagged union's tag such as ``image`` or ``base64``) are told
+    from fields for sure: a step that is not a key or index of the data there is a label."""
     parts: list[str] = []
-    for item in loc:
-        if item in ("body",):
+    node = body if isinstance(body, (dict, list)) else _NO_BODY
+    for n, item in enumerate(loc):
+        if n == 0 and item == "body":
             continue
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            # pydantic tags union branches with the type name; they are not fields
-            s = str(item)
-            if s.startswith(("function-", "union[", "tagged-union[", "list[", "str", "dict[", "literal[")) or "[" in s:
-                continue
-            parts.append(("." if parts else "") + s)
+        if node is not _NO_BODY:
+            if isinstance(item, int) and isinstance(node, list) and 0 <= item < len(node):
+                node = node[item]
+            elif isinstance(item, str) and isinstance(node, dict) and item in node:
+                node = node[item]
+            elif n == len(loc) - 1 and isinstance(item, str) and not _label(item):
+                pass  # a missing field: named, though not in the data
+            else:
+                continue  # a union branch's label
+        elif item == "body" or _label(item):
+            continue
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
     return "".join(parts) or "body"
 
 
-def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str]:
+def validation_message(exc: ValidationError | RequestValidationError, body: Any = _NO_BODY,
+                       prefix: str = "") -> tuple[str, str]:
+    """``(message, param)`` for the most specific of the errors: the one located deepest, which
+    for a union (``content``: a string or a list of blocks) is the branch the input got
+    furthest into, not the first branch tried.  ``body``: the data validated (FastAPI's
+    ``RequestValidationError`` carries it); ``prefix``: where that data sits in the request."""
     errors = exc.errors()
     if not errors:
-        return "invalid request", "body"
-    first = errors[0]
-    param = _loc_to_param(tuple(first.get("loc", ())))
+        return "invalid request", prefix or "body"
+    if body is _NO_BODY:
+        body = getattr(exc, "body", _NO_BODY)
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _loc_to_param(tuple(first.get("loc", ())), body)
     msg = first.get("msg", "invalid value")
     kind = first.get("type")
     if kind == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", "body"
     if kind == "invalid_unicode":  # raised before field validation; the path is in the context
         param = str(first.get("ctx", {}).get("param", param))
-    elif param == "body" and kind in ("model_attributes_type", "model_type", "dict_type", "missing"):
+    elif param == "body" and not prefix and kind in ("model_attributes_type", "model_type", "dict_type", "missing"):
         return "the request body must be a JSON object (sent with Content-Type: application/json)", "body"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):  # the tag names the field
+        param = (f"{param}." if param != "body" else "") + str(first.get("ctx", {}).get("discriminator", "type")).strip("'")
+    if prefix:
+        param = prefix if param == "body" else prefix + ("" if param.startswith("[") else ".") + param
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return f"{param}: {msg}", param

@@ -104,8 +104,11 @@ def test_items_fold_into_turns_with_reasoning_and_calls():
     assert json.loads(msgs[2]["tool_calls"][0]["function"]["arguments"]) == {"city": "北京"}
     assert msgs[3] == {"role": "tool", "tool_call_id": "c1", "content": "sunny", "name": "get_weather"}
     assert msgs[4]["content"] == "ok" and msgs[4]["name"] == "ns__spawn_agent"
-    assert msgs[5] == {"role": "assistant", "content": "Sunny.", "reasoning_content": "done"}
+    # plain reasoning the client sent (no seal) is not taken as the model's own ...
+    assert msgs[5] == {"role": "assistant", "content": "Sunny.", "reasoning_content": ""}
     assert msgs[6] == {"role": "system", "content": "next"}
+    # ... the same items read from the server's own store (previous_response_id) are
+    assert items_to_messages(req.input, req.instructions, seal, stored=len(req.input))[5]["reasoning_content"] == "done"
 
 
 def test_bad_items_are_400_with_their_path(tmp_path):
@@ -171,8 +174,19 @@ def test_a_seal_is_authoritative_over_plain_text_beside_it():
     req = ResponsesRequest.model_validate({"input": [{"type": "reasoning", "summary": [], "content": plain,
                                                      "encrypted_content": seal.seal("SEALED")}]})
     assert items_to_messages(req.input)[0]["reasoning_content"] == ""
-    # unsealed plain reasoning is the client's own history, as an assistant message is
-    assert fold({"type": "reasoning", "summary": [], "content": plain})["reasoning_content"] == "PLAIN"
+    # unsealed plain reasoning the client wrote is never the model's own: dropped and reported,
+    # as an Anthropic thinking block without a valid signature is ...
+    dropped.clear()
+    assert fold({"type": "reasoning", "summary": [], "content": plain})["reasoning_content"] == ""
+    assert dropped == [("input[1].content", "unsealed")]
+    # ... unless it comes from the server's own store (the history previous_response_id reads)
+    req = ResponsesRequest.model_validate({"input": [{"role": "user", "content": "q"},
+                                                     {"type": "reasoning", "summary": [], "content": plain}]})
+    assert items_to_messages(req.input, None, seal, stored=2)[1]["reasoning_content"] == "PLAIN"
+    # a summary alone carries no reasoning: nothing to keep, nothing reported
+    dropped.clear()
+    assert fold({"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}]})["reasoning_content"] == ""
+    assert dropped == []
 
 
 # --------------------------------------------------------------------------- store

@@ -14,10 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from glmserve.api.anthropic.schemas import (
+    Base64ImageSource,
+    Base64PDFSource,
+    ContentSource,
     DocumentBlock,
     ImageBlock,
     InputMessage,
+    MediaBlock,
+    PlainTextSource,
+    URLSource,
     RedactedThinkingBlock,
     TextBlock,
     ThinkingAdaptive,
@@ -32,9 +40,9 @@ from glmserve.api.anthropic.schemas import (
     MessagesBase,
 )
 from glmserve.api.anthropic.shape import ThinkingSigner
-from glmserve.api.errors import APIError
+from glmserve.api.errors import APIError, validation_message
 from glmserve.api.mapping import reference_name, tool_result_fields
-from glmserve.api.media import MediaNotes
+from glmserve.api.media import Attachment, MediaNotes
 
 log = logging.getLogger("glmserve.messages")
 
@@ -46,6 +54,39 @@ def system_text(system: str | list[TextBlock] | None) -> str | None:
     if isinstance(system, str):
         return system
     return "\n".join(b.text for b in system)
+
+
+_MEDIA_BLOCK: TypeAdapter[ImageBlock | DocumentBlock] = TypeAdapter(MediaBlock)
+
+
+def media_text(block: ImageBlock | DocumentBlock, param: str, media: MediaNotes) -> str:
+    """What the model reads for an ``image`` or ``document`` block (``param`` names it), its
+    source already validated as the Messages API defines it: a note for an image or a PDF
+    (:mod:`glmserve.api.media`: media type from the block's enum, size, "URL" or "file id"), the
+    text itself for a document given as text, or as content blocks (their images as notes)."""
+    kind = block.type
+    source = block.source
+    if isinstance(source, (Base64ImageSource, Base64PDFSource)):
+        return media.inline(kind, source.media_type, source.data, f"{param}.source.data", param)
+    if isinstance(source, PlainTextSource):
+        return source.data
+    if isinstance(source, ContentSource):
+        if isinstance(source.content, str):
+            return source.content
+        return "\n".join(b.text if isinstance(b, TextBlock) else media_text(b, f"{param}.source.content[{k}]", media)
+                         for k, b in enumerate(source.content))
+    return media.replace(Attachment(kind, None, None, "URL" if isinstance(source, URLSource) else "file id"), param)
+
+
+def _media_dict(part: dict[str, Any], param: str, media: MediaNotes) -> str:
+    """An ``image`` / ``document`` block inside a ``tool_result`` (plain JSON there), validated
+    as a top-level one is: a 400 naming the field otherwise."""
+    try:
+        block = _MEDIA_BLOCK.validate_python(part)
+    except ValidationError as exc:
+        message, where = validation_message(exc, part, prefix=param)
+        raise APIError(400, message, param=where) from None
+    return media_text(block, param, media)
 
 
 def _result_fields(block: ToolResultBlock, param: str, media: MediaNotes) -> dict[str, Any]:
@@ -70,7 +111,7 @@ def _result_fields(block: ToolResultBlock, param: str, media: MediaNotes) -> dic
                                param=f"{param}.content")
             parts.append(("tool_reference", name))
         elif kind in ("image", "document"):
-            parts.append(("text", media.anthropic(part, f"{param}.content[{k}]")))
+            parts.append(("text", _media_dict(part, f"{param}.content[{k}]", media)))
         else:
             raise APIError(400, f"{param}.content[{k}]: unsupported block type {kind!r} in a tool_result",
                            param=f"{param}.content")
@@ -148,7 +189,7 @@ def to_openai_messages(system: str | list[TextBlock] | None, messages: list[Inpu
             if isinstance(b, TextBlock):
                 pending.append(b.text)
             elif isinstance(b, (ImageBlock, DocumentBlock)):
-                pending.append(media.anthropic(b.model_dump(), f"{param}[{j}]"))
+                pending.append(media_text(b, f"{param}[{j}]", media))
             elif isinstance(b, ToolResultBlock) and m.role == "user":
                 flush()
                 tool: dict[str, Any] = {"role": "tool", "tool_call_id": b.tool_use_id,

@@ -28,14 +28,69 @@ class TextBlock(Loose):
     text: str
 
 
+# Media sources, as the Messages API defines them: a ``source`` of another type, a ``media_type``
+# outside its block's enum, or a field of the wrong type is a 400 naming the field.
+
+ImageMediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+
+
+class Base64ImageSource(Loose):
+    type: Literal["base64"]
+    media_type: ImageMediaType
+    data: str
+    """Base64; checked (and measured) by :mod:`glmserve.api.media`, not decoded."""
+
+
+class URLSource(Loose):
+    type: Literal["url"]
+    url: str = Field(min_length=1)
+
+
+class FileSource(Loose):
+    type: Literal["file"]
+    file_id: str = Field(min_length=1)
+
+
+class Base64PDFSource(Loose):
+    type: Literal["base64"]
+    media_type: Literal["application/pdf"]
+    data: str
+
+
+class PlainTextSource(Loose):
+    type: Literal["text"]
+    media_type: Literal["text/plain"]
+    data: str
+
+
+ImageSource = Annotated[Union[Base64ImageSource, URLSource, FileSource], Field(discriminator="type")]
+
+
 class ImageBlock(Loose):
     type: Literal["image"]
-    source: dict[str, Any] = Field(default_factory=dict)
+    source: ImageSource
+
+
+class ContentSource(Loose):
+    """A document given as content blocks: text, and images."""
+
+    type: Literal["content"]
+    content: Union[str, list[Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]]]
+
+
+DocumentSource = Annotated[Union[Base64PDFSource, PlainTextSource, ContentSource, URLSource, FileSource],
+                           Field(discriminator="type")]
 
 
 class DocumentBlock(Loose):
     type: Literal["document"]
-    source: dict[str, Any] = Field(default_factory=dict)
+    source: DocumentSource
+    title: str | None = None
+    context: str | None = None
+
+
+MediaBlock = Annotated[Union[ImageBlock, DocumentBlock], Field(discriminator="type")]
+"""An ``image`` or ``document`` block (inside a ``tool_result`` too)."""
 
 
 class ToolUseBlock(Loose):

@@ -12,12 +12,16 @@ as for ``/v1/chat/completions``.
 * Tools only OpenAI's cloud runs (``web_search``, ``file_search``, ...) are left out and
   reported, so a client that always declares them (Codex does) still works.
 * A ``reasoning`` item becomes the next assistant turn's ``reasoning_content`` (the family's
-  reasoning history).  With ``encrypted_content`` the seal is authoritative
-  (:mod:`glmserve.api.responses.seal`): a seal that opens gives the reasoning, whatever plain
-  text the item also carries; one that does not open drops the item's reasoning, plain text
-  included, and is reported to ``on_drop`` (the request goes on, so a restart with a new
-  secret does not end a running agent session).  Without a seal, its ``reasoning_text``
-  content is the client's own history, taken like any assistant message it sends.
+  reasoning history) only when it is verified as this server's: an item of the history that
+  ``previous_response_id`` reads from the server's own store (written by this server, under
+  the request's API key), or an item whose ``encrypted_content`` opens under the server
+  secret (:mod:`glmserve.api.responses.seal`; the sealed text is what the model gets,
+  whatever plain text the item also carries).  Any other reasoning -- a seal that does not
+  open (altered, forged, sealed under a secret this server no longer has), or plain
+  ``reasoning_text`` content without a seal -- is left out and reported to ``on_drop``, as
+  Anthropic thinking without a valid signature is; the request goes on (a restart with a new
+  secret does not end a running agent session).  Nothing a client writes in a request ever
+  reaches the model as its own reasoning.
 """
 
 from __future__ import annotations
@@ -214,10 +218,14 @@ def _output_fields(output: str | list[dict[str, Any]], param: str, media: MediaN
 
 DropReasoning = Callable[[str, str], None]
 """``on_drop(param, reason)``: reasoning at ``param`` was not given to the model (reason:
-``invalid_seal``)."""
+``invalid_seal``, ``unsealed``)."""
 
 
-def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None, on_drop: DropReasoning | None) -> str:
+def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None, on_drop: DropReasoning | None,
+                    stored: bool) -> str:
+    """The reasoning the model gets for ``item``: its sealed text if the seal opens, its plain
+    text if the server's own store holds it (``stored``), else nothing (reported)."""
+    plain = "".join(str(p.get("text", "")) for p in item.content or [] if p.get("type") in ("reasoning_text", "text"))
     if item.encrypted_content:  # the seal wins over any plain text beside it
         if seal is not None:
             try:
@@ -227,9 +235,11 @@ def _reasoning_text(item: ReasoningItem, param: str, seal: ReasoningSeal | None,
         if on_drop is not None:
             on_drop(f"{param}.encrypted_content", "invalid_seal")
         return ""
-    if item.content:
-        return "".join(str(p.get("text", "")) for p in item.content if p.get("type") in ("reasoning_text", "text"))
-    return ""  # a summary is not the reasoning; nothing to keep
+    if stored or not plain:  # a summary alone is not the reasoning: nothing to keep, nothing dropped
+        return plain
+    if on_drop is not None:
+        on_drop(f"{param}.content", "unsealed")
+    return ""
 
 
 class _Turns:
@@ -257,18 +267,20 @@ class _Turns:
 
 def items_to_messages(items: Sequence[Any], instructions: str | None = None, seal: ReasoningSeal | None = None,
                       params: Sequence[str] | None = None, on_drop: DropReasoning | None = None,
-                      media: MediaNotes | None = None) -> list[dict[str, Any]]:
+                      media: MediaNotes | None = None, stored: int = 0) -> list[dict[str, Any]]:
     """Chat messages for input items (models from :mod:`glmserve.api.responses.schemas`); ``instructions``
     become the leading system message.  ``params[n]`` names item ``n`` in errors
-    (default ``input[n]``); ``media`` collects the media parts replaced by notes.  Sealed
-    reasoning that ``seal`` cannot open (or any, without a seal) is dropped and reported to
-    ``on_drop``."""
+    (default ``input[n]``); ``media`` collects the media parts replaced by notes.  The first
+    ``stored`` items come from the server's own store (``previous_response_id``): their
+    reasoning is taken as it is and their media only measured.  Any other reasoning counts
+    only if ``seal`` opens it; the rest is dropped and reported to ``on_drop``."""
     media = MediaNotes() if media is None else media
     turns = _Turns()
     if instructions:
         turns.add({"role": "system", "content": instructions})
     for n, item in enumerate(items):
         p = params[n] if params is not None else f"input[{n}]"
+        media.trusted = n < stored
         if isinstance(item, MessageItem):
             text = _text_parts(item.content, f"{p}.content", media)
             if item.role == "assistant":
@@ -280,7 +292,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
             else:
                 turns.add({"role": "system" if item.role in ("system", "developer") else "user", "content": text})
         elif isinstance(item, ReasoningItem):
-            text = _reasoning_text(item, p, seal, on_drop)
+            text = _reasoning_text(item, p, seal, on_drop, n < stored)
             turn = turns.assistant()
             if turn["content"] is not None or turn.get("tool_calls"):
                 turns.close()  # reasoning after an answer belongs to a new turn
@@ -304,6 +316,7 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
         else:
             raise APIError(400, f"{p}: input items of type {item.type!r} are not supported by this server",
                            param=f"{p}.type")
+    media.trusted = False
     return turns.messages
 
 

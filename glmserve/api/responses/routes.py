@@ -136,8 +136,10 @@ class Responses:
         self.state = state
 
     def _dropped(self, param: str, reason: str) -> None:
-        """Reasoning whose seal does not open is not the model's own: left out, logged, counted."""
-        log.warning("%s: reasoning left out of the prompt (%s: not sealed under this server's secrets)", param, reason)
+        """Reasoning not verified as this server's (a seal that does not open, or none) is not
+        the model's own: left out, logged, counted."""
+        why = "not sealed under this server's secrets" if reason == "invalid_seal" else "no encrypted_content to verify"
+        log.warning("%s: reasoning left out of the prompt (%s: %s)", param, reason, why)
         self.services.metrics.reasoning_dropped.labels(reason).inc()
 
     async def _history(self, owner: str, previous: str | None) -> list[Any]:
@@ -165,7 +167,7 @@ class Responses:
                  [f"input[{i}]" for i in range(len(body.input))]
         notes = MediaNotes(self.services.settings.image_input)
         messages = items_to_messages([*history, *body.input], body.instructions, self.state.seal, params,
-                                     on_drop=self._dropped, media=notes)
+                                     on_drop=self._dropped, media=notes, stored=len(history))
         check_message_count(len(messages), limits, "input", "messages (input items and history)")
         enable, effort = thinking(body)
         chat = ChatRequest(messages=messages, tools=tools, tool_choice=choice,
