@@ -10,11 +10,18 @@ replica that shares the secret.
 What the seal gives, exactly: the sealed copy cannot be read without the secret
 (confidentiality) and cannot be forged or altered (integrity).  It does not hide the
 reasoning from the client: the same item also carries the reasoning in plain text
-(``content``, ``reasoning_text``), as OpenAI's Responses API does for open models.  When an
-item comes back, its seal is authoritative: a seal that opens gives the reasoning and any
-plain text beside it is ignored; a seal that does not open (altered, forged, or sealed under
-a secret this server no longer has) drops the item's reasoning, plain text included
-(:func:`glmserve.api.responses.mapping.items_to_messages`).
+(``content``, ``reasoning_text``), as OpenAI's Responses API does for open models.
+
+What is verified when an item comes back in a request's ``input``
+(:func:`glmserve.api.responses.mapping.items_to_messages`): the seal, and only the seal.  A
+seal that opens (under the current or a previous secret) gives the reasoning, and any plain
+text beside it is ignored; a seal that does not open (altered, forged, or sealed under a
+secret this server no longer has) drops the item's reasoning, plain text included; an item
+with plain text and no seal is dropped too (nothing proves this server wrote it).  The one
+other source of reasoning history is the server's own store (``previous_response_id``), whose
+rows this server wrote.  So the model's reasoning history is always text this server, or one
+sharing its secret, produced -- which says where the text came from, not that the model
+"meant" it: a replayed seal is accepted wherever the client puts it in the conversation.
 """
 
 from __future__ import annotations
