@@ -15,10 +15,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 from referencing.exceptions import Unresolvable
@@ -45,6 +45,28 @@ tokenizers release the GIL while encoding, so the loop keeps serving meanwhile."
 
 _TOKENIZE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmserve-tokenize")
 """Shared by every app in the process: at most two long prompts are tokenized at once."""
+
+T = TypeVar("T")
+
+
+async def tokenize(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a tokenization of ``chars`` characters of text: on a worker thread from
+    :data:`OFFLOAD_MIN_CHARS` on, so that the event loop keeps streaming other answers."""
+    if chars < OFFLOAD_MIN_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn, *args)
+
+
+def too_long(engine: Engine, chars: int, param: str) -> APIError | None:
+    """The 400 for text of ``chars`` characters that cannot fit the context whatever its
+    tokens (:meth:`Engine.min_tokens`), found without tokenizing it: an 8 MiB prompt to a
+    2K-token model is refused in microseconds instead of seconds of tokenizer time."""
+    fewest = engine.min_tokens(chars)
+    if fewest < engine.max_model_len:
+        return None
+    return APIError(400, f"the prompt is at least {fewest} tokens ({chars} characters), which does not fit this "
+                         f"model's context of {engine.max_model_len} tokens", param=param,
+                    code="context_length_exceeded")
 
 
 @dataclass
@@ -192,10 +214,8 @@ class ChatPipeline:
 
     async def encode(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids; a long prompt is tokenized on a worker thread
-        (:data:`OFFLOAD_MIN_CHARS`) so that the event loop keeps streaming other answers."""
-        if sum(len(p) for p in prompt.parts if isinstance(p, str)) < OFFLOAD_MIN_CHARS:
-            return self.engine.encode_parts(prompt.parts)
-        return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, self.engine.encode_parts, prompt.parts)
+        (:func:`tokenize`) so that the event loop keeps streaming other answers."""
+        return await tokenize(_text_chars(prompt), self.engine.encode_parts, prompt.parts)
 
     async def prepare(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str) -> Prepared:
         """Render, tokenize, check the context, build the constraint and the engine's params.
@@ -203,6 +223,9 @@ class ChatPipeline:
         t0 = time.perf_counter()
         prompt = self.render(chat)
         t1 = time.perf_counter()
+        refused = too_long(self.engine, _text_chars(prompt), "messages")
+        if refused is not None:
+            raise refused
         prompt_ids = await self.encode(prompt)
         t2 = time.perf_counter()
         return self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
@@ -416,6 +439,10 @@ class ChatPipeline:
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
             return False
+
+
+def _text_chars(prompt: Prompt) -> int:
+    return sum(len(p) for p in prompt.parts if isinstance(p, str))
 
 
 def _name_of(fn: Any) -> str:

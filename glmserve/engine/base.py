@@ -92,6 +92,11 @@ class Engine(ABC):
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` if it is a single token of the vocabulary."""
 
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens any text of ``chars`` characters takes (0: none known):
+        a prompt whose bound already exceeds the context is refused without tokenizing it."""
+        return 0
+
     @abstractmethod
     def generate(self, prompt_ids: list[int], params: GenerateParams, request_id: str) -> AsyncIterator[Delta]:
         """Stream deltas until every choice finishes (one per choice with ``params.final_only``)."""

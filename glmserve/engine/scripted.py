@@ -60,6 +60,9 @@ class ScriptedEngine(Engine):
     def token_id(self, token: str) -> int | None:
         return None
 
+    def min_tokens(self, chars: int) -> int:
+        return chars  # one "token" per character
+
     @property
     def running(self) -> int:
         return len(self._running)

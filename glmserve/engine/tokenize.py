@@ -49,26 +49,35 @@ class PromptTokenizer:
         """Token ids the cache holds now."""
         self.cache_hits = 0
         self._lock = threading.Lock()
-        self._encode = self._plain_encoder(hf)
+        self._encode = self._encoder(hf, special_as_text=True)
+        self._encode_raw = self._encoder(hf, special_as_text=False)
         added = sorted(hf.get_added_vocab().keys(), key=len, reverse=True)
         self._added_re = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        self._chars_per_token = _chars_per_token(hf)
 
-    def _plain_encoder(self, hf: Any) -> Callable[[str], list[int]]:
-        """``text -> ids`` for plain text, callable from any thread."""
+    def _encoder(self, hf: Any, special_as_text: bool) -> Callable[[str], list[int]]:
+        """``text -> ids``, callable from any thread: plain text (``special_as_text``: no added
+        token may form), or a raw prompt (added tokens recognised, as ``hf.encode(text,
+        add_special_tokens=False)`` does)."""
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None:  # no Rust backend: the tokenizer itself, one thread at a time
             def encode_locked(text: str) -> list[int]:
                 with self._lock:
-                    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+                    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=special_as_text))
             return encode_locked
         from tokenizers import Tokenizer
 
         own = Tokenizer.from_str(backend.to_str())
-        own.encode_special_tokens = True  # an added token's text is text here
+        own.encode_special_tokens = special_as_text  # True: an added token's text is text here
 
         def encode(text: str) -> list[int]:
             return own.encode_batch([text], add_special_tokens=False)[0].ids
         return encode
+
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of ``chars`` characters: no token covers more
+        than :func:`_chars_per_token` of them (0 when that is not known)."""
+        return chars // self._chars_per_token if self._chars_per_token else 0
 
     def token_id(self, token: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(token)
@@ -150,6 +159,32 @@ class PromptTokenizer:
         return ids
 
     def encode_raw(self, text: str) -> list[int]:
-        """A raw completion prompt (special tokens recognised), with the shared tokenizer: called
-        on the event loop's thread, as vLLM's own uses of the tokenizer are."""
-        return list(self.hf.encode(text, add_special_tokens=False))
+        """A raw completion prompt (special tokens recognised), from any thread (a long one is
+        tokenized off the event loop, as a chat prompt is)."""
+        return self._encode_raw(text) if text else []
+
+
+_TOKEN_CHARS_MARGIN = 4
+"""Headroom on the longest vocabulary entry: a normalizer that composes characters (NFC: at
+most three into one, which is then at least two bytes) makes a token cover a little more of
+the input than its own length."""
+
+
+def _chars_per_token(hf: Any) -> int | None:
+    """The most characters of input one token can stand for, with :data:`_TOKEN_CHARS_MARGIN`:
+    the longest vocabulary entry (as its token string: byte-level entries are a character per
+    byte, so at least as long as the text they match).  None -- no bound -- for a tokenizer
+    whose normalizer could shrink the input further (one that strips or replaces characters),
+    or one without a Rust backend to tell."""
+    import json
+
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    normalizer = json.loads(backend.to_str()).get("normalizer")
+    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else \
+        [normalizer] if normalizer else []
+    if any(step.get("type") not in ("NFC", "NFKC") for step in steps):
+        return None
+    longest = max((len(t) for t in hf.get_vocab()), default=0)
+    return longest * _TOKEN_CHARS_MARGIN if longest else None

@@ -52,6 +52,9 @@ class VLLMEngine(Engine):
     def encode_raw(self, text: str) -> list[int]:
         return self._tok.encode_raw(text)
 
+    def min_tokens(self, chars: int) -> int:
+        return self._tok.min_tokens(chars)
+
     # ---------------------------------------------------------------- generation
 
     @property

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
+from glmserve.api.pipeline import tokenize, too_long
 from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
@@ -62,13 +63,18 @@ class CompletionService:
         raw = req.prompt
         prompts: list[list[int]]
         texts: list[str]
-        if isinstance(raw, str):
-            texts, prompts = [raw], [self.engine.encode_raw(raw)]
+        if isinstance(raw, str) or (raw and all(isinstance(x, str) for x in raw)):
+            texts = [raw] if isinstance(raw, str) else list(raw)  # type: ignore[arg-type]
+            if len(texts) > 64:
+                raise APIError(400, "at most 64 prompts per request", param="prompt")
+            for t in texts:  # one that cannot fit is refused before any is tokenized
+                refused = too_long(self.engine, len(t), "prompt")
+                if refused is not None:
+                    raise refused
+            # a long prompt is tokenized off the event loop, as a chat prompt is
+            prompts = [await tokenize(len(t), self.engine.encode_raw, t) for t in texts]
         elif raw and all(isinstance(x, int) for x in raw):
             prompts, texts = [list(raw)], [""]  # type: ignore[list-item]
-        elif raw and all(isinstance(x, str) for x in raw):
-            texts = list(raw)  # type: ignore[arg-type]
-            prompts = [self.engine.encode_raw(t) for t in texts]
         else:
             prompts, texts = [list(x) for x in raw], [""] * len(raw)  # type: ignore[union-attr]
         if len(prompts) > 64:
