@@ -11,6 +11,8 @@ disagree, and tool-call checks, the argument hook and metrics happen once, here.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import time
@@ -46,7 +48,16 @@ tokenizers release the GIL while encoding, so the loop keeps serving meanwhile."
 _TOKENIZE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmserve-tokenize")
 """Shared by every app in the process: at most two long prompts are tokenized at once."""
 
+_SCHEMA_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmserve-schema")
+"""Where a request's tool and output schemas are checked and compiled (its own pool, so a
+request with tools never waits behind the tokenization of someone's long prompt)."""
+
 T = TypeVar("T")
+
+
+async def _in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 async def tokenize(chars: int, fn: Callable[..., T], *args: Any) -> T:
@@ -54,7 +65,19 @@ async def tokenize(chars: int, fn: Callable[..., T], *args: Any) -> T:
     :data:`OFFLOAD_MIN_CHARS` on, so that the event loop keeps streaming other answers."""
     if chars < OFFLOAD_MIN_CHARS:
         return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn, *args)
+    return await _in(_TOKENIZE_POOL, fn, *args)
+
+
+async def schema_work(heavy: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, work on a request's tool or output schemas (checking them,
+    compiling the decoding constraint): on a worker thread when ``heavy`` -- the request
+    declares any -- so that a large tool set never stalls the event loop (checking 100 new
+    tool schemas and compiling their constraint is seconds of CPU; the checks are cached, so an
+    agent's repeated tools cost little either way).  Pure-Python work there still takes the GIL,
+    but the loop gets it back every few milliseconds (``sys.getswitchinterval``)."""
+    if not heavy:
+        return fn(*args, **kwargs)
+    return await _in(_SCHEMA_POOL, fn, *args, **kwargs)
 
 
 def too_long(engine: Engine, chars: int, param: str) -> APIError | None:
@@ -228,7 +251,8 @@ class ChatPipeline:
             raise refused
         prompt_ids = await self.encode(prompt)
         t2 = time.perf_counter()
-        return self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        heavy = (chat.tools and chat.tool_choice != "none") or opts.output_constraint is not None
+        return await schema_work(heavy, self._prepared, chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
 
     def _prepared(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str, prompt_ids: list[int],
                   times: tuple[float, float, float]) -> Prepared:

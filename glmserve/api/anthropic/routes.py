@@ -27,7 +27,7 @@ from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
-from glmserve.api.pipeline import ChatPipeline, GenerationOptions
+from glmserve.api.pipeline import ChatPipeline, GenerationOptions, schema_work
 from glmserve.api.runner import Prelude, PreparedHandle, Services, header_list
 from glmserve.formats.base import ChatRequest, ToolCallEnd
 from glmserve.server_secret import SecretSource
@@ -124,7 +124,9 @@ class Messages:
 
     async def prepare(self, body: MessagesRequest, request: Request) -> MessagesHandle:
         notes = MediaNotes(self.services.settings.image_input)
-        chat, unsupported = chat_request(body, self.services, self.signatures, notes)
+        # the tool and output schemas are checked (and compiled) off the event loop
+        heavy = body.tools or (body.output_config is not None and body.output_config.format)
+        chat, unsupported = await schema_work(heavy, chat_request, body, self.services, self.signatures, notes)
         if unsupported:
             request.state.unsupported_tools = unsupported
         schema = am.output_format_schema(body)
@@ -137,8 +139,8 @@ class Messages:
             stop=list(body.stop_sequences or []),
             thinking_budget=am.thinking_options(body).budget,
             schema_field="input_schema",
-            output_constraint=response_format_constraint(schema, "output_config.format.schema",
-                                                         self.services.settings.limits) if schema else None,
+            output_constraint=await schema_work(True, response_format_constraint, schema, "output_config.format.schema",
+                                                self.services.settings.limits) if schema else None,
         )
         run = await self.pipeline.prepare(chat, opts, "msg_")
         media.remember(request, notes)
@@ -223,7 +225,7 @@ def router(services: Services) -> APIRouter:
         """The prompt tokens a Messages request would take (no generation)."""
         services.check_model(body.model)
         # counting is not serving: a dropped thinking block is logged and counted when the request is sent
-        chat, _ = chat_request(body, services, signatures, report_drops=False)
+        chat, _ = await schema_work(body.tools, chat_request, body, services, signatures, report_drops=False)
         prompt = services.pipeline.render(chat)
         return {"input_tokens": len(await services.pipeline.encode(prompt))}
 

@@ -22,7 +22,7 @@ from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.media import MediaNotes
-from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions
+from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, schema_work
 from glmserve.api.runner import STREAMS, Prelude, PreparedHandle, Services, chunk_encoder
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
@@ -88,8 +88,11 @@ class ChatCompletions:
     async def prepare(self, body: ChatCompletionRequest, request: Request | None = None) -> ChatHandle:
         limits = self.services.settings.limits
         notes = MediaNotes(self.services.settings.image_input)
-        chat = chat_request_from_openai(body, limits, self.pipeline.fmt.content_joiner, notes)
-        run = await self.pipeline.prepare(chat, generation_options(body, self.services), "chatcmpl-")
+        # the tool and response-format schemas are checked (and compiled) off the event loop
+        heavy = body.tools or body.functions or body.response_format is not None
+        chat = await schema_work(heavy, chat_request_from_openai, body, limits, self.pipeline.fmt.content_joiner, notes)
+        opts = await schema_work(heavy, generation_options, body, self.services)
+        run = await self.pipeline.prepare(chat, opts, "chatcmpl-")
         run.model = self.services.check_model(body.model)  # the name asked for when served, as the other APIs answer
         media.remember(request, notes)
         return ChatHandle(run=run, stream=body.stream,
@@ -239,9 +242,10 @@ def router(services: Services) -> APIRouter:
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
         services.check_model(body.model)
-        prompt = services.pipeline.render(chat_request_from_openai(body, services.settings.limits,
-                                                                   services.pipeline.fmt.content_joiner,
-                                                                   MediaNotes(services.settings.image_input)))
+        chat = await schema_work(body.tools or body.functions, chat_request_from_openai, body,
+                                 services.settings.limits, services.pipeline.fmt.content_joiner,
+                                 MediaNotes(services.settings.image_input))
+        prompt = services.pipeline.render(chat)
         ids = await services.pipeline.encode(prompt)
         return {"prompt": prompt.text, "tokens": ids, "count": len(ids), "max_model_len": services.engine.max_model_len}
 

@@ -27,7 +27,7 @@ from glmserve.api import media
 from glmserve.api.errors import APIError
 from glmserve.api.media import MediaNotes
 from glmserve.api.mapping import build_tools, check_message_count, normalise_tool_choice, response_format_constraint
-from glmserve.api.pipeline import GenerationOptions, Prepared
+from glmserve.api.pipeline import GenerationOptions, Prepared, schema_work
 from glmserve.api.responses.seal import ReasoningSeal
 from glmserve.api.responses.mapping import (
     collect_tools,
@@ -161,7 +161,7 @@ class Responses:
         history = await self._history(owner, body.previous_response_id)
         declared = collect_tools(body.tools)
         choice, shown = tool_choice(body.tool_choice, declared)
-        tools = build_tools(shown.defs, limits)
+        tools = await schema_work(shown.defs, build_tools, shown.defs, limits)  # off the event loop
         choice = normalise_tool_choice(choice, tools)
         params = [f"previous_response_id (item {k})" for k in range(len(history))] + \
                  [f"input[{i}]" for i in range(len(body.input))]
@@ -176,8 +176,9 @@ class Responses:
         fmt, fmt_param = text_format(body)
         opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
                                  max_tokens_param="max_output_tokens", temperature=body.temperature,
-                                 top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
-                                 schema_field="parameters")
+                                 top_p=body.top_p, schema_field="parameters",
+                                 output_constraint=await schema_work(isinstance(fmt, dict), response_format_constraint,
+                                                                     fmt, fmt_param, limits))
         try:
             run = await self.pipeline.prepare(chat, opts, "resp_")
         except APIError as exc:  # the pipeline names Chat Completions' field; here it is the input
