@@ -1,6 +1,7 @@
 """A test-only server entry: the real app (``create_app``) on the scripted engine.
 
     python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F] [--secret-file F]
+                                    [--model-alias GLOB]
 
 Used where a real client (Codex CLI) must be driven through a conversation whose model
 output is chosen by the test: the program below decides each answer from the prompt it is
@@ -66,7 +67,17 @@ def codex_image_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(f"Done.</think>I could not see the picture; I was given {seen}.")
 
 
-PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program}
+FUZZ_OUTPUT = ("The user asks about 北京.</think>Hello, 北京! "
+               "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>")
+
+
+def fuzz_program(prompt: str, params: GenerateParams) -> list[str]:
+    """GLM-4.7 output with a bit of everything (reasoning, text, a call) for the OpenAPI fuzzing:
+    whatever the request, every answer shape is built and checked against the document."""
+    return pieces(FUZZ_OUTPUT, 5)
+
+
+PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "fuzz": fuzz_program}
 
 
 def main() -> None:
@@ -77,11 +88,12 @@ def main() -> None:
     p.add_argument("--responses-db", default=None)
     p.add_argument("--api-key", action="append", default=[])
     p.add_argument("--secret-file", default=None)
+    p.add_argument("--model-alias", action="append", default=[], help="as glmserve serve's (e.g. '*': any name)")
     p.add_argument("--log-requests", action="store_true", help="log every request (access log and request log)")
     a = p.parse_args()
     engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
     secret = from_sources(a.secret_file) if a.secret_file else None
-    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret)
+    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret, model_aliases=a.model_alias)
     app = create_app(engine, get_format(a.chat_format), settings)
     if a.log_requests:  # uvicorn's access log shows every request's status, the request log each turn
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -112,7 +112,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_shape(path).body(status, message, param, code), status_code=status, headers=headers)
 
 
-_LABELS = ("function-", "union[", "tagged-union[", "list[", "str", "dict[", "literal[", "int", "float", "bool")
+_LABELS = ("function-", "union[", "tagged-union[", "list[", "str", "dict[", "literal[", "int", "float", "bool",
+           "constrained-", "nullable[")
 _NO_BODY = object()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
+from openai.types import Model
+from pydantic import BaseModel
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import glmserve
@@ -13,23 +15,40 @@ from glmserve.api.runner import Services
 from glmserve.engine.base import EngineUnavailable
 
 
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int
+    store: Literal["ok"] | None = None
+
+
+class Version(BaseModel):
+    version: str
+    vllm: str | None
+    chat_format: str
+
+
 def router(services: Services) -> APIRouter:
     engine = services.engine
     r = APIRouter()
 
-    @r.get("/v1/models")
+    @r.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "glmserve", "root": engine.model_path,
              "max_model_len": engine.max_model_len} for n in services.model_names]}
 
-    @r.get("/v1/models/{model_id:path}")
+    @r.get("/v1/models/{model_id:path}", response_model=None, responses={200: {"model": Model}})
     async def model(model_id: str) -> dict[str, Any]:
         if model_id not in services.model_names:
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "glmserve"}
 
-    @r.get("/health")
+    @r.get("/health", responses={200: {"model": Health}})
     async def health() -> Response:
         """Ready to serve: the engine, and each other part (the Responses store) answers; a
         load balancer takes a replica whose database is down out of rotation."""
@@ -46,7 +65,7 @@ def router(services: Services) -> APIRouter:
             parts[name] = "ok"
         return JSONResponse({"status": "ok", "running": engine.running, **parts})
 
-    @r.get("/version")
+    @r.get("/version", response_model=None, responses={200: {"model": Version}})
     async def version() -> dict[str, Any]:
         return {"version": glmserve.__version__, "vllm": _vllm_version(), "chat_format": services.fmt.name}
 

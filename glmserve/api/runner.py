@@ -53,11 +53,11 @@ _SSE_SCHEMA: dict[str, Any] = {
               {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}],
 }
 
-STREAMS: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the answer (JSON), or server-sent events with stream=true",
-          "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}},
-}
-"""``responses=`` for a route that may stream (the OpenAPI document says so)."""
+def streams(answer: type) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route that may stream: the whole ``answer`` (a pydantic model of
+    the JSON body), or server-sent events (the OpenAPI document says both)."""
+    return {200: {"description": "the answer (JSON), or server-sent events with stream=true", "model": answer,
+                  "content": {"text/event-stream": {"schema": _SSE_SCHEMA}}}}
 
 
 def header_list(values: Iterable[str]) -> str:

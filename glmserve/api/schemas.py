@@ -9,7 +9,7 @@ accepted and ignored, as OpenAI-compatible clients send extras freely.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -40,6 +40,10 @@ def find_invalid_unicode(data: Any) -> str | None:
         elif isinstance(value, list):
             stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
     return None
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+"""A string the request must not leave empty (the OpenAPI document says so)."""
 
 
 class Loose(BaseModel):
@@ -136,7 +140,7 @@ class SamplingFields(RequestBody):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[NonEmpty, Annotated[list[NonEmpty], Field(max_length=16)], None] = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as vLLM takes it
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -194,7 +198,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[NonEmpty, Annotated[list[str], Field(min_length=1)], Annotated[list[int], Field(min_length=1)],
+                  Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from glmserve.api.anthropic import mapping as am
-from glmserve.api.anthropic.schemas import CountTokensRequest, MessagesRequest, MessagesBase
+from glmserve.api.anthropic.schemas import CountTokensRequest, MessageOut, MessagesBase, MessagesRequest, TokenCount
 from glmserve.api.anthropic.shape import BlockFolder, ThinkingSigner, error_body, sse, stop_reason, usage
 from glmserve.api import media
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
@@ -53,7 +53,7 @@ ANTHROPIC_ERRORS = ErrorShape(lambda status, message, param, code: error_body(st
 
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the message (JSON), or named server-sent events with stream=true",
+    200: {"description": "the message (JSON), or named server-sent events with stream=true", "model": MessageOut,
           "content": {"text/event-stream": {"schema": {
               "type": "object", "required": ["event", "data"],
               "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}},
@@ -220,7 +220,7 @@ def router(services: Services) -> APIRouter:
             response.headers[UNSUPPORTED_TOOLS_HEADER] = header_list(unsupported)
         return response
 
-    @r.post(PREFIX + "/count_tokens")
+    @r.post(PREFIX + "/count_tokens", response_model=None, responses={200: {"model": TokenCount}})
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
         """The prompt tokens a Messages request would take (no generation)."""
         services.check_model(body.model)

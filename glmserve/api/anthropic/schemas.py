@@ -225,3 +225,51 @@ class MessagesRequest(MessagesBase):
 
 class CountTokensRequest(MessagesBase):
     pass
+
+
+# --------------------------------------------------------------------------- answers (for the OpenAPI document)
+
+
+class _Answer(Loose):
+    """What the server answers, as the OpenAPI document shows it (the fuzz test checks every
+    answer against it); the answers themselves are built as plain JSON by :mod:`.shape`."""
+
+
+class TextOut(_Answer):
+    type: Literal["text"]
+    text: str
+
+
+class ThinkingOut(_Answer):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class ToolUseOut(_Answer):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: Any
+
+
+class MessageUsage(_Answer):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+class MessageOut(_Answer):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[Annotated[Union[TextOut, ThinkingOut, ToolUseOut], Field(discriminator="type")]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: MessageUsage
+
+
+class TokenCount(_Answer):
+    input_tokens: int

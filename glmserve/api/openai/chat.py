@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
@@ -23,7 +25,7 @@ from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, schema_work
-from glmserve.api.runner import STREAMS, Prelude, PreparedHandle, Services, chunk_encoder
+from glmserve.api.runner import Prelude, PreparedHandle, Services, chunk_encoder, streams
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -230,15 +232,24 @@ def logprob_json(x: Any) -> dict[str, Any]:
     }
 
 
+class TokenizeOut(BaseModel):
+    """``POST /tokenize``'s answer (for the OpenAPI document)."""
+
+    prompt: str
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
 def router(services: Services) -> APIRouter:
     endpoint = ChatCompletions(services)
     r = APIRouter()
 
-    @r.post("/v1/chat/completions", responses=STREAMS)
+    @r.post("/v1/chat/completions", responses=streams(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return media.add_header(request, await services.serve(endpoint, body, request))
 
-    @r.post("/tokenize")
+    @r.post("/tokenize", response_model=None, responses={200: {"model": TokenizeOut}})
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt and token ids a chat request becomes (a debugging aid, like ``glmserve render``)."""
         services.check_model(body.model)

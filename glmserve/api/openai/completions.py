@@ -10,11 +10,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
+from openai.types import Completion
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.pipeline import tokenize, too_long
-from glmserve.api.runner import STREAMS, Prelude, Services, chunk_encoder
+from glmserve.api.runner import Prelude, Services, chunk_encoder, streams
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -204,7 +205,7 @@ def router(services: Services) -> APIRouter:
                                  services.check_model)
     r = APIRouter()
 
-    @r.post("/v1/completions", responses=STREAMS)
+    @r.post("/v1/completions", responses=streams(Completion))
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await services.serve(endpoint, body, request)
 

@@ -37,7 +37,7 @@ from glmserve.api.responses.mapping import (
     thinking,
     tool_choice,
 )
-from glmserve.api.responses.schemas import ResponsesRequest
+from glmserve.api.responses.schemas import ResponseDeleted, ResponseOut, ResponsesRequest
 from glmserve.api.responses.shape import ResponseAssembler, sse
 from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreFull, StoreUnavailable
 from glmserve.api.responses.store_factory import is_postgres_url, open_store
@@ -274,9 +274,8 @@ class Responses:
 
 EVENTS: dict[int | str, dict[str, Any]] = {
     200: {"description": "the response object (JSON), or with stream=true server-sent events, each named by its "
-                         "type (response.created ... response.completed) with a JSON data line",
-          "content": {"application/json": {"schema": {"type": "object"}},
-                      "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"],
+                         "type (response.created ... response.completed) with a JSON data line", "model": ResponseOut,
+          "content": {"text/event-stream": {"schema": {"type": "object", "required": ["event", "data"],
                                                        "properties": {"event": {"type": "string"},
                                                                       "data": {"type": "string"}}}}}},
 }
@@ -300,14 +299,14 @@ def router(services: Services) -> APIRouter:
     def not_found(response_id: str) -> APIError:
         return APIError(404, f"no response with id {response_id!r} found", param="response_id")
 
-    @r.get("/v1/responses/{response_id}")
+    @r.get("/v1/responses/{response_id}", responses={200: {"model": ResponseOut}})
     async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
         stored = await store_call(state.store.get(_owner(request), response_id))
         if stored is None:
             raise not_found(response_id)
         return JSONResponse(stored.response)
 
-    @r.delete("/v1/responses/{response_id}")
+    @r.delete("/v1/responses/{response_id}", responses={200: {"model": ResponseDeleted}})
     async def delete_response(response_id: str, request: Request) -> JSONResponse:
         if not await store_call(state.store.delete(_owner(request), response_id)):
             raise not_found(response_id)

@@ -148,3 +148,85 @@ class ResponsesRequest(RequestBody):
     @property
     def include_encrypted_reasoning(self) -> bool:
         return "reasoning.encrypted_content" in (self.include or [])
+
+
+# --------------------------------------------------------------------------- answers (for the OpenAPI document)
+
+
+class _Answer(Loose):
+    """What the server answers, as the OpenAPI document shows it (the fuzz test checks every
+    answer against it); the answers themselves are built as plain JSON by :mod:`.shape`."""
+
+
+class OutputText(_Answer):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+
+
+class ReasoningText(_Answer):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputMessage(_Answer):
+    type: Literal["message"]
+    id: str
+    role: Literal["assistant"]
+    status: ItemStatus
+    content: list[OutputText]
+
+
+class OutputReasoning(_Answer):
+    type: Literal["reasoning"]
+    id: str
+    summary: list[Any]
+    content: list[ReasoningText]
+    encrypted_content: str | None = None
+
+
+class OutputFunctionCall(_Answer):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus
+    namespace: str | None = None
+
+
+class ResponseUsage(_Answer):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseOut(_Answer):
+    """A response object (``POST /v1/responses``, ``GET /v1/responses/{id}``).  The fields a
+    request sets are echoed as it sent them (``tools``, ``tool_choice``, ``text``, ``metadata``...)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[Annotated[Union[OutputMessage, OutputReasoning, OutputFunctionCall], Field(discriminator="type")]]
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    usage: ResponseUsage | None
+    previous_response_id: str | None
+    store: bool
+    parallel_tool_calls: bool
+    tools: list[Any]
+    tool_choice: Any
+
+
+class ResponseDeleted(_Answer):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
