@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Union
 
@@ -126,6 +127,10 @@ class ChatRequest:
     ``clear_thinking`` None means the family's default (GLM-4.7 / 5.1 drop reasoning of
     turns before the last user message, GLM-5.3 keeps it).  ``reasoning_effort`` is the
     Chat Completions field as sent (GLM-5.3 writes it as its ``Reasoning Effort`` line).
+
+    ``messages`` are kept with each turn's tool results in its calls' order
+    (:func:`results_in_call_order`): no family's prompt shows the ids that pair a result
+    with its call, and clients send parallel results in the order the tools finished.
     """
 
     messages: list[dict[str, Any]]
@@ -136,6 +141,9 @@ class ChatRequest:
     clear_thinking: bool | None = None
     add_generation_prompt: bool = True
     reasoning_effort: str | None = None
+
+    def __post_init__(self) -> None:
+        self.messages = results_in_call_order(self.messages)
 
     @property
     def referenced_tools(self) -> set[str]:
@@ -160,6 +168,52 @@ class ChatRequest:
         ones (a referenced deferred tool is shown at its reference, so the block, and the
         cached prompt prefix, stay the same when a tool is loaded)."""
         return [t for t in self.tools_in_prompt if not t.deferred]
+
+
+def _id_of(obj: dict[str, Any]) -> str:
+    """A call's or a result's id: ``tool_call_id``, else ``id``, as text ("" when neither),
+    as GLM-5.3's template reads it."""
+    for key in ("tool_call_id", "id"):
+        if obj.get(key):
+            return str(obj[key])
+    return ""
+
+
+def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with each run of tool results put in the order of the calls they answer.
+
+    A run is the tool messages right after an assistant message with ``tool_calls`` (every
+    API maps its results there: Chat ``tool_call_id``, Messages ``tool_use_id``, Responses
+    ``call_id``).  A result is matched when its id names exactly one of those calls and no
+    other result in the run carries it; the matched results fill their own places in the run
+    in the calls' order, and every other result (no id, an unknown or a repeated one) keeps
+    its place.  When every result is matched this is GLM-5.3's template rule; the other
+    templates show results in the order given, with no ids, so a parallel turn whose results
+    came back in the order the tools finished would pair each call with another's result.
+    Returns ``messages`` itself when nothing moves."""
+    out = messages
+    i = 0
+    while i < len(messages):
+        calls = messages[i].get("tool_calls") if messages[i].get("role") == "assistant" else None
+        start = end = i + 1
+        while end < len(messages) and messages[end].get("role") == "tool":
+            end += 1
+        i = end
+        if not calls or end - start < 2:
+            continue
+        call_ids = [_id_of(c) for c in calls if isinstance(c, dict)]
+        once = Counter(call_ids)
+        where = {cid: k for k, cid in enumerate(call_ids) if cid and once[cid] == 1}
+        ids = [_id_of(m) for m in messages[start:end]]
+        seen = Counter(ids)
+        slots = [start + k for k, rid in enumerate(ids) if rid in where and seen[rid] == 1]
+        ordered = sorted(slots, key=lambda j: where[ids[j - start]])
+        if ordered != slots:
+            if out is messages:
+                out = list(messages)
+            for slot, j in zip(slots, ordered):
+                out[slot] = messages[j]
+    return out
 
 
 # --------------------------------------------------------------------------- output events
