@@ -265,6 +265,7 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
                        media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as formats read them: text content (parts joined by the family's
     ``joiner``; media parts as notes, :mod:`glmserve.api.media`), ``developer`` as ``system``,
+    an assistant's ``reasoning`` (vLLM's name) or ``reasoning_content`` as ``reasoning_content``,
     legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call,
     ``tool_reference`` parts of tool results as ``tool_references`` / ``content_parts`` (text
     before and after them kept)."""
@@ -292,8 +293,9 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
                     {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
                     for c in calls
                 ]
-            if m.reasoning_content is not None:
-                d["reasoning_content"] = m.reasoning_content
+            reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+            if reasoning is not None:
+                d["reasoning_content"] = reasoning
         if role == "tool":
             if content is None:
                 raise APIError(400, f"messages[{i}].content: a tool message needs content", param=f"messages[{i}].content")

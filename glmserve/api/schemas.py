@@ -90,6 +90,9 @@ class ChatMessage(Loose):
     tool_call_id: str | None = None
     function_call: FunctionCallParam | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    """vLLM's name for ``reasoning_content`` since its PR #33402; either is accepted (``reasoning``
+    wins when both are sent, as in vLLM)."""
 
 
 class FunctionDef(Loose):

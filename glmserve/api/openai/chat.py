@@ -183,10 +183,10 @@ class ChatCompletions:
             elif isinstance(ev, ReasoningEvent):
                 if not ev.text:
                     continue
-                if prev is not None and set(prev) == {"reasoning_content"}:
-                    prev["reasoning_content"] += ev.text
-                else:
-                    out.append({"reasoning_content": ev.text})
+                if prev is not None and "reasoning" in prev:
+                    prev["reasoning"] = prev["reasoning_content"] = prev["reasoning"] + ev.text
+                else:  # both names, as the whole message has them (MessageBuilder.message)
+                    out.append({"reasoning": ev.text, "reasoning_content": ev.text})
             elif isinstance(ev, ToolCallStart):
                 call = builder.calls[ev.index]
                 if h.legacy_functions:
