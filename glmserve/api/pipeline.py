@@ -76,7 +76,8 @@ class GenerationOptions:
     thinking_budget: int | None = None
     """At most this many reasoning tokens: then the reasoning is closed and the answer
     generated under the same constraints (:mod:`glmserve.api.thinking_budget`).  Needs n=1;
-    ignored where thinking is off or the format cannot close its reasoning."""
+    ignored where thinking is off, the format cannot close its reasoning, or it is at least the
+    granted output (it cannot bind: one engine request, the output limit the only one)."""
 
 
 @dataclass
@@ -254,7 +255,7 @@ class ChatPipeline:
                       for t in chat.tools if t.parameters is not None}
         prepared = Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
                             model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
-                            validators=validators, budget=self._budget(chat, opts))
+                            validators=validators, budget=self._budget(chat, opts, max_tokens))
         prepared.server_seconds = time.perf_counter() - t0
         server = self.metrics.server_seconds
         server.labels("render").observe(t1 - t0)
@@ -263,8 +264,13 @@ class ChatPipeline:
         server.labels("prepare").observe(prepared.server_seconds)
         return prepared
 
-    def _budget(self, chat: ChatRequest, opts: GenerationOptions) -> BudgetPlan | None:
-        if opts.thinking_budget is None:
+    def _budget(self, chat: ChatRequest, opts: GenerationOptions, max_tokens: int) -> BudgetPlan | None:
+        """How the thinking budget is enforced; None without one, or where the budget is at least
+        the output the request is granted (``max_tokens`` after the clamps): the reasoning cannot
+        outgrow the output, so the budget cannot bind, and enforcing it would only cost a second
+        engine request each time the model closes its reasoning (Qwen Code sends budget and
+        ``max_tokens`` both 32000)."""
+        if opts.thinking_budget is None or opts.thinking_budget >= max_tokens:
             return None
         if opts.n != 1:
             raise APIError(400, "a thinking budget needs n=1", param="n")
