@@ -293,6 +293,8 @@ class ChatPipeline:
         builders = [MessageBuilder() for _ in range(n)]
         raws = [""] * n if log.isEnabledFor(logging.DEBUG) else []
         finished = 0
+        ended = [False] * n
+        answered = False  # the engine's first delta came: the prompt was processed
         t0 = time.perf_counter()
         first = True
         output_seconds = 0.0  # our own time on the deltas: from receiving one to asking for the next
@@ -303,6 +305,7 @@ class ChatPipeline:
         try:
             async for d in deltas:
                 t_delta = time.perf_counter()
+                answered = answered or bool(d.num_tokens) or d.finish_reason is not None  # not a budget's opener
                 if first and d.num_tokens and not p.params.final_only:  # a whole answer has no first token to time
                     # from the start of preparing (render, tokenize) to the first token, which is
                     # when a stream's first chunk leaves: what a client timing it measures
@@ -330,6 +333,7 @@ class ChatPipeline:
                 reason = None
                 if d.finish_reason is not None:
                     finished += 1
+                    ended[d.index] = True
                     reason = self._finish(p, d.finish_reason, parser, builder)
                     if raws:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
@@ -339,13 +343,16 @@ class ChatPipeline:
             self.metrics.server_seconds.labels("output").observe(output_seconds)
             self.metrics.server_seconds.labels("total").observe(p.server_seconds + output_seconds)
             p.server_seconds += output_seconds
-            self.metrics.prompt_tokens.inc(len(p.prompt_ids))
-            self.metrics.completion_tokens.inc(p.completion_tokens)
             self.metrics.e2e.observe(time.perf_counter() - t0)
         finally:
+            # the tokens spent count, a cut or failed answer's too; its calls so far are its tools
+            if answered:
+                self.metrics.prompt_tokens.inc(len(p.prompt_ids))
+            self.metrics.completion_tokens.inc(p.completion_tokens)
             if p.budget is not None:
                 await deltas.aclose()  # type: ignore[attr-defined]  # aborts its current engine request
             if finished < n:
+                p.tool_names.extend(c.name for i, b in enumerate(builders) if not ended[i] for c in b.calls)
                 await self.engine.abort(p.request_id)
 
     async def complete(self, p: Prepared) -> list[ChoiceResult]:

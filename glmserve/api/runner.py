@@ -209,17 +209,18 @@ class Services:
         finally:
             if not lease.streaming:
                 await lease.close()
-        if result is None:  # the client went away; its engine request was aborted
-            self.request_log.record(endpoint.name, handle.request_id, endpoint.log_fields(handle)[0], t0, 499,
-                                    {"disconnected": True, **named})
-            return Response(status_code=499)
         prompt_tokens, fields = endpoint.log_fields(handle)
+        if result is None:  # the client went away; its engine request was aborted
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 499,
+                                    {**fields, "disconnected": True, **named})
+            return Response(status_code=499)
         self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
         return JSONResponse(result)
 
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
                       named: dict[str, Any]) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
+        cut: dict[str, Any] = {}  # the client went away before the stream's end: logged as 499
         try:
             async with aclosing(endpoint.stream(handle)) as events:
                 async for event in events:
@@ -228,6 +229,9 @@ class Services:
                     elif held or event:
                         yield held + event
                         held = ""
+        except (GeneratorExit, asyncio.CancelledError):  # closed, or cancelled, at a disconnect
+            cut = {"disconnected": True}
+            raise
         except EngineUnavailable as exc:
             yield held + endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
         except EngineRequestError as exc:
@@ -242,8 +246,8 @@ class Services:
         finally:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
-            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200,
-                                    {"stream": True, **fields, **named})
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 499 if cut else 200,
+                                    {"stream": True, **fields, **cut, **named})
 
 
 class LeasedStream(StreamingResponse):

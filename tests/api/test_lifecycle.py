@@ -54,6 +54,8 @@ class FaultyEngine(ScriptedEngine):
     def __init__(self) -> None:
         super().__init__(lambda prompt, params: ["Hel", "lo", " there"], model_name="m")
         self.fault: str | None = None
+        self.first = Delta(index=0, text="par", num_tokens=1)
+        """The one delta a ``mid_stream`` or ``hang`` request gives before it fails or waits."""
         self.hanging = threading.Event()
         """Set once a ``hang`` request is waiting (read from the test's thread)."""
 
@@ -66,7 +68,7 @@ class FaultyEngine(ScriptedEngine):
         try:
             if self.fault == "first_chunk":
                 raise RuntimeError("injected: the engine failed before its first token")
-            yield Delta(index=0, text="par", num_tokens=1)
+            yield self.first
             if self.fault == "mid_stream":
                 raise RuntimeError("injected: the engine failed mid-answer")
             self.hanging.set()
@@ -124,6 +126,7 @@ def healthy(request):
     if "srv" in request.fixturenames:
         s = request.getfixturevalue("srv")
         s.engine.fault = None
+        s.engine.first = Delta(index=0, text="par", num_tokens=1)
         s.engine.hanging.clear()
         yield
         s.engine.fault = None
@@ -259,6 +262,39 @@ def test_a_client_gone_mid_answer_frees_the_slot_and_aborts_the_engine_request(s
         sock.close()
     srv.wait_idle()
     assert len(srv.engine.aborted) == before + 1, srv.engine.aborted  # aborted, and only once
+    srv.engine.fault = None
+    assert_served(srv, endpoint)
+
+
+TOOLS = {"chat": [{"type": "function", "function": {"name": "读取", "parameters": {"type": "object"}}}],
+         "messages": [{"name": "读取", "input_schema": {"type": "object"}}],
+         "responses": [{"type": "function", "name": "读取", "parameters": {"type": "object"}}]}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_a_cut_stream_is_logged_as_the_client_saw_it_and_its_tokens_count(srv, endpoint, caplog):
+    """A stream the client cut mid-call: the log line says 499 (``disconnected=True``) and names
+    the call the model had begun, and the tokens it spent are in the token counters."""
+    metrics = srv.app.state.services.metrics
+    prompt_before, completion_before = metrics.prompt_tokens._value.get(), metrics.completion_tokens._value.get()
+    srv.engine.fault = "hang"
+    srv.engine.first = Delta(index=0, text='<tool_call>\n{"name": "读取", "arguments": {"path": "a', num_tokens=7)
+    path, payload = body(endpoint, True)
+    payload["tools"] = TOOLS[endpoint]
+    with caplog.at_level(logging.INFO, logger="glmserve.requests"):
+        sock = raw_post(srv.port, path, payload)
+        try:
+            assert srv.engine.hanging.wait(WAIT)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            sock.close()
+        srv.wait_idle()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+    assert " status=499 " in line and "disconnected=True" in line and "stream=True" in line, line
+    assert "tools=['读取']" in line and "completion_tokens=7" in line, line
+    prompt_tokens = int(line.split("prompt_tokens=")[1].split()[0])
+    assert metrics.completion_tokens._value.get() == completion_before + 7
+    assert metrics.prompt_tokens._value.get() == prompt_before + prompt_tokens > prompt_before
     srv.engine.fault = None
     assert_served(srv, endpoint)
 
