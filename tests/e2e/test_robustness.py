@@ -424,9 +424,18 @@ def test_load_clients_that_honour_retry_after_all_complete(guarded):
 # ----------------------------------------------------------------------------- disconnects
 
 
+def counter(server: Server, name: str) -> float:
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    return next(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(name + " "))
+
+
 def test_stream_disconnect_frees_engine_slot(guarded):
+    """A stream the client cuts is aborted in the engine, logged as 499 (not 200), and the
+    tokens it spent are in the token counters."""
     body = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400, "ignore_eos": True,
             "stream": True}
+    prompt_before = counter(guarded, "glmserve_prompt_tokens_total")
+    completion_before = counter(guarded, "glmserve_completion_tokens_total")
     with httpx.stream("POST", guarded.base_url + "/chat/completions", headers=auth(), json=body, timeout=60) as r:
         lines = r.iter_lines()
         seen = 0
@@ -436,6 +445,13 @@ def test_stream_disconnect_frees_engine_slot(guarded):
     # the connection is closed: the engine request is aborted, not left to run 400 tokens
     took = wait_idle(guarded, 5)
     print(f"\nstream disconnect: engine slot freed {took:.2f}s after close")
+    (line,) = [x for x in guarded.log().splitlines() if " status=499 " in x and "stream=True" in x]
+    assert "disconnected=True" in line, line
+    spent = int(line.split("completion_tokens=")[1].split()[0])
+    assert 3 <= spent < 400, line  # at least the three text chunks read, far from the 400 asked
+    print(f"stream disconnect: logged 499 with {spent} completion tokens, counted")
+    assert counter(guarded, "glmserve_completion_tokens_total") == completion_before + spent
+    assert counter(guarded, "glmserve_prompt_tokens_total") == prompt_before + int(line.split("prompt_tokens=")[1].split()[0])
 
 
 def test_non_stream_disconnect_frees_engine_slot(guarded):
