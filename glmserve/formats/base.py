@@ -202,17 +202,20 @@ def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]
         if not calls or end - start < 2:
             continue
         call_ids = [_id_of(c) for c in calls if isinstance(c, dict)]
-        once = Counter(call_ids)
-        where = {cid: k for k, cid in enumerate(call_ids) if cid and once[cid] == 1}
         ids = [_id_of(m) for m in messages[start:end]]
+        if ids == call_ids:  # the usual case: already in order
+            continue
+        where: dict[str, int] = {}  # a call id's position; -1 for one used twice
+        for k, cid in enumerate(call_ids):
+            where[cid] = -1 if cid in where else k
         seen = Counter(ids)
-        slots = [start + k for k, rid in enumerate(ids) if rid in where and seen[rid] == 1]
-        ordered = sorted(slots, key=lambda j: where[ids[j - start]])
+        slots = [k for k, rid in enumerate(ids) if rid and where.get(rid, -1) >= 0 and seen[rid] == 1]
+        ordered = sorted(slots, key=lambda k: where[ids[k]])
         if ordered != slots:
             if out is messages:
                 out = list(messages)
-            for slot, j in zip(slots, ordered):
-                out[slot] = messages[j]
+            for slot, k in zip(slots, ordered):
+                out[start + slot] = messages[start + k]
     return out
 
 
