@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from servers import ThreadServer
@@ -279,6 +280,8 @@ class Run:
     program: SessionProgram
     outside: list[str]
     """Requests that went anywhere but glmserve (through the sinkhole proxy)."""
+    left: list[str]
+    """Processes the session left running (a daemon it started), killed once found."""
 
     def where(self) -> str:
         lines = [f"exit {self.returncode} after {self.seconds:.1f}s", "stdout: " + self.stdout[-3000:],
@@ -287,7 +290,7 @@ class Run:
         if self.program.turns:
             results = re.findall(r"<tool_response>(.*?)</tool_response>", self.program.turns[-1][0], re.S)
             lines += ["tool results the model saw last:", *(f"  {r[:600]!r}" for r in results)]
-        return "\n".join(lines + ["request log:", *self.log, f"outside: {self.outside}"])
+        return "\n".join(lines + ["request log:", *self.log, f"outside: {self.outside}", f"left running: {self.left}"])
 
 
 def offline_env(home: Path, sinkhole: Sinkhole, extra: dict[str, str]) -> dict[str, str]:
@@ -328,7 +331,22 @@ def run_session(server: SessionServer, tools: Vocabulary, tmp: Path, max_model_l
     finally:
         sinkhole.stop()
     return Run(r.returncode, r.stdout, r.stderr, time.monotonic() - t0, list(server.exchanges), list(server.log),
-               program, list(sinkhole.seen))
+               program, list(sinkhole.seen), left_running(tmp))
+
+
+def left_running(tmp: Path) -> list[str]:
+    """The command lines of processes still running in or on the session's directory once its CLI
+    exited (a hub or daemon it started detached), each killed by its pid."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(tmp) in cmdline or (proc.info["cwd"] or "").startswith(str(tmp)):
+            found.append(cmdline)
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    return found
 
 
 def check_session(run: Run, endpoint: str, notes: Path, context: int, asks_budget: bool) -> None:
@@ -346,7 +364,7 @@ def check_session(run: Run, endpoint: str, notes: Path, context: int, asks_budge
     assert [len(re.findall("<tool_response>", p)) for p, _ in turns] == [0, 1, 2, 3], where
     assert [(e.method, e.path, e.status) for e in run.exchanges] == [("POST", endpoint, 200)] * (len(turns) + len(side)), where
     assert len(run.log) == len(run.exchanges) and all(" status=200 " in line for line in run.log), where
-    assert run.outside == [], where
+    assert run.outside == [] and run.left == [], where
     clamped = 0
     for line in run.log:  # the budget granted: what was asked, at most the room the prompt left
         prompt_tokens, granted = re.search(r" prompt_tokens=(\d+) .* max_tokens=(\d+)", line).groups()

@@ -96,13 +96,15 @@ def test_cline_session(glm45: SessionServer, tmp_path: Path) -> None:
         (data / "cache").mkdir()
         (data / "settings" / "global-settings.json").write_text(json.dumps(
             {"telemetryOptOut": True, "autoUpdateEnabled": False}))
-        # a fresh feature-flag cache: without one Cline fetches its flags at start
+        # a fresh feature-flag cache: without one Cline fetches its flags at start.  The local
+        # backend runs the session in-process: by default Cline starts a hub daemon on port 25463
+        # that outlives the run (and joins whichever hub already listens there)
         (data / "cache" / "feature-flags.json").write_text(json.dumps(
             {"version": 2, "updatedAt": int(time.time() * 1000), "userId": None,
              "flagsPayload": {"featureFlags": {}, "featureFlagPayloads": {}}}))
         cline = str(CLINE.path())
         return [[cline, "auth", "-p", "openai-compatible", "-k", KEY, "-m", glm45.model, "-b", url + "/v1"],
-                [cline, TASK]], {"CLINE_NO_AUTO_UPDATE": "1"}
+                [cline, TASK]], {"CLINE_NO_AUTO_UPDATE": "1", "CLINE_SESSION_BACKEND_MODE": "local"}
 
     run = run_session(glm45, CLINE_TOOLS, tmp_path, 36_000, setup)
     check_session(run, "/v1/chat/completions", tmp_path / "work" / "notes.md", 36_000, asks_budget=False)
