@@ -328,10 +328,11 @@ def run_session(server: SessionServer, tools: Vocabulary, tmp: Path, max_model_l
                            timeout=CLI_TIMEOUT, check=True)
         r = subprocess.run(commands[-1], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=CLI_TIMEOUT)
-    finally:
+    finally:  # whatever happened, nothing the session started outlives it
         sinkhole.stop()
+        left = left_running(tmp)
     return Run(r.returncode, r.stdout, r.stderr, time.monotonic() - t0, list(server.exchanges), list(server.log),
-               program, list(sinkhole.seen), left_running(tmp))
+               program, list(sinkhole.seen), left)
 
 
 def left_running(tmp: Path) -> list[str]:
@@ -352,9 +353,10 @@ def left_running(tmp: Path) -> list[str]:
 def check_session(run: Run, endpoint: str, notes: Path, context: int, asks_budget: bool) -> None:
     """What every session must show: exit 0, the file edited byte-exact and the shell's output
     written, the answer quoting every tool result, exactly one 200 per model turn and nothing
-    else on the wire (no retry, no 4xx, nothing outside), every turn granted all the room its
-    prompt left in the served ``context`` -- and, for a CLI that ``asks_budget`` (a fixed
-    ``max_tokens``), that it asked for more than that room: the session ran on the clamp."""
+    else on the wire (no retry, no 4xx, nothing outside, no process left running), every request
+    granted what it asked at most the room its prompt left in the served ``context`` -- and, for
+    a CLI that ``asks_budget`` (a fixed ``max_tokens``), every model turn asked for more than
+    that room and was granted the room: the session ran on the clamp."""
     where = run.where()
     assert run.returncode == 0, where
     assert notes.read_bytes() == EDITED.encode(), where
