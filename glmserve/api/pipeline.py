@@ -47,16 +47,23 @@ _TOKENIZE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmserve-
 """Shared by every app in the process: at most two long prompts are tokenized at once."""
 
 
+def output_budget(asked: int | None, cap: int | None, room: int) -> int:
+    """The output tokens a request is granted: what it asked for, at most the server's cap
+    (``--max-output-tokens``) and the room its prompt leaves in the context; all that room when
+    it asked for nothing.  vLLM's server does the same (``get_max_tokens``), and agents count on
+    it: OpenCode, Kilo and Qwen Code ask for a fixed budget (32000) whatever the context, and a 400
+    for asking more than a smaller context leaves sends them compacting and retrying, or exiting.  Whoever ran into the
+    clamp sees it: ``finish_reason`` ``length`` when the budget runs out, the granted budget in
+    the ``X-Glmserve-Max-Tokens`` header and the request log."""
+    return min(v for v in (asked, cap, room) if v is not None)
+
+
 @dataclass
 class GenerationOptions:
     """Sampling and length settings, already read from the endpoint's request."""
 
     max_tokens: int | None = None
-    """None: all the room the context leaves after the prompt."""
-    clamp_max_tokens: bool = False
-    """True: asking beyond the room is clamped to it; False: 400 ``context_length_exceeded``."""
-    max_tokens_param: str = "max_tokens"
-    """The request field named by a 400 about ``max_tokens``."""
+    """The output budget asked for; what is granted is :func:`output_budget`."""
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -99,6 +106,8 @@ class Prepared:
     """The finished calls' tool names, filled in while running (for the request log)."""
     budget: BudgetPlan | None = None
     """How the thinking budget is enforced, when the request has one."""
+    max_tokens_asked: int | None = None
+    """The output budget the request asked for (None: none); ``params.max_tokens`` is the one granted."""
     server_seconds: float = 0.0
     """glmserve's own time on this request so far (prepare, then output): the ``total`` phase."""
 
@@ -217,16 +226,7 @@ class ChatPipeline:
         if room <= 0:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
                                 f"{limit} tokens", param="messages", code="context_length_exceeded")
-        max_tokens = opts.max_tokens
-        capped = self.max_output_tokens is not None and (max_tokens is None or max_tokens > self.max_output_tokens)
-        if capped:
-            max_tokens = self.max_output_tokens
-        if max_tokens is None or ((opts.clamp_max_tokens or capped) and max_tokens > room):
-            max_tokens = room
-        elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this "
-                                f"model's context of {limit} tokens (at most {room} can be generated)",
-                           param=opts.max_tokens_param, code="context_length_exceeded")
+        max_tokens = output_budget(opts.max_tokens, self.max_output_tokens, room)
         constraint = self.constraint(chat, opts.schema_field) or opts.output_constraint
         t3 = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -255,7 +255,8 @@ class ChatPipeline:
                       for t in chat.tools if t.parameters is not None}
         prepared = Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
                             model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
-                            validators=validators, budget=self._budget(chat, opts, max_tokens))
+                            validators=validators, budget=self._budget(chat, opts, max_tokens),
+                            max_tokens_asked=opts.max_tokens)
         prepared.server_seconds = time.perf_counter() - t0
         server = self.metrics.server_seconds
         server.labels("render").observe(t1 - t0)

@@ -46,6 +46,9 @@ from glmserve.metrics import Metrics
 log = logging.getLogger("glmserve.api")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_TOKENS_HEADER = "X-Glmserve-Max-Tokens"
+"""The output budget a generating request was granted (:func:`glmserve.api.pipeline.output_budget`):
+less than it asked for when its prompt left less room (or ``--max-output-tokens`` is lower)."""
 
 _SSE_SCHEMA: dict[str, Any] = {
     "description": "server-sent events: the body as text, or each event as its fields",
@@ -92,6 +95,11 @@ class Handle(Protocol):
     request_id: str
     stream: bool
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers of the answer, streamed or whole (the granted output budget)."""
+        ...
+
 
 @dataclass
 class PreparedHandle:
@@ -105,6 +113,19 @@ class PreparedHandle:
     @property
     def request_id(self) -> str:
         return self.run.request_id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {MAX_TOKENS_HEADER: str(self.run.params.max_tokens)}
+
+    def log_fields(self) -> tuple[int, dict[str, Any]]:
+        """The request-log fields every chat endpoint writes: ``max_tokens`` is the budget granted,
+        ``max_tokens_asked`` what the request asked for, where it got less."""
+        r = self.run
+        granted = r.params.max_tokens
+        asked = {"max_tokens_asked": r.max_tokens_asked} if (r.max_tokens_asked or 0) > granted else {}
+        return r.prompt_tokens, {"cached_tokens": r.cached_tokens or 0, "completion_tokens": r.completion_tokens,
+                                 "tools": list(r.tool_names), "max_tokens": granted, **asked, **self.media_fields}
 
 
 BodyT = TypeVar("BodyT", contravariant=True)
@@ -204,7 +225,7 @@ class Services:
         try:
             handle = await endpoint.prepare(body, request)
             if handle.stream:
-                return LeasedStream(self._stream(endpoint, handle, t0, lease, named), lease)
+                return LeasedStream(self._stream(endpoint, handle, t0, lease, named), lease, handle.headers)
             result = await _unless_disconnected(request, endpoint.complete(handle))
         finally:
             if not lease.streaming:
@@ -215,7 +236,7 @@ class Services:
                                     {**fields, "disconnected": True, **named})
             return Response(status_code=499)
         self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
-        return JSONResponse(result)
+        return JSONResponse(result, headers=handle.headers)
 
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
                       named: dict[str, Any]) -> AsyncIterator[str]:
@@ -255,8 +276,8 @@ class LeasedStream(StreamingResponse):
     engine requests end now, not when collected) and its lease once sent, failed or cut
     off.  Never sent at all, the request's LeaseMiddleware closes the lease."""
 
-    def __init__(self, events: AsyncIterator[str], lease: Lease) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+    def __init__(self, events: AsyncIterator[str], lease: Lease, headers: dict[str, str] | None = None) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
         self.events = events
         self.lease = lease
         lease.streaming = True

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,8 +24,8 @@ from glmserve.api.app import Settings, create_app
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import normalise_tool_choice
 from glmserve.api.middleware import accept_key_header, key_id
-from glmserve.api.pipeline import GenerationOptions, Prepared
-from glmserve.api.runner import Services, serve
+from glmserve.api.pipeline import GenerationOptions
+from glmserve.api.runner import MAX_TOKENS_HEADER, PreparedHandle, Services, serve
 from glmserve.engine.base import Delta, EngineUnavailable, GenerateParams
 from glmserve.engine.scripted import ScriptedEngine
 from glmserve.formats import get_format
@@ -50,14 +49,7 @@ class EchoBody(BaseModel):
     max_tokens: int | None = None
 
 
-@dataclass
-class EchoHandle:
-    run: Prepared
-    stream: bool
-
-    @property
-    def request_id(self) -> str:
-        return self.run.request_id
+EchoHandle = PreparedHandle  # a prepared run and whether to stream it
 
 
 class Echo:
@@ -70,7 +62,7 @@ class Echo:
 
     async def prepare(self, body: EchoBody, request: Request) -> EchoHandle:
         chat = ChatRequest(messages=[{"role": "user", "content": body.text}], tool_choice="none")
-        opts = GenerationOptions(max_tokens=body.max_tokens, clamp_max_tokens=True)
+        opts = GenerationOptions(max_tokens=body.max_tokens)
         return EchoHandle(await self.pipeline.prepare(chat, opts, "echo_"), body.stream)
 
     async def complete(self, h: EchoHandle) -> dict[str, Any]:
@@ -136,13 +128,15 @@ def test_runner_serves_a_minimal_endpoint_whole_and_streamed(caplog):
 def test_runner_clamps_or_fills_max_tokens_from_the_room_left():
     app, engine = echo_app(["x"])
     with TestClient(app) as client:
-        client.post("/v1/echo", json={"text": "hi"})
+        r = client.post("/v1/echo", json={"text": "hi"})
         room = engine.max_model_len - len(engine.last_prompt)
         assert engine.last_params.max_tokens == room  # None: all the room there is
-        client.post("/v1/echo", json={"text": "hi", "max_tokens": 10**6})
-        assert engine.last_params.max_tokens == room  # clamp_max_tokens=True
-        client.post("/v1/echo", json={"text": "hi", "max_tokens": 5})
-        assert engine.last_params.max_tokens == 5
+        assert r.headers[MAX_TOKENS_HEADER] == str(room)
+        r = client.post("/v1/echo", json={"text": "hi", "max_tokens": 10**6, "stream": True})
+        assert engine.last_params.max_tokens == room  # asking beyond the room: clamped, as vLLM does
+        assert r.status_code == 200 and r.headers[MAX_TOKENS_HEADER] == str(room)
+        r = client.post("/v1/echo", json={"text": "hi", "max_tokens": 5})
+        assert engine.last_params.max_tokens == 5 and r.headers[MAX_TOKENS_HEADER] == "5"
 
 
 def test_runner_checks_model_health_and_admission_in_order():

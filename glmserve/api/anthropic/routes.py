@@ -130,7 +130,6 @@ class Messages:
         schema = am.output_format_schema(body)
         opts = GenerationOptions(
             max_tokens=body.max_tokens,
-            clamp_max_tokens=True,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -147,9 +146,7 @@ class Messages:
                               media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: MessagesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     **h.media_fields}
+        return h.log_fields()
 
     def _message(self, h: MessagesHandle, content: list[dict[str, Any]], end: tuple[str | None, str | None]
                  ) -> dict[str, Any]:

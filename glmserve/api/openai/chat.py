@@ -36,7 +36,6 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
     """Sampling and length settings of a Chat Completions request."""
     return GenerationOptions(
         max_tokens=req.max_completion_tokens or req.max_tokens,
-        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
         temperature=req.temperature,
         top_p=req.top_p,
         seed=req.seed,
@@ -98,9 +97,7 @@ class ChatCompletions:
                           media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: ChatHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     **h.media_fields}
+        return h.log_fields()
 
     @staticmethod
     def _reason(h: ChatHandle, reason: str) -> str:

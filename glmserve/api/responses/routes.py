@@ -174,8 +174,7 @@ class Responses:
                            parallel_tool_calls=body.parallel_tool_calls is not False, enable_thinking=enable,
                            reasoning_effort=effort)
         fmt, fmt_param = text_format(body)
-        opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
-                                 max_tokens_param="max_output_tokens", temperature=body.temperature,
+        opts = GenerationOptions(max_tokens=body.max_output_tokens, temperature=body.temperature,
                                  top_p=body.top_p, output_constraint=response_format_constraint(fmt, fmt_param, limits),
                                  schema_field="parameters")
         try:
@@ -213,9 +212,8 @@ class Responses:
         }
 
     def log_fields(self, h: ResponsesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     "store": h.body.store, **h.media_fields}
+        prompt_tokens, fields = h.log_fields()
+        return prompt_tokens, {**fields, "store": h.body.store}
 
     async def _save(self, h: ResponsesHandle) -> None:
         if h.body.store:
