@@ -15,8 +15,8 @@ How a run goes:
 * ``--replicas`` glmserve replicas (``glmserve serve MODEL``) start once, each with a KV cache
   of ``--num-gpu-blocks`` blocks (vLLM's ``--num-gpu-blocks-override``) and vLLM's KV-cache
   events on a ZMQ port of its own (for ``kv_aware``);
-* per policy and run, vllm-router starts in front of them (``--policy``; ``kv_aware`` with
-  ``--kv-event-source`` for every replica), the sessions run, the router stops;
+* per API (``--endpoints``), policy and run, vllm-router starts in front of them (``--policy``;
+  ``kv_aware`` with ``--kv-event-source`` for every replica), the sessions run, the router stops;
 * ``--sessions`` agent sessions (:mod:`glmserve.bench.agent`'s conversation: a system prompt
   headed by the session's name, the first ``--tools`` tools, one tool call and its ~650-token
   result per turn) of ``--turns`` turns, in lock step: turn k of every session at once, then
