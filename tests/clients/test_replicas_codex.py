@@ -30,6 +30,8 @@ from replica_proxy import RoundRobin
 from router import VllmRouter
 from servers import free_port
 
+from glmserve.bench.router import answered
+
 SCRIPTED = Path(__file__).parents[1] / "scripted_server.py"
 
 
@@ -76,12 +78,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         proc.wait(10)
 
 
-def _answered(port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith('glmserve_requests_total{endpoint="/v1/responses",status="200"}'))
-
-
 def test_codex_across_two_replicas(tmp_path: Path, postgres) -> None:
     codex_bin()
     ports, procs = _replicas(tmp_path, postgres, "codex_replicas")
@@ -119,7 +115,7 @@ def test_codex_through_vllm_router(tmp_path: Path, postgres) -> None:
                           "--dangerously-bypass-approvals-and-sandbox",
                           provider_toml='env_http_headers = { "X-Session-ID" = "CODEX_SESSION_ID" }\n',
                           env_extra={"CODEX_SESSION_ID": f"codex-{secrets.token_hex(6)}"})
-            served = [_answered(p) for p in ports]
+            served = answered([f"http://127.0.0.1:{p}" for p in ports], "/v1/responses")
             router_log = router.log()
     finally:
         _stop(procs)

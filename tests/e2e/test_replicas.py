@@ -213,12 +213,9 @@ def router(replicas):
 
 def answered(replicas, route: str) -> list[float]:
     """Each replica's count of requests answered 200 at ``route`` (its /metrics)."""
-    out = []
-    for s in replicas:
-        text = httpx.get(s.url + "/metrics", timeout=30).text
-        out.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith(f'glmserve_requests_total{{endpoint="{route}",status="200"}}')))
-    return out
+    from glmserve.bench.router import answered as answered_at
+
+    return answered_at([s.url for s in replicas], route)
 
 
 def served_by(replicas, route: str, call):
