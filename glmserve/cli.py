@@ -353,7 +353,7 @@ COMMANDS = {
     "render": "print the prompt a chat request becomes",
     "parse": "print the message a raw model output becomes",
     "chat": "interactive terminal chat against a running server",
-    "bench": "benchmark glmserve against vllm serve on the same model",
+    "bench": "benchmark glmserve against vllm serve on the same model (other modes: bench parser-cost, bench router)",
 }
 
 

@@ -13,6 +13,7 @@ distinct ids, paths or tool names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +32,18 @@ STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409
 
 REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal")
 """Why reasoning sent back by a client was not given to the model as its own."""
+
+
+RENDERING: ContextVar[bool] = ContextVar("glmserve_rendering", default=False)
+"""True while the current request is prepared only to say what it becomes (the render API,
+:meth:`glmserve.api.runner.Services.render`): what a generated request counts (the phases of
+its server time, media replaced by notes, reasoning left out) is counted once, by the request
+that generates, not again by each replica a router asks to render it."""
+
+
+def counted() -> bool:
+    """Whether the current request's per-request figures count (see :data:`RENDERING`)."""
+    return not RENDERING.get()
 
 
 def route_label(scope: Mapping[str, Any]) -> str:

@@ -27,16 +27,18 @@ def codex_bin() -> Path:
 
 
 def run_codex(base_url: str, key: str, model: str, prompt: str, workdir: Path, timeout: float = 180,
-              *extra: str) -> subprocess.CompletedProcess[str]:
-    """``codex exec PROMPT`` in ``workdir`` with glmserve as its only provider."""
+              *extra: str, provider_toml: str = "", env_extra: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    """``codex exec PROMPT`` in ``workdir`` with glmserve as its only provider (``provider_toml``:
+    more lines of its ``[model_providers.glmserve]`` table, e.g. ``env_http_headers``)."""
     home = workdir.parent / (workdir.name + "-codex-home")
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'model = "{model}"\nmodel_provider = "glmserve"\n'
         f'[model_providers.glmserve]\nname = "glmserve"\nbase_url = "{base_url}"\n'
         f'env_key = "GLMSERVE_TEST_KEY"\nwire_api = "responses"\nrequest_max_retries = 0\n'
-        f'stream_max_retries = 0\n'
+        f'stream_max_retries = 0\n{provider_toml}'
     )
-    env = {**os.environ, "CODEX_HOME": str(home), "GLMSERVE_TEST_KEY": key, "NO_COLOR": "1"}
+    env = {**os.environ, "CODEX_HOME": str(home), "GLMSERVE_TEST_KEY": key, "NO_COLOR": "1", **(env_extra or {})}
     return subprocess.run([str(codex_bin()), "exec", "--skip-git-repo-check", *extra, prompt], cwd=workdir, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)

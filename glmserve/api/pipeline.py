@@ -31,7 +31,7 @@ from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, 
 from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
-from glmserve.metrics import Metrics
+from glmserve.metrics import Metrics, counted
 
 log = logging.getLogger("glmserve.chat")
 
@@ -258,11 +258,12 @@ class ChatPipeline:
                             validators=validators, budget=self._budget(chat, opts, max_tokens),
                             max_tokens_asked=opts.max_tokens)
         prepared.server_seconds = time.perf_counter() - t0
-        server = self.metrics.server_seconds
-        server.labels("render").observe(t1 - t0)
-        server.labels("tokenize").observe(t2 - t1)
-        server.labels("constraint").observe(t3 - t2)
-        server.labels("prepare").observe(prepared.server_seconds)
+        if counted():
+            server = self.metrics.server_seconds
+            server.labels("render").observe(t1 - t0)
+            server.labels("tokenize").observe(t2 - t1)
+            server.labels("constraint").observe(t3 - t2)
+            server.labels("prepare").observe(prepared.server_seconds)
         return prepared
 
     def _budget(self, chat: ChatRequest, opts: GenerationOptions, max_tokens: int) -> BudgetPlan | None:

@@ -39,9 +39,9 @@ from glmserve.api.errors import APIError
 from glmserve.api.middleware import hold
 from glmserve.api.pipeline import ChatPipeline, Prepared
 from glmserve.api.settings import Settings
-from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable
+from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable, GenerateParams
 from glmserve.formats.base import ChatFormat
-from glmserve.metrics import Metrics
+from glmserve.metrics import RENDERING, Metrics
 
 log = logging.getLogger("glmserve.api")
 
@@ -238,6 +238,26 @@ class Services:
         self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
         return JSONResponse(result, headers=handle.headers)
 
+    async def render(self, endpoint: Endpoint[Any, HandleT], body: Any, request: Request) -> HandleT:
+        """``endpoint.prepare`` alone, for vLLM's render API (``POST /v1/chat/completions/render``
+        and its siblings): what the request becomes -- its prompt's token ids and the engine's
+        settings -- without generating.  vllm-router's ``kv_aware`` policy asks every replica
+        for them and routes to the one whose KV-cache events hold the longest prefix of the ids.
+        The same checks as :meth:`serve` up to ``prepare`` (model, engine health, an admission
+        slot while preparing, so a flood of renders is shed like one of requests); nothing is
+        logged as a request nor counted as one generated (:data:`glmserve.metrics.RENDERING`)."""
+        requested = getattr(endpoint, "requested_model", None)
+        self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
+        await self.engine.check_health()
+        lease = Lease(self.admission.acquire(), self.engine)
+        hold(request.scope, lease)
+        rendering = RENDERING.set(True)
+        try:
+            return await endpoint.prepare(body, request)
+        finally:
+            RENDERING.reset(rendering)
+            await lease.close()
+
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
                       named: dict[str, Any]) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
@@ -288,6 +308,28 @@ class LeasedStream(StreamingResponse):
         finally:
             await self.events.aclose()  # type: ignore[attr-defined]
             await self.lease.close()
+
+
+def generate_request(request_id: str, model: str, token_ids: list[int], params: GenerateParams,
+                     stream: bool) -> dict[str, Any]:
+    """One engine input in the shape of vLLM's render API (its ``GenerateRequest``): the token
+    ids the engine is given and the sampling settings glmserve derived from the request (the
+    decoding constraint is not among them: it is glmserve's own, built from the tools)."""
+    return {"request_id": request_id, "model": model, "token_ids": token_ids, "stream": stream,
+            "sampling_params": {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                                "top_p": params.top_p, "top_k": params.top_k or 0, "seed": params.seed,
+                                "stop": params.stop, "stop_token_ids": params.stop_token_ids,
+                                "presence_penalty": params.presence_penalty,
+                                "frequency_penalty": params.frequency_penalty, "n": params.n,
+                                "logprobs": params.logprobs, "ignore_eos": params.ignore_eos,
+                                "skip_special_tokens": params.skip_special_tokens}}
+
+
+def rendered(handle: PreparedHandle, model: str) -> dict[str, Any]:
+    """The render API's answer for a chat-pipeline request (Chat Completions, Messages, Responses)
+    to ``model`` (the served name)."""
+    run = handle.run
+    return generate_request(run.request_id, model, run.prompt_ids, run.params, handle.stream)
 
 
 async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:

@@ -82,6 +82,47 @@ def test_claude_code_tool_loop_on_scripted_engine(tmp_path: Path) -> None:
     assert len(seen) == 2 and "<tool_response>" in seen[1]
 
 
+def test_claude_code_through_vllm_router(tmp_path: Path) -> None:
+    """The README's recipe with Claude Code itself: two replicas behind vllm-router with
+    ``--api-key`` (its transparent proxy drops Claude Code's ``x-api-key``) and
+    ``sticky_least_loaded``; Claude Code sends its session's ``X-Session-ID`` through
+    ``ANTHROPIC_CUSTOM_HEADERS``, so both turns of its tool loop land on one replica."""
+    from anthropic_scripted import ScriptedServer, xml_call
+    from router import VllmRouter
+
+    from glmserve.api.settings import Settings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "hello.txt"
+    seen: dict[int, list[str]] = {0: [], 1: []}
+
+    def script(replica: int):
+        def answer(prompt: str) -> str:
+            seen[replica].append(prompt)
+            if "<tool_response>" in prompt:
+                return "<think>The file is written.</think>\nDone: hello.txt holds the greeting."
+            return ("<think>I will write the file with the Write tool.</think>\n"
+                    + xml_call("Write", {"file_path": str(target), "content": "hello from glm\n"}))
+        return answer
+
+    servers = [ScriptedServer(Settings(api_keys=["cc-key"]), max_model_len=400_000, model="glm-scripted") for _ in range(2)]
+    try:
+        for i, s in enumerate(servers):
+            s.output = script(i)
+        with VllmRouter([s.url for s in servers], "sticky_least_loaded", "--api-key", "cc-key") as router:
+            r = run_claude(router.url, "cc-key", "glm-scripted", "Write hello.txt saying hello.", work,
+                           "--allowedTools", "Write", env_extra={"ANTHROPIC_CUSTOM_HEADERS": "X-Session-ID: cc-session-1"})
+    finally:
+        for s in servers:
+            s.stop()
+    assert r.returncode == 0, f"stdout={r.stdout!r}\nstderr={r.stderr[-3000:]!r}"
+    assert target.read_text() == "hello from glm\n"
+    assert "Done: hello.txt holds the greeting." in r.stdout
+    assert sorted(len(p) for p in seen.values()) == [0, 2], seen  # one replica served the whole session
+    assert "<tool_response>" in max(seen.values(), key=len)[1]
+
+
 @pytest.mark.e2e
 def test_claude_code_turn_on_real_engine(tmp_path: Path) -> None:
     from servers import start_server

@@ -23,7 +23,7 @@ from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions
-from glmserve.api.runner import STREAMS, Prelude, PreparedHandle, Services, chunk_encoder
+from glmserve.api.runner import STREAMS, Prelude, PreparedHandle, Services, chunk_encoder, rendered
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -231,6 +231,12 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return media.add_header(request, await services.serve(endpoint, body, request))
+
+    @r.post("/v1/chat/completions/render")
+    async def render(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        """vLLM's render API: the prompt's token ids, nothing generated (see
+        :meth:`~glmserve.api.runner.Services.render`)."""
+        return rendered(await services.render(endpoint, body, request), services.check_model(body.model))
 
     @r.post("/tokenize")
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.pipeline import output_budget
-from glmserve.api.runner import MAX_TOKENS_HEADER, STREAMS, Prelude, Services, chunk_encoder
+from glmserve.api.runner import MAX_TOKENS_HEADER, STREAMS, Prelude, Services, chunk_encoder, generate_request
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -212,6 +212,15 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/completions", responses=STREAMS)
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await services.serve(endpoint, body, request)
+
+    @r.post("/v1/completions/render")
+    async def render(body: CompletionRequest, request: Request) -> list[dict[str, Any]]:
+        """vLLM's render API for completions: one engine input per prompt, nothing generated
+        (see :meth:`~glmserve.api.runner.Services.render`)."""
+        p = await services.render(endpoint, body, request)
+        return [generate_request(f"{p.request_id}-{k}", p.model, ids, replace(p.params, max_tokens=p.budgets[k]),
+                                 p.stream)
+                for k, ids in enumerate(p.prompts)]
 
     return r
 

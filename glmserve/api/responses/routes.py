@@ -47,9 +47,10 @@ from glmserve.api.responses.store import (
     is_postgres_url,
     open_store,
 )
-from glmserve.api.runner import Prelude, PreparedHandle, Services
+from glmserve.api.runner import Prelude, PreparedHandle, Services, rendered
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
+from glmserve.metrics import counted
 from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.responses")
@@ -139,8 +140,10 @@ class Responses:
 
     def _dropped(self, param: str, reason: str) -> None:
         """Reasoning whose seal does not open is not the model's own: left out, logged, counted."""
-        log.warning("%s: reasoning left out of the prompt (%s: not sealed under this server's secrets)", param, reason)
-        self.services.metrics.reasoning_dropped.labels(reason).inc()
+        if counted():
+            log.warning("%s: reasoning left out of the prompt (%s: not sealed under this server's secrets)", param,
+                        reason)
+            self.services.metrics.reasoning_dropped.labels(reason).inc()
 
     async def _history(self, owner: str, previous: str | None) -> list[Any]:
         if previous is None:
@@ -292,6 +295,12 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/responses", responses=EVENTS)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return media.add_header(request, await services.serve(endpoint, body, request))
+
+    @r.post("/v1/responses/render")
+    async def render_response(body: ResponsesRequest, request: Request) -> dict[str, Any]:
+        """vLLM's render API for Responses: the prompt's token ids (the ``previous_response_id``
+        chain included), nothing generated or stored (:meth:`~glmserve.api.runner.Services.render`)."""
+        return rendered(await services.render(endpoint, body, request), services.check_model(body.model))
 
     def not_found(response_id: str) -> APIError:
         return APIError(404, f"no response with id {response_id!r} found", param="response_id")
