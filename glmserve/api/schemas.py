@@ -91,19 +91,8 @@ class ChatMessage(Loose):
     function_call: FunctionCallParam | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    """vLLM's name for ``reasoning_content`` since its PR #33402; either is accepted (``reasoning``
-    wins when both are sent, as in vLLM)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reasoning_alias(cls, data: Any) -> Any:
-        """``reasoning`` is vLLM's newer name for an assistant message's ``reasoning_content``
-        (vllm-router re-sends Chat Completions requests with the field renamed): the same
-        history either way.  ``reasoning_content`` wins when both are given."""
-        if isinstance(data, dict) and data.get("reasoning_content") is None and isinstance(data.get("reasoning"), str):
-            data = {**data, "reasoning_content": data["reasoning"]}
-            del data["reasoning"]
-        return data
+    """vLLM's name for ``reasoning_content`` since its PR #33402 (vllm-router re-sends Chat Completions
+    with the field renamed); either is accepted (``reasoning`` wins when both are sent, as in vLLM)."""
 
 
 class FunctionDef(Loose):
