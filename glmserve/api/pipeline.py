@@ -28,6 +28,7 @@ from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
+from glmserve.formats.freeform import GrammarError
 from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
@@ -179,6 +180,10 @@ class ChatPipeline:
             raise APIError(400, f"{param}: {exc.reason}", param=param) from None
         except ToolChoiceUnavailable as exc:
             raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
+        except GrammarError as exc:  # a custom tool's grammar this family cannot carry (formats.freeform)
+            declared = next((t.param for t in chat.tools if t.name == exc.tool and t.param), None)
+            param = f"{declared}.format" if declared else "tools"
+            raise APIError(400, f"{param}: {exc}", param=param) from None
         except UnreadableSchema as exc:  # a schema nothing can read (a dangling $ref)
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
