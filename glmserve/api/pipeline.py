@@ -69,6 +69,8 @@ class GenerationOptions:
     logprobs: int | None = None
     """None: no logprobs; k: each token's logprob and the k most likely alternatives."""
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit (Chat Completions' ``logit_bias``)."""
     output_constraint: Constraint | None = None
     """The response format's constraint, used when no tool constraint applies."""
     schema_field: str = "parameters"
@@ -252,6 +254,7 @@ class ChatPipeline:
             n=opts.n,
             logprobs=opts.logprobs,
             ignore_eos=opts.ignore_eos,
+            logit_bias=opts.logit_bias,
             skip_special_tokens=self.fmt.skip_special_tokens,
             constraint=constraint,
             **extra,

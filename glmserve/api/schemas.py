@@ -226,6 +226,22 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
     """At most this many reasoning tokens (also ``chat_template_kwargs.thinking_budget``)."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> a bias from -100 to 100 added to its logit before sampling."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("at most 1024 token ids")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100, not {bias}")
+        return v
 
     # Field validators (not a model validator) so that the 400 names the field.
     @field_validator("functions")

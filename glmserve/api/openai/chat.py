@@ -47,10 +47,24 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
         n=req.n,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias(req, services),
         output_constraint=openai_output_constraint(req, services.settings.limits),
         schema_field="parameters",
         thinking_budget=thinking_budget(req),
     )
+
+
+def logit_bias(req: ChatCompletionRequest, services: Services) -> dict[int, float] | None:
+    """``logit_bias`` with int keys; a token id beyond the model's vocabulary is a 400."""
+    if not req.logit_bias:
+        return None
+    bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+    vocab = getattr(services.engine, "vocab_size", None)
+    bad = [t for t in bias if vocab is not None and t >= vocab]
+    if bad:
+        raise APIError(400, f"logit_bias: token id {bad[0]} is out of vocabulary (0 to {vocab - 1})",
+                       param="logit_bias")
+    return bias
 
 
 def thinking_budget(req: ChatCompletionRequest) -> int | None:
