@@ -485,6 +485,16 @@ def _kmp(marker: str) -> list[dict[str, int]]:
     return delta
 
 
+def _plus(name: str, e: Expr) -> Expr:
+    """``X ::= a X | a`` (how xgrammar writes ``a+``) as ``a a*``: every run of ``a`` then shares
+    one starred rule, which the product and :func:`minimised` keep once."""
+    if isinstance(e, Alt) and len(e.items) == 2:
+        for rec, one in (e.items, e.items[::-1]):
+            if rec == Seq((one, Ref(name))) and isinstance(one, (Lit, Chars)):
+                return Seq((one, Rep(one, 0, None)))
+    return e
+
+
 class _Normaliser:
     """Repetitions as recursive helper rules (the product needs plain sequences and choices)."""
 
@@ -493,7 +503,7 @@ class _Normaliser:
         self.taken = set(g.rules)
         self.count = 0
         for name, e in g.rules.items():
-            self.rules[name] = self.expr(e)
+            self.rules[name] = self.expr(_plus(name, e))
 
     def fresh(self, body: Expr) -> Ref:
         while True:
