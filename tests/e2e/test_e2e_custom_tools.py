@@ -55,9 +55,15 @@ def biases(kind: str) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["glm45", "glm4"])
-def test_apply_patch_input_parses_by_its_grammar(kind, request) -> None:
-    server = request.getfixturevalue(f"{kind}_server")
+def test_apply_patch_input_parses_by_its_grammar_xml(glm45_server) -> None:
+    check_patch(glm45_server, "glm45")
+
+
+def test_apply_patch_input_parses_by_its_grammar_json(glm4_server) -> None:
+    check_patch(glm4_server, "glm4")
+
+
+def check_patch(server, kind: str) -> None:
     c = server.client()
     kw = dict(model=f"tiny-{kind}", messages=[{"role": "user", "content": "删除文件"}], tools=TOOLS,
               tool_choice={"type": "custom", "custom": {"name": "apply_patch"}}, temperature=0, max_tokens=160,
