@@ -310,18 +310,13 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 turns.close()  # reasoning after an answer belongs to a new turn
                 turn = turns.assistant()
             turn["reasoning_content"] = turn.get("reasoning_content", "") + text
-        elif isinstance(item, FunctionCallItem):
+        elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
             if (item.model_extra or {}).get("status") == "incomplete":
                 continue  # cut off by the output limit (a stored cut answer): never run, not history
             name = ToolNames.flat(item.name, item.namespace)
             turns.assistant().setdefault("tool_calls", []).append(
+                custom_call(item.call_id, name, item.input) if isinstance(item, CustomToolCallItem) else
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
-            turns.call_names[item.call_id] = name
-        elif isinstance(item, CustomToolCallItem):
-            if (item.model_extra or {}).get("status") == "incomplete":
-                continue  # cut off by the output limit: never run, not history
-            name = ToolNames.flat(item.name, item.namespace)
-            turns.assistant().setdefault("tool_calls", []).append(custom_call(item.call_id, name, item.input))
             turns.call_names[item.call_id] = name
         elif isinstance(item, (FunctionCallOutputItem, CustomToolCallOutputItem)):
             msg = {"role": "tool", "tool_call_id": item.call_id, **_output_fields(item.output, f"{p}.output", media)}
