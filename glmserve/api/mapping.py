@@ -96,7 +96,8 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
 
 def _tool(param: str, raw: dict[str, Any], limits: Limits) -> Tool:
     """A tool from its OpenAI dict; a custom tool's ``format`` is read and its grammar checked
-    here (400s name ``<param>.format``), so building the constraint cannot fail on it."""
+    here (400s name ``<param>.format``).  Whether the family can carry the grammar is known when
+    its constraint is built (``ChatPipeline.constraint``: the same 400)."""
     if raw.get("type") != "custom":
         return Tool.from_openai(raw)
     custom = raw.get("custom", raw)
@@ -149,8 +150,7 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
 def _named(choice: Any) -> str | None:
     """The tool name in a named choice, in any of the shapes clients send: Chat Completions
     ``{"type": "function", "function": {"name"}}`` / ``{"type": "custom", "custom": {"name"}}``,
-    Responses / legacy ``{"name"}``, or the
-    request models' objects of the same shape."""
+    Responses / legacy ``{"name"}``, or the request models' objects of the same shape."""
     if isinstance(choice, dict):
         fn = choice.get("function", choice.get("custom"))
         name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
