@@ -66,7 +66,26 @@ def codex_image_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(f"Done.</think>I could not see the picture; I was given {seen}.")
 
 
-PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program}
+PATCH_ADD = "*** Begin Patch\n*** Add File: notes.md\n+# 你好，世界\n+第一行\n*** End Patch\n"
+PATCH_EDIT = ("*** Begin Patch\n*** Update File: notes.md\n@@\n # 你好，世界\n-第一行\n+第一行：已修改\n+第二行 \"引号\" \\ 反斜杠\n"
+              "*** End Patch\n")
+PATCHED = "# 你好，世界\n第一行：已修改\n第二行 \"引号\" \\ 反斜杠\n"
+"""What notes.md holds once Codex applied both patches."""
+
+
+def codex_patch_program(prompt: str, params: GenerateParams) -> list[str]:
+    """Codex with ``apply_patch`` as a custom tool (a model catalog names the model): one call
+    creates notes.md, one edits it (Chinese text, quotes, a backslash), then the answer quotes
+    what Codex said of the second patch."""
+    responses = re.findall(r"<tool_response>(.*?)</tool_response>", prompt, re.S)
+    if len(responses) < 2:
+        patch = PATCH_EDIT if responses else PATCH_ADD
+        return pieces(f"I patch the file.</think><tool_call>apply_patch<arg_key>input</arg_key>"
+                      f"<arg_value>{patch}</arg_value></tool_call>")
+    return pieces(f"Done.</think>Codex said: {responses[-1].strip()}")
+
+
+PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "codex-patch": codex_patch_program}
 
 
 def main() -> None:

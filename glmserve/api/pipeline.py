@@ -28,6 +28,7 @@ from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
+from glmserve.formats.freeform import GrammarError
 from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
@@ -75,6 +76,8 @@ class GenerationOptions:
     logprobs: int | None = None
     """None: no logprobs; k: each token's logprob and the k most likely alternatives."""
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit (Chat Completions' ``logit_bias``)."""
     output_constraint: Constraint | None = None
     """The response format's constraint, used when no tool constraint applies."""
     schema_field: str = "parameters"
@@ -188,6 +191,10 @@ class ChatPipeline:
             raise APIError(400, f"{param}: {exc.reason}", param=param) from None
         except ToolChoiceUnavailable as exc:
             raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
+        except GrammarError as exc:  # a custom tool's grammar this family cannot carry (formats.freeform)
+            declared = next((t.param for t in chat.tools if t.name == exc.tool and t.param), None)
+            param = f"{declared}.format" if declared else "tools"
+            raise APIError(400, f"{param}: {exc}", param=param) from None
         except UnreadableSchema as exc:  # a schema nothing can read (a dangling $ref)
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
@@ -247,6 +254,7 @@ class ChatPipeline:
             n=opts.n,
             logprobs=opts.logprobs,
             ignore_eos=opts.ignore_eos,
+            logit_bias=opts.logit_bias,
             skip_special_tokens=self.fmt.skip_special_tokens,
             constraint=constraint,
             **extra,

@@ -73,6 +73,10 @@ class Tool:
     param: str | None = field(default=None, compare=False)
     """The request field that declared it (``tools[3].function``), so an error about the tool
     names the client's own index, not its place after hosted or deferred tools were set aside."""
+    freeform: tuple[str, str] | None = None
+    """A custom (freeform) tool's input format, ``(syntax, definition)`` with syntax ``text`` /
+    ``lark`` / ``regex`` (:mod:`glmserve.formats.freeform`): the model sees a function taking
+    one string, ``input``, and the input is constrained to the grammar."""
 
     @property
     def function(self) -> dict[str, Any]:
@@ -96,6 +100,8 @@ class Tool:
 
     @classmethod
     def from_openai(cls, obj: dict[str, Any]) -> "Tool":
+        if obj.get("type") == "custom":
+            return cls.custom(obj.get("custom", obj))
         fn = obj.get("function", obj) if obj.get("type", "function") == "function" else obj
         return cls(
             name=fn["name"],
@@ -104,6 +110,22 @@ class Tool:
             strict=fn.get("strict"),
             raw=obj,
         )
+
+    @classmethod
+    def custom(cls, obj: dict[str, Any]) -> "Tool":
+        """A custom tool (``{"name", "description", "format"}``, the format already valid) as the
+        function the model is shown: one string argument, ``input``."""
+        from glmserve.formats import freeform
+
+        syntax, definition = freeform.read_format(obj.get("format"))
+        fn: dict[str, Any] = {"name": obj["name"]}
+        if obj.get("description") is not None:
+            fn["description"] = obj["description"]
+        fn["parameters"] = freeform.input_parameters(syntax, definition)
+        if obj.get("defer_loading"):
+            fn["defer_loading"] = True
+        return cls(name=obj["name"], description=obj.get("description"), parameters=fn["parameters"],
+                   raw={"type": "function", "function": fn}, freeform=(syntax, definition))
 
 
 ToolChoice = Union[Literal["none", "auto", "required"], str]

@@ -196,6 +196,9 @@ def test_required_sets_a_constraint(glm4):
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {str(0x110000): 1}}, "logit_bias"),
 ])
 def test_bad_requests(glm4, body, param):
     r = httpx.post(glm4.base_url + "/chat/completions", json={"model": "m", **body})
@@ -387,6 +390,13 @@ def test_ignore_eos_drops_format_stop_tokens_and_thinking_flags(glm4):
                               extra_body={"ignore_eos": True})
     p = glm4.engine.last_params
     assert p.ignore_eos and p.stop_token_ids == [] and p.stop == ["END"]
+
+
+def test_logit_bias_reaches_the_engine(glm4):
+    glm4.output = "\nok"
+    glm4.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                          logit_bias={"65": 50, "66": -100})
+    assert glm4.engine.last_params.logit_bias == {65: 50.0, 66: -100.0}
 
 
 def test_thinking_switch_accepts_string_false():

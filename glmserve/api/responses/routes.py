@@ -191,7 +191,8 @@ class Responses:
                      ", ".join(declared.left_out))
         asm = ResponseAssembler(self._response_object(body, run), names=declared.names, seal=self.state.seal,
                                 include_encrypted=body.include_encrypted_reasoning,
-                                hooked=self.pipeline.argument_hook is not None)
+                                hooked=self.pipeline.argument_hook is not None,
+                                custom=frozenset(t.name for t in tools if t.freeform is not None))
         media.remember(request, notes)
         return ResponsesHandle(run=run, stream=body.stream, body=body, owner=owner, assembler=asm,
                                media_fields=notes.report(run.request_id, self.services.metrics))
