@@ -23,12 +23,13 @@ from typing import Any
 import jsonschema
 from referencing.exceptions import Unresolvable
 
+from glmserve.api import observe
 from glmserve.api.errors import APIError
 from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
-from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
+from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema, cache_misses
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
 from glmserve.metrics import Metrics
@@ -169,6 +170,8 @@ class ChatPipeline:
         request, however many constraints the request builds)."""
         if not chat.tools or chat.tool_choice == "none":
             return None
+        obs = observe.current()
+        misses = cache_misses() if obs is not None else 0
         t0 = time.perf_counter()
         try:
             constraint = self.fmt.constraint(chat)
@@ -185,9 +188,12 @@ class ChatPipeline:
             log.exception("building the %s tool constraint failed", self.fmt.name)
             raise APIError(500, f"the server failed to build a decoding constraint for these tools: "
                                 f"{type(exc).__name__}", code="server_error") from None
-        self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.constraint_seconds.observe(seconds)
         if count and constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
+        if obs is not None and count:
+            obs.constraint(chat, constraint, seconds, cache_misses() == misses)
         return constraint
 
     async def encode(self, prompt: Prompt) -> list[int]:
@@ -205,7 +211,11 @@ class ChatPipeline:
         t1 = time.perf_counter()
         prompt_ids = await self.encode(prompt)
         t2 = time.perf_counter()
-        return self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        prepared = self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        obs = observe.current()
+        if obs is not None:
+            obs.prepared(prepared, prompt)
+        return prepared
 
     def _prepared(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str, prompt_ids: list[int],
                   times: tuple[float, float, float]) -> Prepared:
@@ -286,6 +296,7 @@ class ChatPipeline:
         parsers = [self.fmt.parser(p.chat) for _ in range(n)]
         builders = [MessageBuilder() for _ in range(n)]
         raws = [""] * n if log.isEnabledFor(logging.DEBUG) else []
+        obs = observe.current()
         finished = 0
         t0 = time.perf_counter()
         first = True
@@ -312,6 +323,8 @@ class ChatPipeline:
                 if d.finish_reason is not None:
                     events += parser.finish(cut=d.finish_reason == "length")
                 builder.add(events)
+                if obs is not None:
+                    obs.output(d.index, d.text, events, d.num_tokens)
                 if self.argument_hook is not None:
                     for ev in events:
                         if isinstance(ev, ToolCallEnd):
@@ -325,6 +338,8 @@ class ChatPipeline:
                 if d.finish_reason is not None:
                     finished += 1
                     reason = self._finish(p, d.finish_reason, parser, builder)
+                    if obs is not None:
+                        obs.finished(d.index, reason, builder)
                     if raws:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
                 stop = d.stop_sequence if d.stop_sequence in p.params.stop and d.stop_sequence not in self._stop_strs else None
