@@ -26,7 +26,6 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 from fastapi import APIRouter, Request
 from referencing.exceptions import Unresolvable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -331,25 +330,29 @@ def _constraint_summary(chat: ChatRequest, constraint: Constraint | None) -> dic
     return out
 
 
-def _check(validator: Any, arguments: str) -> str | None:
-    """None when ``arguments`` are a JSON object valid against the tool's schema, else why not
-    (as the pipeline's own backstop check reads them)."""
+def argument_problems(validator: Any, arguments: str, limit: int = 1) -> list[str]:
+    """Why a call's ``arguments`` are not a JSON object valid against its tool's schema (at most
+    ``limit`` reasons; ``validator`` None: any object will do); empty when they are.  Raises
+    ``Unresolvable`` for a schema whose ``$ref`` leads nowhere."""
     try:
         args = json.loads(arguments)
     except ValueError as exc:
-        return f"not JSON: {exc}"
+        return [f"not JSON: {exc}"]
     if not isinstance(args, dict):
-        return "not a JSON object"
+        return ["the arguments are not a JSON object"]
     if validator is None:
-        return None
+        return []
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"
+            for _, e in zip(range(limit), validator.iter_errors(args))]
+
+
+def _check(validator: Any, arguments: str) -> str | None:
+    """The first reason the arguments do not fit, as the pipeline's own backstop reads them."""
     try:
-        error = next(iter(validator.iter_errors(args)), None)
+        problems = argument_problems(validator, arguments)
     except Unresolvable as exc:
         return f"the schema cannot be resolved: {exc}"
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path)
-    return f"{where or '(top level)'}: {error.message}"
+    return problems[0] if problems else None
 
 
 def _error_message(body: bytes) -> str:

@@ -13,7 +13,6 @@ the request inspector (:mod:`glmserve.api.inspector`).  Besides the files, two s
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -26,6 +25,7 @@ from starlette.responses import RedirectResponse, Response
 
 import glmserve
 from glmserve.api.errors import APIError
+from glmserve.api.inspector import argument_problems
 from glmserve.api.runner import Services
 from glmserve.formats.base import ChatFormat, ChatRequest, ReasoningEvent
 
@@ -72,21 +72,16 @@ def capabilities(fmt: ChatFormat) -> dict[str, bool]:
 
 def check_arguments(schema: dict[str, Any] | None, arguments: str) -> dict[str, Any]:
     """``{"valid": bool, "errors": [...]}``; ``valid`` is None when the schema itself is not one."""
+    validator = None
+    if schema is not None:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        try:
+            cls.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            return {"valid": None, "errors": [f"the tool's schema is not a valid JSON schema: {exc.message}"]}
+        validator = cls(schema)
     try:
-        args = json.loads(arguments)
-    except ValueError as exc:
-        return {"valid": False, "errors": [f"not JSON: {exc}"]}
-    if not isinstance(args, dict):
-        return {"valid": False, "errors": ["the arguments are not a JSON object"]}
-    if schema is None:
-        return {"valid": True, "errors": []}
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-        errors = [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"
-                  for _, e in zip(range(5), cls(schema).iter_errors(args))]
-    except jsonschema.SchemaError as exc:
-        return {"valid": None, "errors": [f"the tool's schema is not a valid JSON schema: {exc.message}"]}
+        errors = argument_problems(validator, arguments, limit=5)
     except Unresolvable as exc:
         return {"valid": None, "errors": [f"the tool's schema cannot be resolved: {exc}"]}
     return {"valid": not errors, "errors": errors}
