@@ -63,20 +63,6 @@ APIS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completi
 ERROR_BODY_BYTES = 16 * 1024
 """Of an error response's body, what an entry keeps (the error itself is short)."""
 
-_EVENT_KINDS = {TextEvent: "text", ReasoningEvent: "reasoning"}
-
-
-def _size(value: Any) -> int:
-    """Memory an entry's stored value takes, roughly (strings counted exactly)."""
-    if isinstance(value, str):
-        return sys.getsizeof(value)
-    if isinstance(value, dict):
-        return 64 + sum(_size(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return 56 + sum(_size(v) for v in value)
-    return 32
-
-
 def _clip(text: str, limit: int) -> tuple[str, int]:
     """``text`` with its middle left out past ``limit`` characters (the head holds the system
     prompt and tools, the tail the latest turns), and how many characters were left out."""
@@ -113,7 +99,10 @@ class Entry:
         self.constraint_info: dict[str, Any] | None = None
         self.validators: dict[str, Any] = {}
         self.raw: dict[int, list[str]] = {}
-        self.events: dict[int, list[list[Any]]] = {}
+        """Each choice's output pieces while it runs (then joined, in ``raw_text``)."""
+        self.deltas: dict[int, list[list[Event]]] = {}
+        """Each choice's parser events, one list per delta, while it runs (then folded, in ``events``)."""
+        self.events: dict[int, list[dict[str, Any]]] = {}
         self.choices: dict[int, dict[str, Any]] = {}
         self.times: dict[str, float] = {}
         self.fields: dict[str, Any] = {}
@@ -141,28 +130,12 @@ class Entry:
         self.store.add(self)
 
     def output(self, index: int, text: str, events: list[Event], num_tokens: int) -> None:
+        # per token: keep references only; folding them is the end's work (or a view's)
         if num_tokens and "first_token" not in self.times:
             self.times["first_token"] = time.perf_counter() - self.t0
         self.raw.setdefault(index, []).append(text)
-        log = self.events.setdefault(index, [])
-        for ev in events:
-            kind = _EVENT_KINDS.get(type(ev))
-            if kind is not None:  # text / reasoning, merged with the one before
-                if not ev.text:  # type: ignore[union-attr]
-                    continue
-                if log and log[-1][0] == kind:
-                    log[-1][2].append(ev.text)  # type: ignore[union-attr]
-                else:
-                    log.append([kind, None, [ev.text]])  # type: ignore[union-attr]
-            elif isinstance(ev, ToolCallArgs):
-                if log and log[-1][0] == "call_arguments" and log[-1][1] == ev.index:
-                    log[-1][2].append(ev.delta)
-                else:
-                    log.append(["call_arguments", ev.index, [ev.delta]])
-            elif isinstance(ev, ToolCallStart):
-                log.append(["call_start", ev.index, [ev.name]])
-            elif isinstance(ev, ToolCallEnd):
-                log.append(["call_end", ev.index, []])
+        if events:
+            self.deltas.setdefault(index, []).append(events)
 
     def finished(self, index: int, reason: str, builder: MessageBuilder) -> None:
         calls = []
@@ -200,19 +173,28 @@ class Entry:
         if self.status is not None and self.status >= 400 and self.error is None:
             self.error = {"status": self.status, "message": _error_message(error_body), "in_band": False}
         limit = self.store.field_chars
+        prompt_bytes = 0
         if self.prompt is not None:
-            self.prompt, self.prompt_chars, self.prompt_clipped = _clip_parts(self.prompt, limit)
+            for p in self.prompt:  # one pass: its length, and the memory its strings take
+                text = p.token if isinstance(p, Control) else p
+                self.prompt_chars += len(text)
+                prompt_bytes += sys.getsizeof(text) + 8
+            if self.prompt_chars > limit:
+                self.prompt, _, self.prompt_clipped = _clip_parts(self.prompt, limit)
+                prompt_bytes = sum(sys.getsizeof(v) + 100 for p in self.prompt for v in p.values())
         self.validators = {}
         body = self.body.decode("utf-8", "replace")
         self.body = b""
         self.body_text, self.body_clipped = _clip(body, limit)
         self.raw_text = {i: _clip("".join(pieces), limit) for i, pieces in self.raw.items()}
         self.raw = {}
-        for log in self.events.values():  # one string per event (a delta's piece each, until now)
-            for e in log:
-                e[2] = [_clip("".join(e[2]), limit)[0]]
-        self.bytes = 1024 + _size(self.prompt) + _size(self.body_text) + _size(self.raw_text) + _size(self.events) \
-            + _size(self.choices) + _size(self.params) + _size(self.fields)
+        self.events = {i: _fold(deltas, limit) for i, deltas in self.deltas.items()}
+        self.deltas = {}
+        size = sys.getsizeof
+        self.bytes = 2048 + prompt_bytes + size(self.body_text) \
+            + sum(size(text) for text, _ in self.raw_text.values()) \
+            + sum(200 + sum(size(v) for v in e.values()) for log in self.events.values() for e in log) \
+            + sum(200 + size(c["arguments"]) for ch in self.choices.values() for c in ch["calls"])
 
     # ------------------------------------------------------------------ what the routes show
 
@@ -236,15 +218,14 @@ class Entry:
             raw = {i: ("".join(pieces), 0) for i, pieces in self.raw.items()}
         body = getattr(self, "body_text", None)
         prompt = None
-        if self.prompt is not None:  # sealed: clipped JSON parts; running: the pipeline's own
-            parts, chars, cut = (self.prompt, self.prompt_chars, self.prompt_clipped) if self.done \
-                else _clip_parts(self.prompt, self.store.field_chars)
-            prompt = {"parts": parts, "chars": chars, "left_out_chars": cut}
+        if self.prompt is not None:
+            parts, chars, cut = _clip_parts(self.prompt, self.store.field_chars)
+            prompt = {"parts": parts, "chars": max(chars, self.prompt_chars), "left_out_chars": cut + self.prompt_clipped}
+        events = self.events if self.done else {i: _fold(d, self.store.field_chars) for i, d in self.deltas.items()}
         choices = []
-        for i in sorted(set(raw) | set(self.choices) | set(self.events)):
+        for i in sorted(set(raw) | set(self.choices) | set(events)):
             text, cut = raw.get(i, ("", 0))
-            choices.append({"index": i, "raw": text, "raw_left_out_chars": cut,
-                            "events": [_event_json(e) for e in self.events.get(i, [])],
+            choices.append({"index": i, "raw": text, "raw_left_out_chars": cut, "events": events.get(i, []),
                             **self.choices.get(i, {"finish_reason": None, "calls": []})})
         return {
             **self.summary(),
@@ -270,11 +251,14 @@ def _chars(parts: list[dict[str, str]]) -> int:
 
 
 def _clip_parts(parts: list[Any], limit: int) -> tuple[list[dict[str, str]], int, int]:
-    """A prompt's parts as JSON (``{"text"}`` runs and ``{"control"}`` tokens), the middle left
-    out past ``limit`` characters: ``(parts, characters, characters left out)``."""
+    """A prompt's parts (the pipeline's, or already these) as JSON: ``{"text"}`` runs and
+    ``{"control"}`` tokens, the middle left out past ``limit`` characters (``{"left_out"}``):
+    ``(parts, characters, characters left out)``."""
     out: list[dict[str, str]] = []
     for p in parts:
-        if isinstance(p, Control):
+        if isinstance(p, dict):
+            out.append(p)
+        elif isinstance(p, Control):
             out.append({"control": p.token})
         elif out and "text" in out[-1]:
             out[-1] = {"text": out[-1]["text"] + p}
@@ -301,15 +285,39 @@ def _clip_parts(parts: list[Any], limit: int) -> tuple[list[dict[str, str]], int
     return [*head, {"left_out": f"[... {total - kept} characters left out ...]"}, *reversed(tail)], total, total - kept
 
 
-def _event_json(e: list[Any]) -> dict[str, Any]:
-    kind, index, pieces = e
-    if kind in ("text", "reasoning"):
-        return {"type": kind, "text": "".join(pieces)}
-    if kind == "call_start":
-        return {"type": kind, "call": index, "name": pieces[0]}
-    if kind == "call_arguments":
-        return {"type": kind, "call": index, "arguments": "".join(pieces)}
-    return {"type": kind, "call": index}
+def _fold(deltas: list[list[Event]], limit: int) -> list[dict[str, Any]]:
+    """One choice's parser events as JSON, adjacent text (reasoning, one call's arguments) merged."""
+    log: list[list[Any]] = []  # [type, call index, pieces]
+    for events in deltas:
+        for ev in events:
+            if isinstance(ev, (TextEvent, ReasoningEvent)):
+                kind = "text" if isinstance(ev, TextEvent) else "reasoning"
+                if not ev.text:
+                    continue
+                if log and log[-1][0] == kind:
+                    log[-1][2].append(ev.text)
+                else:
+                    log.append([kind, None, [ev.text]])
+            elif isinstance(ev, ToolCallArgs):
+                if log and log[-1][0] == "call_arguments" and log[-1][1] == ev.index:
+                    log[-1][2].append(ev.delta)
+                else:
+                    log.append(["call_arguments", ev.index, [ev.delta]])
+            elif isinstance(ev, ToolCallStart):
+                log.append(["call_start", ev.index, [ev.name]])
+            elif isinstance(ev, ToolCallEnd):
+                log.append(["call_end", ev.index, []])
+    out = []
+    for kind, index, pieces in log:
+        if kind in ("text", "reasoning"):
+            out.append({"type": kind, "text": _clip("".join(pieces), limit)[0]})
+        elif kind == "call_start":
+            out.append({"type": kind, "call": index, "name": pieces[0]})
+        elif kind == "call_arguments":
+            out.append({"type": kind, "call": index, "arguments": _clip("".join(pieces), limit)[0]})
+        else:
+            out.append({"type": kind, "call": index})
+    return out
 
 
 def _constraint_summary(chat: ChatRequest, constraint: Constraint | None) -> dict[str, Any]:
