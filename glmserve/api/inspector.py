@@ -63,6 +63,7 @@ APIS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completi
 ERROR_BODY_BYTES = 16 * 1024
 """Of an error response's body, what an entry keeps (the error itself is short)."""
 
+
 def _clip(text: str, limit: int) -> tuple[str, int]:
     """``text`` with its middle left out past ``limit`` characters (the head holds the system
     prompt and tools, the tail the latest turns), and how many characters were left out."""
@@ -100,6 +101,10 @@ class Entry:
         self.validators: dict[str, Any] = {}
         self.raw: dict[int, list[str]] = {}
         """Each choice's output pieces while it runs (then joined, in ``raw_text``)."""
+        self.raw_text: dict[int, tuple[str, int]] = {}
+        """Each choice's output once the request is over, clipped: ``(text, characters left out)``."""
+        self.body_text: str | None = None
+        self.body_clipped = 0
         self.deltas: dict[int, list[list[Event]]] = {}
         """Each choice's parser events, one list per delta, while it runs (then folded, in ``events``)."""
         self.events: dict[int, list[dict[str, Any]]] = {}
@@ -213,10 +218,8 @@ class Entry:
 
     def view(self) -> dict[str, Any]:
         """Everything kept about the request (while it runs: what is known so far)."""
-        raw = getattr(self, "raw_text", None)
-        if raw is None:  # still running
-            raw = {i: ("".join(pieces), 0) for i, pieces in self.raw.items()}
-        body = getattr(self, "body_text", None)
+        raw = self.raw_text if self.done else {i: ("".join(pieces), 0) for i, pieces in self.raw.items()}
+        body = self.body_text
         prompt = None
         if self.prompt is not None:
             parts, chars, cut = _clip_parts(self.prompt, self.store.field_chars)
@@ -230,7 +233,7 @@ class Entry:
         return {
             **self.summary(),
             "endpoint": self.endpoint,
-            "request": {"body": body, "left_out_chars": getattr(self, "body_clipped", 0)} if body is not None else None,
+            "request": {"body": body, "left_out_chars": self.body_clipped} if body is not None else None,
             "prompt": prompt,
             "tokens": self.counts or None,
             "params": self.params or None,
