@@ -19,6 +19,7 @@ watched points then cost a ContextVar read each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -27,7 +28,6 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from referencing.exceptions import Unresolvable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmserve.api import observe
@@ -60,6 +60,10 @@ UNWATCHED = (PREFIX, "/v1/ui/")
 APIS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions", "/v1/messages": "messages",
         "/v1/responses": "responses"}
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_IDS = itertools.count()
+"""Entry ids: this process's random prefix and a counter (as many hex digits as OpenAI's ``req_…``)."""
+
 ERROR_BODY_BYTES = 16 * 1024
 """Of an error response's body, what an entry keeps (the error itself is short)."""
 
@@ -79,7 +83,7 @@ class Entry:
 
     def __init__(self, store: "Inspector", path: str, key: str | None, user_agent: str) -> None:
         self.store = store
-        self.id = f"req_{uuid.uuid4().hex[:24]}"
+        self.id = f"req_{_ID_PREFIX}{next(_IDS):012x}"
         self.path = path
         self.key = key
         self.user_agent = user_agent[:200]
@@ -98,7 +102,8 @@ class Entry:
         self.counts: dict[str, Any] = {}
         self.params: dict[str, Any] = {}
         self.constraint_info: dict[str, Any] | None = None
-        self.validators: dict[str, Any] = {}
+        self.run: "Prepared | None" = None
+        """The pipeline's request, until it is over (its calls' verdicts are read from it)."""
         self.raw: dict[int, list[str]] = {}
         """Each choice's output pieces while it runs (then joined, in ``raw_text``)."""
         self.raw_text: dict[int, tuple[str, int]] = {}
@@ -126,7 +131,7 @@ class Entry:
         self.request_id = run.request_id
         self.model = run.model
         self.prompt = prompt.parts
-        self.validators = run.validators
+        self.run = run
         p = run.params
         self.params = {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "n": p.n,
                        "seed": p.seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
@@ -144,8 +149,9 @@ class Entry:
 
     def finished(self, index: int, reason: str, builder: MessageBuilder) -> None:
         calls = []
+        invalid = self.run.invalid_calls if self.run is not None else {}
         for c in builder.calls:
-            verdict = _check(self.validators.get(c.name), c.arguments) if c.complete else "cut by the token limit"
+            verdict = invalid.get(c.id) if c.complete else "cut by the token limit"
             calls.append({"id": c.id, "name": c.name, "arguments": c.arguments, "complete": c.complete,
                           "valid": verdict is None, "problem": verdict})
         self.choices[index] = {"finish_reason": reason, "calls": calls}
@@ -187,7 +193,7 @@ class Entry:
             if self.prompt_chars > limit:
                 self.prompt, _, self.prompt_clipped = _clip_parts(self.prompt, limit)
                 prompt_bytes = sum(sys.getsizeof(v) + 100 for p in self.prompt for v in p.values())
-        self.validators = {}
+        self.run = None
         body = self.body.decode("utf-8", "replace")
         self.body = b""
         self.body_text, self.body_clipped = _clip(body, limit)
@@ -339,31 +345,6 @@ def _constraint_summary(chat: ChatRequest, constraint: Constraint | None) -> dic
     else:
         out.update(kind="json_schema (response format)", schema_chars=len(json.dumps(constraint.json)))
     return out
-
-
-def argument_problems(validator: Any, arguments: str, limit: int = 1) -> list[str]:
-    """Why a call's ``arguments`` are not a JSON object valid against its tool's schema (at most
-    ``limit`` reasons; ``validator`` None: any object will do); empty when they are.  Raises
-    ``Unresolvable`` for a schema whose ``$ref`` leads nowhere."""
-    try:
-        args = json.loads(arguments)
-    except ValueError as exc:
-        return [f"not JSON: {exc}"]
-    if not isinstance(args, dict):
-        return ["the arguments are not a JSON object"]
-    if validator is None:
-        return []
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"
-            for _, e in zip(range(limit), validator.iter_errors(args))]
-
-
-def _check(validator: Any, arguments: str) -> str | None:
-    """The first reason the arguments do not fit, as the pipeline's own backstop reads them."""
-    try:
-        problems = argument_problems(validator, arguments)
-    except Unresolvable as exc:
-        return f"the schema cannot be resolved: {exc}"
-    return problems[0] if problems else None
 
 
 def _error_message(body: bytes) -> str:

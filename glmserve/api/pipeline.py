@@ -97,6 +97,8 @@ class Prepared:
     """Prompt tokens the engine served from its prefix cache, filled in while running (usage, the log)."""
     tool_names: list[str] = field(default_factory=list)
     """The finished calls' tool names, filled in while running (for the request log)."""
+    invalid_calls: dict[str, str] = field(default_factory=dict)
+    """Call id -> why its arguments break its tool's schema, as the backstop check found (while running)."""
     budget: BudgetPlan | None = None
     """How the thinking budget is enforced, when the request has one."""
     server_seconds: float = 0.0
@@ -408,7 +410,9 @@ class ChatPipeline:
         """A choice's end: check and count its calls, and say why it ended."""
         for c in builder.calls:
             if c.complete:
-                self._check_call(p, c.name, c.arguments)
+                problem = self._check_call(p, c.name, c.arguments)
+                if problem is not None:
+                    p.invalid_calls[c.id] = problem
                 self.metrics.tool_calls.inc()  # no name label: names come from requests
                 p.tool_names.append(c.name)
         if engine_reason == "length" or parser.incomplete_call:
@@ -417,8 +421,9 @@ class ChatPipeline:
             return "tool_calls"
         return "stop"
 
-    def _check_call(self, p: Prepared, name: str, arguments: str) -> bool:
-        """Backstop: the constraint should make every call valid; count those that are not."""
+    def _check_call(self, p: Prepared, name: str, arguments: str) -> str | None:
+        """Backstop: the constraint should make every call valid; count those that are not, and
+        say why (None: valid)."""
         try:
             args = json.loads(arguments)
             if not isinstance(args, dict):
@@ -426,11 +431,13 @@ class ChatPipeline:
             v = p.validators.get(name)
             if v is not None:
                 v.validate(args)
-            return True
+            return None
         except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
-            return False
+            if isinstance(exc, jsonschema.ValidationError):
+                return f"{'/'.join(str(k) for k in exc.absolute_path) or '(top level)'}: {exc.message}"
+            return str(exc)
 
 
 def _name_of(fn: Any) -> str:

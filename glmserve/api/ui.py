@@ -13,6 +13,7 @@ the request inspector (:mod:`glmserve.api.inspector`).  Besides the files, two s
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -25,7 +26,6 @@ from starlette.responses import RedirectResponse, Response
 
 import glmserve
 from glmserve.api.errors import APIError
-from glmserve.api.inspector import argument_problems
 from glmserve.api.runner import Services
 from glmserve.formats.base import ChatFormat, ChatRequest, ReasoningEvent
 
@@ -68,6 +68,22 @@ def capabilities(fmt: ChatFormat) -> dict[str, bool]:
         events = parser.feed(sample) + parser.finish()
         reasoning = reasoning or any(isinstance(e, ReasoningEvent) for e in events)
     return {"reasoning": reasoning, "switch": switch, "budget": budget, "effort": effort}
+
+
+def argument_problems(validator: Any, arguments: str, limit: int = 5) -> list[str]:
+    """Why a call's ``arguments`` are not a JSON object valid against its tool's schema (at most
+    ``limit`` reasons; ``validator`` None: any object will do); empty when they are.  Raises
+    ``Unresolvable`` for a schema whose ``$ref`` leads nowhere."""
+    try:
+        args = json.loads(arguments)
+    except ValueError as exc:
+        return [f"not JSON: {exc}"]
+    if not isinstance(args, dict):
+        return ["the arguments are not a JSON object"]
+    if validator is None:
+        return []
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"
+            for _, e in zip(range(limit), validator.iter_errors(args))]
 
 
 def check_arguments(schema: dict[str, Any] | None, arguments: str) -> dict[str, Any]:
