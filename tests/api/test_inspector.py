@@ -167,6 +167,20 @@ def test_errors_are_kept(app):
     assert counted.headers["x-request-id"] not in {x["id"] for x in app.http().get("/v1/inspector/requests").json()["data"]}
 
 
+def test_an_invalid_call_shows_the_backstops_verdict():
+    """No constraint holds a scripted engine: the call breaks the enum, and the entry says so
+    in the words of the server's own backstop check."""
+    s = App(lambda prompt, params: [CALL.replace("celsius", "kelvin")], inspect=5)
+    try:
+        r = chat(s)
+        assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+        (call,) = s.entry(r.headers["x-request-id"])["choices"][0]["calls"]
+        assert call["valid"] is False and call["problem"].startswith("unit: 'kelvin' is not one of")
+        assert call["arguments"] == '{"city": "Paris", "unit": "kelvin"}'
+    finally:
+        s.stop()
+
+
 def test_an_error_in_the_stream_is_kept():
     def broken(prompt: str, params: GenerateParams) -> list[str]:
         raise RuntimeError("the scripted engine broke")
