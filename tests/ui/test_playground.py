@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from browser import PHONE, SCRIPTED_KEY
+from browser import PHONE, SCRIPTED_KEY, chromium, open_page, scripted_ui  # noqa: F401  (fixtures)
 from scripted_server import PLAYGROUND_REASONING
 
 APIS = ["chat.completions", "messages", "responses"]
