@@ -92,6 +92,14 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model-alias", action="append", default=[], metavar="PATTERN",
                    help="serve request model names matching this glob (repeatable, e.g. 'claude-*') as the served "
                         "model; any other unknown name is 404 model_not_found")
+    g.add_argument("--inspect", type=int, default=0, metavar="N",
+                   help="keep the last N requests (any API, any client) in memory for the request inspector: the "
+                        "rendered prompt, the constraint, the raw output, the parsed calls, token counts, timings, "
+                        "errors; shown at GET /v1/inspector/requests and in the playground at /ui, behind the API key, "
+                        "each key seeing its own requests (default 0: off)")
+    g.add_argument("--inspect-max-bytes", type=_size, default=64 << 20, metavar="SIZE",
+                   help="about how much memory the inspector's requests may take (K/M/G/KiB/MiB/GiB accepted; "
+                        "default 64MiB); past it the oldest go, and each prompt or output is clipped to a sixteenth of it")
     # Request limits: by default tools and messages are bounded by the context and --max-body-bytes only.
     g.add_argument("--max-tools", type=int, default=None, metavar="N",
                    help="refuse requests declaring more than N tools with a 400 (default: no cap; what fits the "
@@ -194,6 +202,8 @@ def serve(argv: list[str]) -> int:
     keys = api_keys(args.api_key, os.environ.get("GLMSERVE_API_KEY"))
     if args.read_timeout is not None and not args.read_timeout > 0:
         raise SystemExit(f"glmserve: --read-timeout must be a positive number of seconds, got {args.read_timeout:g}")
+    if args.inspect < 0 or not args.inspect_max_bytes:
+        raise SystemExit("glmserve: --inspect must be 0 (off) or a number of requests, --inspect-max-bytes more than 0")
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
     args.log_level = level  # vLLM's own --log-level, shared with glmserve's logs
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -240,7 +250,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
                         responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
                         secret=secret, read_timeout=args.read_timeout,
                         max_tools=args.max_tools, max_messages=args.max_messages,
-                        image_input=args.image_input, model_aliases=list(args.model_alias))
+                        image_input=args.image_input, model_aliases=list(args.model_alias),
+                        inspect=args.inspect, inspect_max_bytes=args.inspect_max_bytes)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
     config = server_config(app, read_timeout=args.read_timeout, host=args.host, port=args.port,
                            log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_shutdown_timeout,
@@ -248,6 +259,8 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
     server = uvicorn.Server(config)
     log.info("serving %s as %s on http://%s:%d (context %d tokens)", args.model, ", ".join(served), args.host,
              args.port, engine.max_model_len)
+    log.info("playground: http://%s:%d/ui; request inspector %s", args.host, args.port,
+             f"on, keeping the last {args.inspect} requests in memory" if args.inspect else "off (--inspect N)")
     # After draining, uvicorn restores the handlers it found and raises the signal that
     # stopped it again; with the default handlers a clean SIGTERM shutdown would end in
     # "killed by SIGTERM" (exit status -15 / 143) instead of 0.  Handlers that do nothing

@@ -15,6 +15,7 @@
 # When npm is on PATH it also installs the coding-agent CLIs the client tests drive, pinned and
 # inside the venv (never global): Codex CLI ($VENV/node), Claude Code ($VENV/claude-code),
 # OpenCode, Cline, Kilo Code and Qwen Code ($VENV/<cli>); without node those tests skip.
+# Chromium comes from apt when missing (the playground's browser tests).
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -171,6 +172,18 @@ if command -v npm >/dev/null 2>&1; then
     chmod +x "$VENV"/qwen-code/node_modules/@qwen-code/qwen-code/vendor/ripgrep/*/rg 2>/dev/null || true
 else
     log "npm not found: skipping OpenCode, Cline, Kilo Code and Qwen Code (their tests will skip)"
+fi
+
+# Chromium from the OS packages, which the playground's browser tests (tests/ui/) drive through
+# Playwright; Playwright never downloads a browser of its own here.
+if ! [[ -x /usr/bin/chromium ]]; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        log "installing chromium (apt) for the browser tests"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || log "apt-get could not install chromium: tests/ui/ will fail until it is installed"
+    else
+        log "chromium missing and apt-get unavailable (or not root): install it for tests/ui/ (apt-get install chromium)"
+    fi
 fi
 
 "$VENV/bin/python" - <<'PY'

@@ -1,8 +1,9 @@
 """A test-only server entry: the real app (``create_app``) on the scripted engine.
 
     python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F] [--secret-file F]
+        [--inspect N]
 
-Used where a real client (Codex CLI) must be driven through a conversation whose model
+Used where a real client (Codex CLI, the playground in a browser) must be driven through a conversation whose model
 output is chosen by the test: the program below decides each answer from the prompt it is
 given, so what the client sent back (tool output, reasoning history) shows in the answer.
 """
@@ -85,7 +86,29 @@ def codex_patch_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(f"Done.</think>Codex said: {responses[-1].strip()}")
 
 
-PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "codex-patch": codex_patch_program}
+
+
+PLAYGROUND_REASONING = "The user asks about the weather; I will call the tool."
+
+
+def playground_program(prompt: str, params: GenerateParams) -> list[str]:
+    """GLM-4.7 output for the playground's browser tests (tests/ui/): reasoning when the prompt
+    opens it; a ``get_weather`` call while the turn has no tool result (arguments that break the
+    schema's enum when the user wrote "invalid"); once the result is in, an answer quoting it."""
+    turn = prompt.rsplit("<|user|>", 1)[-1]
+    opener = f"{PLAYGROUND_REASONING}</think>" if prompt.endswith("<think>") else ""
+    results = re.findall(r"<tool_response>(.*?)</tool_response>", turn, re.S)
+    if results:
+        return pieces(f"{opener}The tool answered: {results[-1]}. Enjoy the day!")
+    if "<tools>" in prompt and "get_weather" in prompt:
+        unit = "kelvin" if "invalid" in turn else "celsius"
+        return pieces(f"{opener}<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+                      f"<arg_key>unit</arg_key><arg_value>{unit}</arg_value></tool_call>")
+    return pieces(f"{opener}Hello from the scripted engine.")
+
+
+PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "codex-patch": codex_patch_program,
+            "playground": playground_program}
 
 
 def main() -> None:
@@ -97,10 +120,11 @@ def main() -> None:
     p.add_argument("--api-key", action="append", default=[])
     p.add_argument("--secret-file", default=None)
     p.add_argument("--log-requests", action="store_true", help="log every request (access log and request log)")
+    p.add_argument("--inspect", type=int, default=0, help="keep the last N requests for the inspector")
     a = p.parse_args()
     engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
     secret = from_sources(a.secret_file) if a.secret_file else None
-    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret)
+    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret, inspect=a.inspect)
     app = create_app(engine, get_format(a.chat_format), settings)
     if a.log_requests:  # uvicorn's access log shows every request's status, the request log each turn
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -23,13 +23,14 @@ from typing import Any
 import jsonschema
 from referencing.exceptions import Unresolvable
 
+from glmserve.api import observe
 from glmserve.api.errors import APIError
 from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
 from glmserve.formats.freeform import GrammarError
-from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
+from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema, cache_misses
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
 from glmserve.metrics import Metrics, counted
@@ -107,6 +108,8 @@ class Prepared:
     """Prompt tokens the engine served from its prefix cache, filled in while running (usage, the log)."""
     tool_names: list[str] = field(default_factory=list)
     """The finished calls' tool names, filled in while running (for the request log)."""
+    invalid_calls: dict[str, str] = field(default_factory=dict)
+    """Call id -> why its arguments break its tool's schema, as the backstop check found (while running)."""
     budget: BudgetPlan | None = None
     """How the thinking budget is enforced, when the request has one."""
     max_tokens_asked: int | None = None
@@ -182,6 +185,8 @@ class ChatPipeline:
         request, however many constraints the request builds)."""
         if not chat.tools or chat.tool_choice == "none":
             return None
+        obs = observe.current()
+        misses = cache_misses() if obs is not None else 0
         t0 = time.perf_counter()
         try:
             constraint = self.fmt.constraint(chat)
@@ -202,9 +207,12 @@ class ChatPipeline:
             log.exception("building the %s tool constraint failed", self.fmt.name)
             raise APIError(500, f"the server failed to build a decoding constraint for these tools: "
                                 f"{type(exc).__name__}", code="server_error") from None
-        self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.constraint_seconds.observe(seconds)
         if count and constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
+        if obs is not None and count:
+            obs.constraint(chat, constraint, seconds, cache_misses() == misses)
         return constraint
 
     async def encode(self, prompt: Prompt) -> list[int]:
@@ -222,7 +230,11 @@ class ChatPipeline:
         t1 = time.perf_counter()
         prompt_ids = await self.encode(prompt)
         t2 = time.perf_counter()
-        return self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        prepared = self._prepared(chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        obs = observe.current()
+        if obs is not None:
+            obs.prepared(prepared, prompt)
+        return prepared
 
     def _prepared(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str, prompt_ids: list[int],
                   times: tuple[float, float, float]) -> Prepared:
@@ -302,6 +314,7 @@ class ChatPipeline:
         parsers = [self.fmt.parser(p.chat) for _ in range(n)]
         builders = [MessageBuilder() for _ in range(n)]
         raws = [""] * n if log.isEnabledFor(logging.DEBUG) else []
+        obs = observe.current()
         finished = 0
         ended = [False] * n
         answered = False  # the engine's first delta came: the prompt was processed
@@ -331,6 +344,8 @@ class ChatPipeline:
                 if d.finish_reason is not None:
                     events += parser.finish(cut=d.finish_reason == "length")
                 builder.add(events)
+                if obs is not None:
+                    obs.output(d.index, d.text, events, d.num_tokens)
                 if self.argument_hook is not None:
                     for ev in events:
                         if isinstance(ev, ToolCallEnd):
@@ -345,6 +360,8 @@ class ChatPipeline:
                     finished += 1
                     ended[d.index] = True
                     reason = self._finish(p, d.finish_reason, parser, builder)
+                    if obs is not None:
+                        obs.finished(d.index, reason, builder)
                     if raws:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
                 stop = d.stop_sequence if d.stop_sequence in p.params.stop and d.stop_sequence not in self._stop_strs else None
@@ -416,7 +433,9 @@ class ChatPipeline:
         """A choice's end: check and count its calls, and say why it ended."""
         for c in builder.calls:
             if c.complete:
-                self._check_call(p, c.name, c.arguments)
+                problem = self._check_call(p, c.name, c.arguments)
+                if problem is not None:
+                    p.invalid_calls[c.id] = problem
                 self.metrics.tool_calls.inc()  # no name label: names come from requests
                 p.tool_names.append(c.name)
         if engine_reason == "length" or parser.incomplete_call:
@@ -425,8 +444,9 @@ class ChatPipeline:
             return "tool_calls"
         return "stop"
 
-    def _check_call(self, p: Prepared, name: str, arguments: str) -> bool:
-        """Backstop: the constraint should make every call valid; count those that are not."""
+    def _check_call(self, p: Prepared, name: str, arguments: str) -> str | None:
+        """Backstop: the constraint should make every call valid; count those that are not, and
+        say why (None: valid)."""
         try:
             args = json.loads(arguments)
             if not isinstance(args, dict):
@@ -434,11 +454,13 @@ class ChatPipeline:
             v = p.validators.get(name)
             if v is not None:
                 v.validate(args)
-            return True
+            return None
         except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
-            return False
+            if isinstance(exc, jsonschema.ValidationError):
+                return f"{'/'.join(str(k) for k in exc.absolute_path) or '(top level)'}: {exc.message}"
+            return str(exc)
 
 
 def _name_of(fn: Any) -> str:

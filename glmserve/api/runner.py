@@ -34,6 +34,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from glmserve.api import observe
 from glmserve.api.admission import Admission, Lease, RequestLog, TrackedEngine
 from glmserve.api.errors import APIError
 from glmserve.api.middleware import hold
@@ -274,16 +275,16 @@ class Services:
             cut = {"disconnected": True}
             raise
         except EngineUnavailable as exc:
-            yield held + endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+            yield held + _in_band(endpoint, 503, f"the engine is unavailable: {exc}", code="engine_unavailable")
         except EngineRequestError as exc:
-            yield held + endpoint.stream_error(400, str(exc), exc.param)
+            yield held + _in_band(endpoint, 400, str(exc), exc.param)
         except APIError as exc:
             if exc.status >= 500:
                 log.error("stream %s failed: %s", handle.request_id, exc.message)
-            yield held + endpoint.stream_error(exc.status, exc.message, exc.param, exc.code)
+            yield held + _in_band(endpoint, exc.status, exc.message, exc.param, exc.code)
         except Exception as exc:  # headers are gone: report in-band (and log it)
             log.exception("stream %s failed", handle.request_id)
-            yield held + endpoint.stream_error(500, f"internal error: {type(exc).__name__}", code="server_error")
+            yield held + _in_band(endpoint, 500, f"internal error: {type(exc).__name__}", code="server_error")
         finally:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
@@ -330,6 +331,16 @@ def rendered(handle: PreparedHandle, model: str) -> dict[str, Any]:
     to ``model`` (the served name)."""
     run = handle.run
     return generate_request(run.request_id, model, run.prompt_ids, run.params, handle.stream)
+
+
+def _in_band(endpoint: Endpoint[Any, Any], status: int, message: str, param: str | None = None,
+             code: str | None = None) -> str:
+    """The endpoint's in-band error event, once a stream's headers are gone; the request's
+    observer (:mod:`glmserve.api.observe`) is told, as it cannot see the status."""
+    obs = observe.current()
+    if obs is not None:
+        obs.failed(status, message)
+    return endpoint.stream_error(status, message, param, code)
 
 
 async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:

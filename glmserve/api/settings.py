@@ -63,11 +63,17 @@ class Settings:
     read_timeout: float | None = 30.0
     """Seconds a client gets to send a request's headers, and then its body (``--read-timeout``;
     None: no limit); past it, 408."""
+    inspect: int = 0
+    """``--inspect N``: the request inspector keeps the last N requests in memory (0: off)."""
+    inspect_max_bytes: int = 64 << 20
+    """``--inspect-max-bytes``: about how much memory the inspector's requests may take."""
 
     def __post_init__(self) -> None:
         check_api_keys(self.api_keys)
         if self.read_timeout is not None and not self.read_timeout > 0:
             raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout!r}")
+        if self.inspect < 0 or self.inspect_max_bytes < 1:
+            raise ValueError("inspect must be 0 (off) or more, inspect_max_bytes at least 1")
 
     @property
     def limits(self) -> Limits:
