@@ -19,9 +19,10 @@ ever.  Here, on every connection (:class:`Limits`):
   every request's ``scope["state"]``) tells the app why.
 
 **Nothing is ever written into a response already started.**  The server's own answers (408,
-431) are whole responses written only while no response is in progress on the connection: a
-head that begins during a response (pipelining) gets its deadline once that response is
-complete, and an oversized one is answered after it (its bytes are dropped meanwhile).
+431, and uvicorn's 400 for a request its parser refuses) are whole responses written only while
+no response is in progress on the connection: a head that begins during a response
+(pipelining) gets its deadline once that response is complete, and an oversized or malformed
+one is answered after it (the bytes that follow are dropped meanwhile).
 
 This takes no HTTP framing into its own hands: the parsers are uvicorn's, the answers are
 serialized by h11, and the hooks are the parser's interface (httptools' callbacks, h11's
@@ -190,7 +191,12 @@ class _Bounded:
             self._head_moved()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request the parser refuses, counted."""
+        """uvicorn's answer to a request the parser refuses, counted; for one pipelined behind a
+        response in progress (httptools parses ahead), due once that response is complete."""
+        if self._responding():
+            if self._due is None:
+                self._due = (400, whole_response(400, msg.encode(), "text/plain; charset=utf-8"))
+            return
         self._count(400)
         super().send_400_response(msg)  # type: ignore[misc]
 
