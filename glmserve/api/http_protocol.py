@@ -13,7 +13,7 @@ ever.  Here, on every connection (:class:`Limits`):
 - **the head's size**: past ``max_header_bytes`` bytes of head, 431.  The bytes beyond are
   never given to the parser, so memory stays bounded whatever the client sends.
 - **each write**: when the transport's buffer stays above its high-water mark (the client
-  takes nothing) for ``write_timeout`` seconds, the connection is aborted.  uvicorn then
+  takes nothing) for ``write_timeout`` seconds, the connection is reset.  uvicorn then
   reports the request disconnected, so its stream ends, its engine request is aborted and
   its admission slot freed (:mod:`glmserve.api.runner`), and :class:`ConnectionState` (in
   every request's ``scope["state"]``) tells the app why.
@@ -36,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -258,11 +260,16 @@ class _Bounded:
             self.transport.close()
 
     def _write_stalled(self) -> None:
-        """The client took nothing for the write deadline: abort (close would wait for the buffer)."""
+        """The client took nothing for the write deadline: reset the connection.  A close would
+        wait for the buffer to drain; an abort alone would leave the kernel an orphan socket
+        still offering its unsent bytes to a closed window, and the client never told."""
         self._write_timer = None
         self.connection.write_timed_out = True
         if self.metrics is not None:
             self.metrics.write_timeouts.inc()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: the close resets, discarding the unsent bytes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def _count(self, status: int) -> None:
