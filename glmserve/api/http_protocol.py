@@ -26,8 +26,10 @@ one is answered after it (the bytes that follow are dropped meanwhile).
 
 This takes no HTTP framing into its own hands: the parsers are uvicorn's, the answers are
 serialized by h11, and the hooks are the parser's interface (httptools' callbacks, h11's
-``their_state`` and ``trailing_data``), asyncio's flow-control callbacks and uvicorn's
-``on_response_complete``.  The body's deadline and size are
+``their_state`` and ``trailing_data``), asyncio's flow-control callbacks, and uvicorn's
+``on_response_complete``, ``send_400_response`` and the ``response_complete`` of its cycle
+(tests/api/test_hostile_http.py runs every vector on both parsers: an uvicorn that moved one
+fails there).  The body's deadline and size are
 :class:`~glmserve.api.middleware.BodyLimitMiddleware`'s (ASGI sees the body, not the head).
 """
 
