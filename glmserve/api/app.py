@@ -60,14 +60,14 @@ def create_app(
     app.state.inspector = watch = inspector.Inspector(settings.inspect, settings.inspect_max_bytes) \
         if settings.inspect else None
     install_handlers(app)
-    # the last added runs first: keys, then the body (limit, read timeout), then counting what
-    # gets through; innermost, the owner of the leases routes take, and the inspector when on
+    # the last added runs first: counting every answer, then keys, then the body (limit, read
+    # timeout); innermost, the owner of the leases routes take, and the inspector when on
     if watch is not None:
         app.add_middleware(inspector.InspectorMiddleware, inspector=watch)
     app.add_middleware(LeaseMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.read_timeout)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, router=app.router)
     for make_router in ROUTERS:
         app.include_router(make_router(services))
     app.include_router(inspector.router(watch))

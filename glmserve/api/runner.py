@@ -4,9 +4,10 @@ An endpoint is a request mapping plus a response shape (:class:`Endpoint`); :fun
 does the rest in the same order for all of them: model check -> engine health ->
 admission (before any rendering, so a flood is shed cheaply), which opens the request's
 :class:`~glmserve.api.admission.Lease` (its slot and its engine requests) -> ``endpoint.prepare``
--> either a server-sent-event stream (errors in-band once headers are gone) or the whole
-answer raced against the client's disconnect (499, engine request aborted) -> the lease
-closed (slot freed, unfinished engine requests aborted) and one request-log line.
+-> either a server-sent-event stream (errors in-band once headers are gone; cut off by the
+client, 499 in the log) or the whole answer raced against the client's disconnect (499,
+engine request aborted) -> the lease closed (slot freed, unfinished engine requests
+aborted) and one request-log line.
 
 The lease is closed early where the runner can (a whole answer is ready, a stream ended or
 failed, ``prepare`` raised), but its owner is the request's
@@ -14,7 +15,9 @@ failed, ``prepare`` raised), but its owner is the request's
 call ends: a response that is never sent (a route's code raising after ``serve`` returned),
 a stream never iterated or cut off by the client cannot keep a slot.  The body is read (by
 :class:`~glmserve.api.middleware.BodyLimitMiddleware`, under the read timeout) before any
-of this, so a slow client never holds a slot.
+of this, so a slow client never holds a slot; nor does one that stops reading a stream: past
+the write deadline its connection is aborted (:mod:`glmserve.api.http_protocol`), which ends
+the stream as a disconnect does, logged ``write_timeout``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from glmserve.api import observe
 from glmserve.api.admission import Admission, Lease, RequestLog, TrackedEngine
 from glmserve.api.errors import APIError
+from glmserve.api.http_protocol import connection_state
 from glmserve.api.middleware import hold
 from glmserve.api.pipeline import ChatPipeline, Prepared
 from glmserve.api.settings import Settings
@@ -226,7 +230,8 @@ class Services:
         try:
             handle = await endpoint.prepare(body, request)
             if handle.stream:
-                return LeasedStream(self._stream(endpoint, handle, t0, lease, named), lease, handle.headers)
+                cut = _cut_reason(request)
+                return LeasedStream(self._stream(endpoint, handle, t0, lease, named, cut), lease, handle.headers)
             result = await _unless_disconnected(request, endpoint.complete(handle))
         finally:
             if not lease.streaming:
@@ -260,36 +265,37 @@ class Services:
             await lease.close()
 
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
-                      named: dict[str, Any]) -> AsyncIterator[str]:
+                      named: dict[str, Any], cut: Callable[[], str]) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
-        cut: dict[str, Any] = {}  # the client went away before the stream's end: logged as 499
+        ended = False  # sent to its end (an error in-band included)
         try:
-            async with aclosing(endpoint.stream(handle)) as events:
-                async for event in events:
-                    if isinstance(event, Prelude):
-                        held += event
-                    elif held or event:
-                        yield held + event
-                        held = ""
-        except (GeneratorExit, asyncio.CancelledError):  # closed, or cancelled, at a disconnect
-            cut = {"disconnected": True}
-            raise
-        except EngineUnavailable as exc:
-            yield held + _in_band(endpoint, 503, f"the engine is unavailable: {exc}", code="engine_unavailable")
-        except EngineRequestError as exc:
-            yield held + _in_band(endpoint, 400, str(exc), exc.param)
-        except APIError as exc:
-            if exc.status >= 500:
-                log.error("stream %s failed: %s", handle.request_id, exc.message)
-            yield held + _in_band(endpoint, exc.status, exc.message, exc.param, exc.code)
-        except Exception as exc:  # headers are gone: report in-band (and log it)
-            log.exception("stream %s failed", handle.request_id)
-            yield held + _in_band(endpoint, 500, f"internal error: {type(exc).__name__}", code="server_error")
+            try:
+                async with aclosing(endpoint.stream(handle)) as events:
+                    async for event in events:
+                        if isinstance(event, Prelude):
+                            held += event
+                        elif held or event:
+                            yield held + event
+                            held = ""
+            except EngineUnavailable as exc:
+                yield held + _in_band(endpoint, 503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+            except EngineRequestError as exc:
+                yield held + _in_band(endpoint, 400, str(exc), exc.param)
+            except APIError as exc:
+                if exc.status >= 500:
+                    log.error("stream %s failed: %s", handle.request_id, exc.message)
+                yield held + _in_band(endpoint, exc.status, exc.message, exc.param, exc.code)
+            except Exception as exc:  # headers are gone: report in-band (and log it)
+                log.exception("stream %s failed", handle.request_id)
+                yield held + _in_band(endpoint, 500, f"internal error: {type(exc).__name__}", code="server_error")
+            ended = True
         finally:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
-            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 499 if cut else 200,
-                                    {"stream": True, **fields, **cut, **named})
+            # closed before its end: the client went away, or stopped reading past the write deadline
+            status, why = (200, {}) if ended else (499, {cut(): True})
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, status,
+                                    {"stream": True, **why, **fields, **named})
 
 
 class LeasedStream(StreamingResponse):
@@ -347,6 +353,13 @@ async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Re
     """Run ``endpoint`` for ``body`` with the services of the app serving ``request``."""
     services: Services = request.app.state.services
     return await services.serve(endpoint, body, request)
+
+
+def _cut_reason(request: Request) -> Callable[[], str]:
+    """Why the stream of ``request`` ended before its end (asked once it has): ``write_timeout``
+    when its connection was aborted for a write that made no progress, else ``disconnected``."""
+    connection = connection_state(request.scope)
+    return lambda: "write_timeout" if connection is not None and connection.write_timed_out else "disconnected"
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

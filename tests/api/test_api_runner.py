@@ -379,9 +379,42 @@ def test_runner_holds_the_prelude_until_the_first_output(script, sent):
     async def collect() -> list[str]:
         lease = Lease(services.admission.acquire(), services.engine)
         handle = type("H", (), {"request_id": "r", "stream": True})()
-        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease, {})]
+        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease, {},
+                                                  lambda: "disconnected")]
 
     assert asyncio.run(collect()) == sent
+    assert services.admission.in_flight == 0
+
+
+@pytest.mark.parametrize("why", ["disconnected", "write_timeout"])
+def test_a_stream_cut_before_its_end_is_logged_499_with_the_reason(why, caplog):
+    from glmserve.api.admission import Lease
+
+    app, _ = echo_app([])
+    services: Services = app.state.services
+
+    async def cut_after_one() -> None:
+        lease = Lease(services.admission.acquire(), services.engine)
+        handle = type("H", (), {"request_id": "r", "stream": True})()
+        events = services._stream(PreludeEndpoint(["a", "b", "c"]), handle, 0.0, lease, {}, lambda: why)
+        assert await anext(events) == "a"
+        await events.aclose()  # what LeasedStream does once the client is gone
+
+    with caplog.at_level(logging.INFO, logger="glmserve.requests"):
+        asyncio.run(cut_after_one())
+        lines = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+        assert len(lines) == 1 and "status=499" in lines[0] and f"{why}=True" in lines[0], lines
+        caplog.clear()
+
+        async def whole() -> None:
+            lease = Lease(services.admission.acquire(), services.engine)
+            handle = type("H", (), {"request_id": "r", "stream": True})()
+            assert [x async for x in services._stream(PreludeEndpoint(["a", RuntimeError("bug")]), handle, 0.0,
+                                                      lease, {}, lambda: why)] == ["a", "error 500"]
+
+        asyncio.run(whole())  # an error in-band is the stream's end: 200
+        lines = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+        assert len(lines) == 1 and "status=200" in lines[0] and why not in lines[0], lines
     assert services.admission.in_flight == 0
 
 
