@@ -49,8 +49,17 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
                    help="requests in flight before new ones get 429 with Retry-After (default 256)")
     g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body accepted (default 8 MiB)")
     g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds a client gets to send a request's headers, and then its body; past it, 408 and the "
-                        "connection is closed (default 30)")
+                   help="seconds a client gets to send a request's headers (from their first byte, or from the "
+                        "connection's opening), and then its body; past it, 408 and the connection is closed "
+                        "(default 30)")
+    g.add_argument("--max-header-bytes", type=_positive_size, default=64 * 1024, metavar="SIZE",
+                   help="largest request head (request line and headers) accepted; past it, 431 and the connection "
+                        "is closed, the bytes beyond never read into memory (K/KiB... accepted; default 64KiB)")
+    g.add_argument("--write-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="seconds a response's write may make no progress (the client reads nothing and the socket "
+                        "buffers are full) before the connection is aborted: the engine request is aborted, the "
+                        "slot freed, the request logged with status 499 write_timeout=True and counted in "
+                        "glmserve_write_timeouts_total (default 60)")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     g.add_argument("--on-engine-death", choices=["exit", "stay"], default="exit",
@@ -98,6 +107,14 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model-alias", action="append", default=[], metavar="PATTERN",
                    help="serve request model names matching this glob (repeatable, e.g. 'claude-*') as the served "
                         "model; any other unknown name is 404 model_not_found")
+    g.add_argument("--inspect", type=int, default=0, metavar="N",
+                   help="keep the last N requests (any API, any client) in memory for the request inspector: the "
+                        "rendered prompt, the constraint, the raw output, the parsed calls, token counts, timings, "
+                        "errors; shown at GET /v1/inspector/requests and in the playground at /ui, behind the API key, "
+                        "each key seeing its own requests (default 0: off)")
+    g.add_argument("--inspect-max-bytes", type=_size, default=64 << 20, metavar="SIZE",
+                   help="about how much memory the inspector's requests may take (K/M/G/KiB/MiB/GiB accepted; "
+                        "default 64MiB); past it the oldest go, and each prompt or output is clipped to a sixteenth of it")
     # Request limits: by default tools and messages are bounded by the context and --max-body-bytes only.
     g.add_argument("--max-tools", type=int, default=None, metavar="N",
                    help="refuse requests declaring more than N tools with a 400 (default: no cap; what fits the "
@@ -144,6 +161,14 @@ def _size(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError("a size cannot be negative")
     return value or None
+
+
+def _positive_size(text: str) -> int:
+    """A size of at least one byte."""
+    value = _size(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return value
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -200,6 +225,8 @@ def serve(argv: list[str]) -> int:
     keys = api_keys(args.api_key, os.environ.get("GLMSERVE_API_KEY"))
     if args.read_timeout is not None and not args.read_timeout > 0:
         raise SystemExit(f"glmserve: --read-timeout must be a positive number of seconds, got {args.read_timeout:g}")
+    if args.inspect < 0 or not args.inspect_max_bytes:
+        raise SystemExit("glmserve: --inspect must be 0 (off) or a number of requests, --inspect-max-bytes more than 0")
     level = str(getattr(args, "log_level", "INFO") or "INFO").upper()
     args.log_level = level  # vLLM's own --log-level, shared with glmserve's logs
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -222,12 +249,37 @@ def serve(argv: list[str]) -> int:
     return asyncio.run(_serve_async(args, engine_args, served, keys, hook, secret))
 
 
+def serve_settings(args: Any, keys: list[str], served: list[str], hook: Any = None, secret: Any = None) -> Any:
+    """The app's :class:`~glmserve.api.settings.Settings` from ``glmserve serve``'s flags."""
+    from glmserve.api.settings import Settings
+
+    return Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
+                    max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
+                    json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
+                    responses_db=args.responses_db, responses_ttl=args.responses_ttl,
+                    responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
+                    responses_max_bytes_per_key=args.responses_max_bytes_per_key,
+                    secret=secret, read_timeout=args.read_timeout, max_header_bytes=args.max_header_bytes,
+                    write_timeout=args.write_timeout, max_tools=args.max_tools, max_messages=args.max_messages,
+                    image_input=args.image_input, model_aliases=list(args.model_alias),
+                    inspect=args.inspect, inspect_max_bytes=args.inspect_max_bytes)
+
+
+def http_config(app: Any, settings: Any, args: Any, http: str = "auto") -> Any:
+    """uvicorn's config for ``glmserve serve``: the bounded HTTP/1.1 protocol of
+    :mod:`glmserve.api.http_protocol` (``http``: uvicorn's parser, ``auto`` as uvicorn picks) on
+    ``--host``/``--port``."""
+    from glmserve.api.http_protocol import server_config
+
+    return server_config(app, settings, http=http, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                         timeout_graceful_shutdown=args.graceful_shutdown_timeout, access_log=False)
+
+
 async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: list[str], hook: Any,
                        secret: Any = None) -> int:
     import uvicorn
 
-    from glmserve.api.app import Settings, create_app
-    from glmserve.api.http_protocol import server_config
+    from glmserve.api.app import create_app
     from glmserve.engine.vllm_engine import VLLMEngine
     from glmserve.formats import detect_format, get_format
     from glmserve.supervise import serve_supervised
@@ -239,22 +291,13 @@ async def _serve_async(args: Any, engine_args: Any, served: list[str], keys: lis
         fmt_name, reason = detect_format(args.model, engine.vocab(), engine.architectures(), engine.chat_template())
     fmt = get_format(fmt_name)
     log.info("chat format %s: %s", fmt_name, reason)
-    settings = Settings(api_keys=keys, max_concurrent_requests=args.max_concurrent_requests,
-                        max_body_bytes=args.max_body_bytes, served_model_names=served, argument_hook=hook,
-                        json_logs=args.json_logs, max_output_tokens=args.max_output_tokens,
-                        responses_db=args.responses_db, responses_ttl=args.responses_ttl,
-                        responses_max_bytes=args.responses_max_bytes, responses_db_timeout=args.responses_db_timeout,
-                        responses_max_bytes_per_key=args.responses_max_bytes_per_key,
-                        secret=secret, read_timeout=args.read_timeout,
-                        max_tools=args.max_tools, max_messages=args.max_messages,
-                        image_input=args.image_input, model_aliases=list(args.model_alias))
+    settings = serve_settings(args, keys, served, hook, secret)
     app = create_app(engine, fmt, settings, on_shutdown=engine.shutdown)
-    config = server_config(app, read_timeout=args.read_timeout, host=args.host, port=args.port,
-                           log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_shutdown_timeout,
-                           access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(http_config(app, settings, args))
     log.info("serving %s as %s on http://%s:%d (context %d tokens)", args.model, ", ".join(served), args.host,
              args.port, engine.max_model_len)
+    log.info("playground: http://%s:%d/ui; request inspector %s", args.host, args.port,
+             f"on, keeping the last {args.inspect} requests in memory" if args.inspect else "off (--inspect N)")
     # After draining, uvicorn restores the handlers it found and raises the signal that
     # stopped it again; with the default handlers a clean SIGTERM shutdown would end in
     # "killed by SIGTERM" (exit status -15 / 143) instead of 0.  Handlers that do nothing
@@ -360,7 +403,7 @@ COMMANDS = {
     "render": "print the prompt a chat request becomes",
     "parse": "print the message a raw model output becomes",
     "chat": "interactive terminal chat against a running server",
-    "bench": "benchmark glmserve against vllm serve on the same model",
+    "bench": "benchmark glmserve against vllm serve on the same model (other modes: bench parser-cost, bench router)",
 }
 
 

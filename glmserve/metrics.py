@@ -13,6 +13,7 @@ distinct ids, paths or tool names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -23,14 +24,27 @@ _SERVER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 SERVER_PHASES = ("render", "tokenize", "constraint", "prepare", "output", "total")
 
 OTHER_ROUTE = "other"
-"""The ``endpoint`` label of a request no route matched (a 404 of any path)."""
+"""The ``endpoint`` label of a request no route matched: a 404 of any path, and the answers
+given before any route could be (the head's 408 and 431, a head the parser refuses)."""
 
-STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409", "413", "415", "422", "429",
+STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409", "413", "415", "422", "429", "431",
                            "499", "500", "501", "502", "503", "504"})
 """Statuses counted as themselves; any other is counted as its class (``2xx``...)."""
 
 REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal", "unsealed")
 """Why reasoning sent back by a client was not given to the model as its own."""
+
+
+RENDERING: ContextVar[bool] = ContextVar("glmserve_rendering", default=False)
+"""True while the current request is prepared only to say what it becomes (the render API,
+:meth:`glmserve.api.runner.Services.render`): what a generated request counts (the phases of
+its server time, media replaced by notes, reasoning left out) is counted once, by the request
+that generates, not again by each replica a router asks to render it."""
+
+
+def counted() -> bool:
+    """Whether the current request's per-request figures count (see :data:`RENDERING`)."""
+    return not RENDERING.get()
 
 
 def route_label(scope: Mapping[str, Any]) -> str:
@@ -80,6 +94,10 @@ class Metrics:
         self.media_replaced = Counter(
             "glmserve_media_replaced", "Image, video, audio and document parts a text-only model was given as a "
             "text note instead (--image-input note)", ["kind"], registry=r,
+        )
+        self.write_timeouts = Counter(
+            "glmserve_write_timeouts", "Connections aborted because a response's write made no progress within "
+            "--write-timeout (the client stopped reading); a request cut so is logged with status 499", registry=r,
         )
         self.rejected = Counter("glmserve_requests_rejected", "Requests refused by admission control", registry=r)
         self.reasoning_dropped = Counter(

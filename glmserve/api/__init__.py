@@ -3,7 +3,7 @@
 - ``app.py``: ``create_app`` (services, middleware, one router per endpoint module).
 - ``middleware.py``: pure-ASGI API keys, the body (size limit, read deadline), request counts,
   and the owner of each request's leases.
-- ``http_protocol.py``: uvicorn's HTTP/1.1 protocol with a deadline on request headers.
+- ``http_protocol.py``: uvicorn's HTTP/1.1 protocol, bounded: the head (bytes, time) and each write (time).
 - ``errors.py``: ``APIError`` and the error shape each path prefix answers in.
 - ``runner.py``: the ``Endpoint`` protocol and the one route skeleton (model check, health,
   admission, prepare, stream or complete, disconnect, request log).

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
+from glmserve.api import observe
 from glmserve.api.errors import APIError
 from glmserve.engine.base import Delta, Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -123,7 +124,11 @@ class RequestLog:
 
     def record(self, endpoint: str, request_id: str, prompt_tokens: int, t0: float, status: int,
                extra: dict[str, Any]) -> None:
-        """``t0`` is the request's ``time.perf_counter()`` at arrival."""
+        """``t0`` is the request's ``time.perf_counter()`` at arrival.  The request's observer
+        (:mod:`glmserve.api.observe`) gets the same record."""
+        obs = observe.current()
+        if obs is not None:
+            obs.logged(endpoint, request_id, prompt_tokens, status, extra)
         elapsed = time.perf_counter() - t0
         if self.json_logs:
             request_log.info(json.dumps({"id": request_id, "endpoint": endpoint, "model": self.model, "status": status,

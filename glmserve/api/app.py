@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 import glmserve
-from glmserve.api import info
+from glmserve.api import info, inspector, ui
 from glmserve.api.anthropic import routes as anthropic_routes
 from glmserve.api.openai import chat, completions
 from glmserve.api.responses import routes as responses_routes
@@ -27,7 +27,7 @@ from glmserve.formats.base import ChatFormat
 __all__ = ["ArgumentHook", "ROUTERS", "Settings", "create_app"]
 
 ROUTERS: list[Callable[[Services], APIRouter]] = [chat.router, completions.router, anthropic_routes.router,
-                                                   responses_routes.router, info.router]
+                                                   responses_routes.router, info.router, ui.router]
 """Every endpoint module's router factory, in the order their routes are matched."""
 
 
@@ -57,13 +57,18 @@ def create_app(
     app.state.services = services
     app.state.engine, app.state.format = engine, fmt
     app.state.metrics, app.state.admission = services.metrics, services.admission
+    app.state.inspector = watch = inspector.Inspector(settings.inspect, settings.inspect_max_bytes) \
+        if settings.inspect else None
     install_handlers(app)
-    # the last added runs first: keys, then the body (limit, read timeout), then counting what
-    # gets through; innermost, the owner of the leases routes take
+    # the last added runs first: counting every answer, then keys, then the body (limit, read
+    # timeout); innermost, the owner of the leases routes take, and the inspector when on
+    if watch is not None:
+        app.add_middleware(inspector.InspectorMiddleware, inspector=watch)
     app.add_middleware(LeaseMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.read_timeout)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestMetricsMiddleware, metrics=services.metrics, router=app.router)
     for make_router in ROUTERS:
         app.include_router(make_router(services))
+    app.include_router(inspector.router(watch))
     return app

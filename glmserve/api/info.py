@@ -1,4 +1,4 @@
-"""The routes that describe the server: ``/v1/models``, ``/health``, ``/version``, ``/metrics``."""
+"""The routes that describe the server: ``/v1/models``, ``/health``, ``/get_load``, ``/version``, ``/metrics``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def router(services: Services) -> APIRouter:
                 return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
             parts[name] = "ok"
         return JSONResponse({"status": "ok", "running": engine.running, **parts})
+
+    @r.get("/get_load")
+    async def get_load() -> dict[str, int]:
+        """The requests this replica holds, in the shape vllm-router's ``power_of_two`` policy
+        polls (``load``: admitted, generating or waiting; ``running``: in the engine)."""
+        return {"load": services.admission.in_flight, "running": engine.running,
+                "waiting": max(0, services.admission.in_flight - engine.running)}
 
     @r.get("/version", response_model=None, responses={200: {"model": Version}})
     async def version() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import jsonschema
 from glmserve.api.errors import APIError
 from glmserve.api.media import MediaNotes
 from glmserve.api.schemas import ChatCompletionRequest, ChatMessage, ToolCallParam
-from glmserve.formats import grammar
+from glmserve.formats import freeform, grammar
 from glmserve.formats.base import ChatRequest, Constraint, Tool, ToolChoice
 
 
@@ -94,6 +94,33 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
         raise APIError(400, f"{param} is not a valid JSON schema: {error}", param=param)
 
 
+def _tool(param: str, raw: dict[str, Any], limits: Limits) -> Tool:
+    """A tool from its OpenAI dict; a custom tool's ``format`` is read and its grammar checked
+    here (400s name ``<param>.format``).  Whether the family can carry the grammar is known when
+    its constraint is built (``ChatPipeline.constraint``: the same 400)."""
+    if raw.get("type") != "custom":
+        return Tool.from_openai(raw)
+    custom = raw.get("custom", raw)
+    where = f"{param}.format"
+    try:
+        syntax, definition = freeform.read_format(custom.get("format"))
+    except ValueError as exc:
+        raise APIError(400, f"{where}: {exc}", param=where) from None
+    if len(definition.encode()) > limits.max_schema_bytes:
+        raise APIError(400, f"{where}: the grammar is larger than {limits.max_schema_bytes} bytes", param=where)
+    try:
+        freeform.check(syntax, definition)
+    except freeform.GrammarError as exc:
+        raise APIError(400, f"{where}: {exc}", param=where) from None
+    return Tool.from_openai(raw)
+
+
+def custom_call(call_id: str, name: str, input_text: str) -> dict[str, Any]:
+    """A custom tool's call as a chat message holds it: a call with one argument, ``input``."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps({freeform.INPUT_KEY: input_text}, ensure_ascii=False)}}
+
+
 def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT_LIMITS,
                 count_param: str = "tools") -> list[Tool]:
     """Validated tools from ``(param path, OpenAI tool dict)`` pairs.
@@ -104,9 +131,9 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
     if limits.max_tools is not None and len(defs) > limits.max_tools:
         raise APIError(400, f"{len(defs)} tools, but this server allows at most {limits.max_tools} tools per request "
                             "(--max-tools)", param=count_param)
-    tools = [(param, replace(Tool.from_openai(raw), param=param)) for param, raw in defs]
+    tools = [(param, replace(_tool(param, raw, limits), param=param)) for param, raw in defs]
     for param, tool in tools:  # sizes first: nothing oversized reaches the schema checker
-        if tool.parameters is not None:
+        if tool.parameters is not None and tool.freeform is None:
             check_schema_size(tool.parameters, f"{param}.parameters", limits)
     seen: set[str] = set()
     for param, tool in tools:
@@ -122,13 +149,13 @@ def build_tools(defs: list[tuple[str, dict[str, Any]]], limits: Limits = DEFAULT
 
 def _named(choice: Any) -> str | None:
     """The tool name in a named choice, in any of the shapes clients send: Chat Completions
-    ``{"type": "function", "function": {"name"}}``, Responses / legacy ``{"name"}``, or the
-    request models' objects of the same shape."""
+    ``{"type": "function", "function": {"name"}}`` / ``{"type": "custom", "custom": {"name"}}``,
+    Responses / legacy ``{"name"}``, or the request models' objects of the same shape."""
     if isinstance(choice, dict):
-        fn = choice.get("function")
+        fn = choice.get("function", choice.get("custom"))
         name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
     else:
-        fn = getattr(choice, "function", None)
+        fn = getattr(choice, "function", None) or getattr(choice, "custom", None)
         name = getattr(fn, "name", None) if fn is not None else getattr(choice, "name", None)
     return name if isinstance(name, str) else None
 
@@ -265,6 +292,7 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
                        media: MediaNotes | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as formats read them: text content (parts joined by the family's
     ``joiner``; media parts as notes, :mod:`glmserve.api.media`), ``developer`` as ``system``,
+    an assistant's ``reasoning`` (vLLM's name) or ``reasoning_content`` as ``reasoning_content``,
     legacy ``function`` results as ``tool``, legacy ``function_call`` as a tool call,
     ``tool_reference`` parts of tool results as ``tool_references`` / ``content_parts`` (text
     before and after them kept)."""
@@ -289,11 +317,13 @@ def normalise_messages(messages: list[ChatMessage], joiner: str = "\n",
                 calls.append(ToolCallParam(id="", function=m.function_call))
             if calls:
                 d["tool_calls"] = [
+                    custom_call(c.id, c.custom.name, c.custom.input) if c.custom is not None and c.type == "custom" else
                     {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
                     for c in calls
                 ]
-            if m.reasoning_content is not None:
-                d["reasoning_content"] = m.reasoning_content
+            reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+            if reasoning is not None:
+                d["reasoning_content"] = reasoning
         if role == "tool":
             if content is None:
                 raise APIError(400, f"messages[{i}].content: a tool message needs content", param=f"messages[{i}].content")
@@ -323,7 +353,8 @@ def chat_request_from_openai(req: ChatCompletionRequest, limits: Limits = DEFAUL
     media parts replaced by notes (default: notes, uncounted)."""
     check_message_count(len(req.messages), limits)
     if req.tools:
-        defs = [(f"tools[{i}].function", t.model_dump(exclude_none=True, by_alias=True)) for i, t in enumerate(req.tools)]
+        defs = [(f"tools[{i}].{t.type if t.type == 'custom' else 'function'}", t.model_dump(exclude_none=True, by_alias=True))
+                for i, t in enumerate(req.tools)]
     elif req.functions:
         defs = [(f"functions[{i}]", {"type": "function", "function": f.model_dump(exclude_none=True)})
                 for i, f in enumerate(req.functions)]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from glmserve.api.errors import APIError
+from glmserve.metrics import counted
 
 log = logging.getLogger("glmserve.media")
 
@@ -247,6 +248,8 @@ class MediaNotes:
         """Log and count what was replaced; the request-log fields (empty when nothing was)."""
         if not self.replaced:
             return {}
+        if not counted():
+            return {"media_replaced": len(self.replaced)}
         for a in self.replaced:
             metrics.media_replaced.labels(a.kind).inc()
         kinds = ", ".join(f"{a.kind} ({a.media_type or 'unknown type'})" for a in self.replaced)

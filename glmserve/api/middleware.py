@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from starlette.datastructures import Headers
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmserve.api.errors import error_response
@@ -157,11 +158,26 @@ class BodyLimitMiddleware:
 class RequestMetricsMiddleware:
     """Count API responses by route template and status (``glmserve_requests_total``): labels
     from :func:`glmserve.metrics.route_label` / :func:`~glmserve.metrics.status_label`, never
-    the raw path, so distinct ids or unknown paths add no series."""
+    the raw path, so distinct ids or unknown paths add no series.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    The outermost middleware, so every answer is counted: the 401s, 408s and 413s the
+    middleware inside it give before routing (labelled with the route their path matches,
+    through ``router``), the routes' own, and the server's failures.  The head's 408 and 431
+    come before any ASGI call and are counted by :mod:`glmserve.api.http_protocol`."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, router: Router | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.router = router
+
+    def route(self, scope: Scope) -> str:
+        """The label of the route serving ``scope``: the one routing chose, else (answered before
+        routing) the one its path and method match."""
+        if "route" not in scope and self.router is not None:
+            for route in self.router.routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    return route_label({"route": route})
+        return route_label(scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
@@ -172,9 +188,9 @@ class RequestMetricsMiddleware:
 
         async def counting_send(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":  # routed by now: the scope holds the route
+            if message["type"] == "http.response.start":
                 started = True
-                self.metrics.requests.labels(route_label(scope), status_label(message["status"])).inc()
+                self.metrics.requests.labels(self.route(scope), status_label(message["status"])).inc()
             await send(message)
 
         try:
@@ -183,7 +199,7 @@ class RequestMetricsMiddleware:
             # an unhandled error is answered 500 by Starlette's outermost middleware, outside this one:
             # count it here, or the server's own failures would be missing from the series
             if not started:
-                self.metrics.requests.labels(route_label(scope), status_label(500)).inc()
+                self.metrics.requests.labels(self.route(scope), status_label(500)).inc()
             raise
 
 

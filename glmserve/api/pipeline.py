@@ -25,15 +25,17 @@ from typing import Any, TypeVar
 import jsonschema
 from referencing.exceptions import Unresolvable
 
+from glmserve.api import observe
 from glmserve.api.errors import APIError
 from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
-from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
+from glmserve.formats.freeform import GrammarError
+from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema, cache_misses
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
-from glmserve.metrics import Metrics
+from glmserve.metrics import Metrics, counted
 
 log = logging.getLogger("glmserve.chat")
 
@@ -92,16 +94,23 @@ def too_long(engine: Engine, chars: int, param: str) -> APIError | None:
                     code="context_length_exceeded")
 
 
+def output_budget(asked: int | None, cap: int | None, room: int) -> int:
+    """The output tokens a request is granted: what it asked for, at most the server's cap
+    (``--max-output-tokens``) and the room its prompt leaves in the context; all that room when
+    it asked for nothing.  vLLM's server does the same (``get_max_tokens``), and agents count on
+    it: OpenCode, Kilo and Qwen Code ask for a fixed budget (32000) whatever the context, and a 400
+    for asking more than a smaller context leaves sends them compacting and retrying, or exiting.  Whoever ran into the
+    clamp sees it: ``finish_reason`` ``length`` when the budget runs out, the granted budget in
+    the ``X-Glmserve-Max-Tokens`` header and the request log."""
+    return min(v for v in (asked, cap, room) if v is not None)
+
+
 @dataclass
 class GenerationOptions:
     """Sampling and length settings, already read from the endpoint's request."""
 
     max_tokens: int | None = None
-    """None: all the room the context leaves after the prompt."""
-    clamp_max_tokens: bool = False
-    """True: asking beyond the room is clamped to it; False: 400 ``context_length_exceeded``."""
-    max_tokens_param: str = "max_tokens"
-    """The request field named by a 400 about ``max_tokens``."""
+    """The output budget asked for; what is granted is :func:`output_budget`."""
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -113,6 +122,8 @@ class GenerationOptions:
     logprobs: int | None = None
     """None: no logprobs; k: each token's logprob and the k most likely alternatives."""
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit (Chat Completions' ``logit_bias``)."""
     output_constraint: Constraint | None = None
     """The response format's constraint, used when no tool constraint applies."""
     schema_field: str = "parameters"
@@ -121,7 +132,8 @@ class GenerationOptions:
     thinking_budget: int | None = None
     """At most this many reasoning tokens: then the reasoning is closed and the answer
     generated under the same constraints (:mod:`glmserve.api.thinking_budget`).  Needs n=1;
-    ignored where thinking is off or the format cannot close its reasoning."""
+    ignored where thinking is off, the format cannot close its reasoning, or it is at least the
+    granted output (it cannot bind: one engine request, the output limit the only one)."""
 
 
 @dataclass
@@ -141,8 +153,12 @@ class Prepared:
     """Prompt tokens the engine served from its prefix cache, filled in while running (usage, the log)."""
     tool_names: list[str] = field(default_factory=list)
     """The finished calls' tool names, filled in while running (for the request log)."""
+    invalid_calls: dict[str, str] = field(default_factory=dict)
+    """Call id -> why its arguments break its tool's schema, as the backstop check found (while running)."""
     budget: BudgetPlan | None = None
     """How the thinking budget is enforced, when the request has one."""
+    max_tokens_asked: int | None = None
+    """The output budget the request asked for (None: none); ``params.max_tokens`` is the one granted."""
     server_seconds: float = 0.0
     """glmserve's own time on this request so far (prepare, then output): the ``total`` phase."""
 
@@ -214,6 +230,8 @@ class ChatPipeline:
         request, however many constraints the request builds)."""
         if not chat.tools or chat.tool_choice == "none":
             return None
+        obs = observe.current()
+        misses = cache_misses() if obs is not None else 0
         t0 = time.perf_counter()
         try:
             constraint = self.fmt.constraint(chat)
@@ -223,6 +241,10 @@ class ChatPipeline:
             raise APIError(400, f"{param}: {exc.reason}", param=param) from None
         except ToolChoiceUnavailable as exc:
             raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
+        except GrammarError as exc:  # a custom tool's grammar this family cannot carry (formats.freeform)
+            declared = next((t.param for t in chat.tools if t.name == exc.tool and t.param), None)
+            param = f"{declared}.format" if declared else "tools"
+            raise APIError(400, f"{param}: {exc}", param=param) from None
         except UnreadableSchema as exc:  # a schema nothing can read (a dangling $ref)
             raise APIError(400, f"tools: cannot build a decoding constraint for these schemas: {exc}",
                            param="tools") from None
@@ -230,9 +252,12 @@ class ChatPipeline:
             log.exception("building the %s tool constraint failed", self.fmt.name)
             raise APIError(500, f"the server failed to build a decoding constraint for these tools: "
                                 f"{type(exc).__name__}", code="server_error") from None
-        self.metrics.constraint_seconds.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.constraint_seconds.observe(seconds)
         if count and constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
+        if obs is not None and count:
+            obs.constraint(chat, constraint, seconds, cache_misses() == misses)
         return constraint
 
     async def encode(self, prompt: Prompt) -> list[int]:
@@ -252,7 +277,11 @@ class ChatPipeline:
         prompt_ids = await self.encode(prompt)
         t2 = time.perf_counter()
         heavy = (chat.tools and chat.tool_choice != "none") or opts.output_constraint is not None
-        return await schema_work(heavy, self._prepared, chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        prepared = await schema_work(heavy, self._prepared, chat, opts, id_prefix, prompt_ids, (t0, t1, t2))
+        obs = observe.current()
+        if obs is not None:
+            obs.prepared(prepared, prompt)
+        return prepared
 
     def _prepared(self, chat: ChatRequest, opts: GenerationOptions, id_prefix: str, prompt_ids: list[int],
                   times: tuple[float, float, float]) -> Prepared:
@@ -263,16 +292,7 @@ class ChatPipeline:
         if room <= 0:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
                                 f"{limit} tokens", param="messages", code="context_length_exceeded")
-        max_tokens = opts.max_tokens
-        capped = self.max_output_tokens is not None and (max_tokens is None or max_tokens > self.max_output_tokens)
-        if capped:
-            max_tokens = self.max_output_tokens
-        if max_tokens is None or ((opts.clamp_max_tokens or capped) and max_tokens > room):
-            max_tokens = room
-        elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds this "
-                                f"model's context of {limit} tokens (at most {room} can be generated)",
-                           param=opts.max_tokens_param, code="context_length_exceeded")
+        max_tokens = output_budget(opts.max_tokens, self.max_output_tokens, room)
         constraint = self.constraint(chat, opts.schema_field) or opts.output_constraint
         t3 = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -293,6 +313,7 @@ class ChatPipeline:
             n=opts.n,
             logprobs=opts.logprobs,
             ignore_eos=opts.ignore_eos,
+            logit_bias=opts.logit_bias,
             skip_special_tokens=self.fmt.skip_special_tokens,
             constraint=constraint,
             **extra,
@@ -301,17 +322,24 @@ class ChatPipeline:
                       for t in chat.tools if t.parameters is not None}
         prepared = Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
                             model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
-                            validators=validators, budget=self._budget(chat, opts))
+                            validators=validators, budget=self._budget(chat, opts, max_tokens),
+                            max_tokens_asked=opts.max_tokens)
         prepared.server_seconds = time.perf_counter() - t0
-        server = self.metrics.server_seconds
-        server.labels("render").observe(t1 - t0)
-        server.labels("tokenize").observe(t2 - t1)
-        server.labels("constraint").observe(t3 - t2)
-        server.labels("prepare").observe(prepared.server_seconds)
+        if counted():
+            server = self.metrics.server_seconds
+            server.labels("render").observe(t1 - t0)
+            server.labels("tokenize").observe(t2 - t1)
+            server.labels("constraint").observe(t3 - t2)
+            server.labels("prepare").observe(prepared.server_seconds)
         return prepared
 
-    def _budget(self, chat: ChatRequest, opts: GenerationOptions) -> BudgetPlan | None:
-        if opts.thinking_budget is None:
+    def _budget(self, chat: ChatRequest, opts: GenerationOptions, max_tokens: int) -> BudgetPlan | None:
+        """How the thinking budget is enforced; None without one, or where the budget is at least
+        the output the request is granted (``max_tokens`` after the clamps): the reasoning cannot
+        outgrow the output, so the budget cannot bind, and enforcing it would only cost a second
+        engine request each time the model closes its reasoning (Qwen Code sends budget and
+        ``max_tokens`` both 32000)."""
+        if opts.thinking_budget is None or opts.thinking_budget >= max_tokens:
             return None
         if opts.n != 1:
             raise APIError(400, "a thinking budget needs n=1", param="n")
@@ -333,7 +361,10 @@ class ChatPipeline:
         parsers = [self.fmt.parser(p.chat) for _ in range(n)]
         builders = [MessageBuilder() for _ in range(n)]
         raws = [""] * n if log.isEnabledFor(logging.DEBUG) else []
+        obs = observe.current()
         finished = 0
+        ended = [False] * n
+        answered = False  # the engine's first delta came: the prompt was processed
         t0 = time.perf_counter()
         first = True
         output_seconds = 0.0  # our own time on the deltas: from receiving one to asking for the next
@@ -344,6 +375,7 @@ class ChatPipeline:
         try:
             async for d in deltas:
                 t_delta = time.perf_counter()
+                answered = answered or bool(d.num_tokens) or d.finish_reason is not None  # not a budget's opener
                 if first and d.num_tokens and not p.params.final_only:  # a whole answer has no first token to time
                     # from the start of preparing (render, tokenize) to the first token, which is
                     # when a stream's first chunk leaves: what a client timing it measures
@@ -359,6 +391,8 @@ class ChatPipeline:
                 if d.finish_reason is not None:
                     events += parser.finish(cut=d.finish_reason == "length")
                 builder.add(events)
+                if obs is not None:
+                    obs.output(d.index, d.text, events, d.num_tokens)
                 if self.argument_hook is not None:
                     for ev in events:
                         if isinstance(ev, ToolCallEnd):
@@ -371,7 +405,10 @@ class ChatPipeline:
                 reason = None
                 if d.finish_reason is not None:
                     finished += 1
+                    ended[d.index] = True
                     reason = self._finish(p, d.finish_reason, parser, builder)
+                    if obs is not None:
+                        obs.finished(d.index, reason, builder)
                     if raws:
                         log.debug("request %s choice %d raw output: %r", p.request_id, d.index, raws[d.index])
                 stop = d.stop_sequence if d.stop_sequence in p.params.stop and d.stop_sequence not in self._stop_strs else None
@@ -380,13 +417,16 @@ class ChatPipeline:
             self.metrics.server_seconds.labels("output").observe(output_seconds)
             self.metrics.server_seconds.labels("total").observe(p.server_seconds + output_seconds)
             p.server_seconds += output_seconds
-            self.metrics.prompt_tokens.inc(len(p.prompt_ids))
-            self.metrics.completion_tokens.inc(p.completion_tokens)
             self.metrics.e2e.observe(time.perf_counter() - t0)
         finally:
+            # the tokens spent count, a cut or failed answer's too; its calls so far are its tools
+            if answered:
+                self.metrics.prompt_tokens.inc(len(p.prompt_ids))
+            self.metrics.completion_tokens.inc(p.completion_tokens)
             if p.budget is not None:
                 await deltas.aclose()  # type: ignore[attr-defined]  # aborts its current engine request
             if finished < n:
+                p.tool_names.extend(c.name for i, b in enumerate(builders) if not ended[i] for c in b.calls)
                 await self.engine.abort(p.request_id)
 
     async def complete(self, p: Prepared) -> list[ChoiceResult]:
@@ -440,7 +480,9 @@ class ChatPipeline:
         """A choice's end: check and count its calls, and say why it ended."""
         for c in builder.calls:
             if c.complete:
-                self._check_call(p, c.name, c.arguments)
+                problem = self._check_call(p, c.name, c.arguments)
+                if problem is not None:
+                    p.invalid_calls[c.id] = problem
                 self.metrics.tool_calls.inc()  # no name label: names come from requests
                 p.tool_names.append(c.name)
         if engine_reason == "length" or parser.incomplete_call:
@@ -449,8 +491,9 @@ class ChatPipeline:
             return "tool_calls"
         return "stop"
 
-    def _check_call(self, p: Prepared, name: str, arguments: str) -> bool:
-        """Backstop: the constraint should make every call valid; count those that are not."""
+    def _check_call(self, p: Prepared, name: str, arguments: str) -> str | None:
+        """Backstop: the constraint should make every call valid; count those that are not, and
+        say why (None: valid)."""
         try:
             args = json.loads(arguments)
             if not isinstance(args, dict):
@@ -458,11 +501,13 @@ class ChatPipeline:
             v = p.validators.get(name)
             if v is not None:
                 v.validate(args)
-            return True
+            return None
         except (ValueError, jsonschema.ValidationError, Unresolvable) as exc:  # a dangling $ref is the schema's fault, not a crash
             self.metrics.tool_call_failures.inc()
             log.warning("request %s: call to %s has invalid arguments: %s", p.request_id, name, exc)
-            return False
+            if isinstance(exc, jsonschema.ValidationError):
+                return f"{'/'.join(str(k) for k in exc.absolute_path) or '(top level)'}: {exc.message}"
+            return str(exc)
 
 
 def _text_chars(prompt: Prompt) -> int:

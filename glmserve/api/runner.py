@@ -4,9 +4,10 @@ An endpoint is a request mapping plus a response shape (:class:`Endpoint`); :fun
 does the rest in the same order for all of them: model check -> engine health ->
 admission (before any rendering, so a flood is shed cheaply), which opens the request's
 :class:`~glmserve.api.admission.Lease` (its slot and its engine requests) -> ``endpoint.prepare``
--> either a server-sent-event stream (errors in-band once headers are gone) or the whole
-answer raced against the client's disconnect (499, engine request aborted) -> the lease
-closed (slot freed, unfinished engine requests aborted) and one request-log line.
+-> either a server-sent-event stream (errors in-band once headers are gone; cut off by the
+client, 499 in the log) or the whole answer raced against the client's disconnect (499,
+engine request aborted) -> the lease closed (slot freed, unfinished engine requests
+aborted) and one request-log line.
 
 The lease is closed early where the runner can (a whole answer is ready, a stream ended or
 failed, ``prepare`` raised), but its owner is the request's
@@ -14,7 +15,9 @@ failed, ``prepare`` raised), but its owner is the request's
 call ends: a response that is never sent (a route's code raising after ``serve`` returned),
 a stream never iterated or cut off by the client cannot keep a slot.  The body is read (by
 :class:`~glmserve.api.middleware.BodyLimitMiddleware`, under the read timeout) before any
-of this, so a slow client never holds a slot.
+of this, so a slow client never holds a slot; nor does one that stops reading a stream: past
+the write deadline its connection is aborted (:mod:`glmserve.api.http_protocol`), which ends
+the stream as a disconnect does, logged ``write_timeout``.
 """
 
 from __future__ import annotations
@@ -34,18 +37,23 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from glmserve.api import observe
 from glmserve.api.admission import Admission, Lease, RequestLog, TrackedEngine
 from glmserve.api.errors import APIError
+from glmserve.api.http_protocol import connection_state
 from glmserve.api.middleware import hold
 from glmserve.api.pipeline import ChatPipeline, Prepared
 from glmserve.api.settings import Settings
-from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable
+from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable, GenerateParams
 from glmserve.formats.base import ChatFormat
-from glmserve.metrics import Metrics
+from glmserve.metrics import RENDERING, Metrics
 
 log = logging.getLogger("glmserve.api")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_TOKENS_HEADER = "X-Glmserve-Max-Tokens"
+"""The output budget a generating request was granted (:func:`glmserve.api.pipeline.output_budget`):
+less than it asked for when its prompt left less room (or ``--max-output-tokens`` is lower)."""
 
 _SSE_SCHEMA: dict[str, Any] = {
     "description": "server-sent events: the body as text, or each event as its fields",
@@ -92,6 +100,11 @@ class Handle(Protocol):
     request_id: str
     stream: bool
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers of the answer, streamed or whole (the granted output budget)."""
+        ...
+
 
 @dataclass
 class PreparedHandle:
@@ -105,6 +118,19 @@ class PreparedHandle:
     @property
     def request_id(self) -> str:
         return self.run.request_id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {MAX_TOKENS_HEADER: str(self.run.params.max_tokens)}
+
+    def log_fields(self) -> tuple[int, dict[str, Any]]:
+        """The request-log fields every chat endpoint writes: ``max_tokens`` is the budget granted,
+        ``max_tokens_asked`` what the request asked for, where it got less."""
+        r = self.run
+        granted = r.params.max_tokens
+        asked = {"max_tokens_asked": r.max_tokens_asked} if (r.max_tokens_asked or 0) > granted else {}
+        return r.prompt_tokens, {"cached_tokens": r.cached_tokens or 0, "completion_tokens": r.completion_tokens,
+                                 "tools": list(r.tool_names), "max_tokens": granted, **asked, **self.media_fields}
 
 
 BodyT = TypeVar("BodyT", contravariant=True)
@@ -204,46 +230,72 @@ class Services:
         try:
             handle = await endpoint.prepare(body, request)
             if handle.stream:
-                return LeasedStream(self._stream(endpoint, handle, t0, lease, named), lease)
+                cut = _cut_reason(request)
+                return LeasedStream(self._stream(endpoint, handle, t0, lease, named, cut), lease, handle.headers)
             result = await _unless_disconnected(request, endpoint.complete(handle))
         finally:
             if not lease.streaming:
                 await lease.close()
-        if result is None:  # the client went away; its engine request was aborted
-            self.request_log.record(endpoint.name, handle.request_id, endpoint.log_fields(handle)[0], t0, 499,
-                                    {"disconnected": True, **named})
-            return Response(status_code=499)
         prompt_tokens, fields = endpoint.log_fields(handle)
+        if result is None:  # the client went away; its engine request was aborted
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 499,
+                                    {**fields, "disconnected": True, **named})
+            return Response(status_code=499)
         self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200, {**fields, **named})
-        return JSONResponse(result)
+        return JSONResponse(result, headers=handle.headers)
+
+    async def render(self, endpoint: Endpoint[Any, HandleT], body: Any, request: Request) -> HandleT:
+        """``endpoint.prepare`` alone, for vLLM's render API (``POST /v1/chat/completions/render``
+        and its siblings): what the request becomes -- its prompt's token ids and the engine's
+        settings -- without generating.  vllm-router's ``kv_aware`` policy asks every replica
+        for them and routes to the one whose KV-cache events hold the longest prefix of the ids.
+        The same checks as :meth:`serve` up to ``prepare`` (model, engine health, an admission
+        slot while preparing, so a flood of renders is shed like one of requests); nothing is
+        logged as a request nor counted as one generated (:data:`glmserve.metrics.RENDERING`)."""
+        requested = getattr(endpoint, "requested_model", None)
+        self.check_model(requested(body) if requested is not None else getattr(body, "model", None))
+        await self.engine.check_health()
+        lease = Lease(self.admission.acquire(), self.engine)
+        hold(request.scope, lease)
+        rendering = RENDERING.set(True)
+        try:
+            return await endpoint.prepare(body, request)
+        finally:
+            RENDERING.reset(rendering)
+            await lease.close()
 
     async def _stream(self, endpoint: Endpoint[Any, Any], handle: Any, t0: float, lease: Lease,
-                      named: dict[str, Any]) -> AsyncIterator[str]:
+                      named: dict[str, Any], cut: Callable[[], str]) -> AsyncIterator[str]:
         held = ""  # the Prelude, until the engine's first output
+        ended = False  # sent to its end (an error in-band included)
         try:
-            async with aclosing(endpoint.stream(handle)) as events:
-                async for event in events:
-                    if isinstance(event, Prelude):
-                        held += event
-                    elif held or event:
-                        yield held + event
-                        held = ""
-        except EngineUnavailable as exc:
-            yield held + endpoint.stream_error(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
-        except EngineRequestError as exc:
-            yield held + endpoint.stream_error(400, str(exc), exc.param)
-        except APIError as exc:
-            if exc.status >= 500:
-                log.error("stream %s failed: %s", handle.request_id, exc.message)
-            yield held + endpoint.stream_error(exc.status, exc.message, exc.param, exc.code)
-        except Exception as exc:  # headers are gone: report in-band (and log it)
-            log.exception("stream %s failed", handle.request_id)
-            yield held + endpoint.stream_error(500, f"internal error: {type(exc).__name__}", code="server_error")
+            try:
+                async with aclosing(endpoint.stream(handle)) as events:
+                    async for event in events:
+                        if isinstance(event, Prelude):
+                            held += event
+                        elif held or event:
+                            yield held + event
+                            held = ""
+            except EngineUnavailable as exc:
+                yield held + _in_band(endpoint, 503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+            except EngineRequestError as exc:
+                yield held + _in_band(endpoint, 400, str(exc), exc.param)
+            except APIError as exc:
+                if exc.status >= 500:
+                    log.error("stream %s failed: %s", handle.request_id, exc.message)
+                yield held + _in_band(endpoint, exc.status, exc.message, exc.param, exc.code)
+            except Exception as exc:  # headers are gone: report in-band (and log it)
+                log.exception("stream %s failed", handle.request_id)
+                yield held + _in_band(endpoint, 500, f"internal error: {type(exc).__name__}", code="server_error")
+            ended = True
         finally:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
-            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 200,
-                                    {"stream": True, **fields, **named})
+            # closed before its end: the client went away, or stopped reading past the write deadline
+            status, why = (200, {}) if ended else (499, {cut(): True})
+            self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, status,
+                                    {"stream": True, **why, **fields, **named})
 
 
 class LeasedStream(StreamingResponse):
@@ -251,8 +303,8 @@ class LeasedStream(StreamingResponse):
     engine requests end now, not when collected) and its lease once sent, failed or cut
     off.  Never sent at all, the request's LeaseMiddleware closes the lease."""
 
-    def __init__(self, events: AsyncIterator[str], lease: Lease) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+    def __init__(self, events: AsyncIterator[str], lease: Lease, headers: dict[str, str] | None = None) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
         self.events = events
         self.lease = lease
         lease.streaming = True
@@ -265,10 +317,49 @@ class LeasedStream(StreamingResponse):
             await self.lease.close()
 
 
+def generate_request(request_id: str, model: str, token_ids: list[int], params: GenerateParams,
+                     stream: bool) -> dict[str, Any]:
+    """One engine input in the shape of vLLM's render API (its ``GenerateRequest``): the token
+    ids the engine is given and the sampling settings glmserve derived from the request (the
+    decoding constraint is not among them: it is glmserve's own, built from the tools)."""
+    return {"request_id": request_id, "model": model, "token_ids": token_ids, "stream": stream,
+            "sampling_params": {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                                "top_p": params.top_p, "top_k": params.top_k or 0, "seed": params.seed,
+                                "stop": params.stop, "stop_token_ids": params.stop_token_ids,
+                                "presence_penalty": params.presence_penalty,
+                                "frequency_penalty": params.frequency_penalty, "n": params.n,
+                                "logprobs": params.logprobs, "ignore_eos": params.ignore_eos,
+                                "skip_special_tokens": params.skip_special_tokens}}
+
+
+def rendered(handle: PreparedHandle, model: str) -> dict[str, Any]:
+    """The render API's answer for a chat-pipeline request (Chat Completions, Messages, Responses)
+    to ``model`` (the served name)."""
+    run = handle.run
+    return generate_request(run.request_id, model, run.prompt_ids, run.params, handle.stream)
+
+
+def _in_band(endpoint: Endpoint[Any, Any], status: int, message: str, param: str | None = None,
+             code: str | None = None) -> str:
+    """The endpoint's in-band error event, once a stream's headers are gone; the request's
+    observer (:mod:`glmserve.api.observe`) is told, as it cannot see the status."""
+    obs = observe.current()
+    if obs is not None:
+        obs.failed(status, message)
+    return endpoint.stream_error(status, message, param, code)
+
+
 async def serve(endpoint: Endpoint[Any, Any], body: Any, request: Request) -> Response:
     """Run ``endpoint`` for ``body`` with the services of the app serving ``request``."""
     services: Services = request.app.state.services
     return await services.serve(endpoint, body, request)
+
+
+def _cut_reason(request: Request) -> Callable[[], str]:
+    """Why the stream of ``request`` ended before its end (asked once it has): ``write_timeout``
+    when its connection was aborted for a write that made no progress, else ``disconnected``."""
+    connection = connection_state(request.scope)
+    return lambda: "write_timeout" if connection is not None and connection.write_timed_out else "disconnected"
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -80,10 +80,27 @@ class FunctionCallParam(Loose):
         return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
+class CustomCallParam(Loose):
+    name: str
+    input: str
+
+
 class ToolCallParam(Loose):
+    """An assistant turn's call: a function's (``function``) or a custom tool's (``type: "custom"``,
+    ``custom: {name, input}``)."""
+
     id: str = ""
-    type: Literal["function"] = "function"
-    function: FunctionCallParam
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCallParam | None = None
+    custom: CustomCallParam | None = None
+
+    @model_validator(mode="after")
+    def _body(self) -> "ToolCallParam":
+        if self.type == "custom" and self.custom is None:
+            raise ValueError("a custom tool call needs custom: {name, input}")
+        if self.type == "function" and self.function is None:
+            raise ValueError("a function tool call needs function: {name, arguments}")
+        return self
 
 
 class ChatMessage(Loose):
@@ -94,6 +111,9 @@ class ChatMessage(Loose):
     tool_call_id: str | None = None
     function_call: FunctionCallParam | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    """vLLM's name for ``reasoning_content`` since its PR #33402 (vllm-router re-sends Chat Completions
+    with the field renamed); either is accepted (``reasoning`` wins when both are sent, as in vLLM)."""
 
 
 class FunctionDef(Loose):
@@ -108,6 +128,31 @@ class ToolDef(Loose):
     function: FunctionDef
 
 
+class CustomDef(Loose):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    format: dict[str, Any] | None = None
+    """``{"type": "text"}`` or ``{"type": "grammar", "grammar": {"syntax", "definition"}}``
+    (read, with the path of a mistake, in :func:`glmserve.api.mapping.build_tools`)."""
+
+
+class CustomToolDef(Loose):
+    """A custom (freeform) tool: its input is one string (:mod:`glmserve.formats.freeform`)."""
+
+    type: Literal["custom"]
+    custom: CustomDef
+
+
+def _tool_tag(v: Any) -> str:
+    # bracketed tags stay out of an error's ``param`` (``tools[0].custom.name``)
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return "tool[custom]" if kind == "custom" else "tool[function]"
+
+
+AnyToolDef = Annotated[Union[Annotated[ToolDef, Tag("tool[function]")], Annotated[CustomToolDef, Tag("tool[custom]")]],
+                       Discriminator(_tool_tag)]
+
+
 class NamedFunction(BaseModel):
     name: str
 
@@ -115,6 +160,11 @@ class NamedFunction(BaseModel):
 class NamedToolChoice(Loose):
     type: Literal["function"] = "function"
     function: NamedFunction
+
+
+class NamedCustomChoice(Loose):
+    type: Literal["custom"]
+    custom: NamedFunction
 
 
 class StreamOptions(Loose):
@@ -168,8 +218,8 @@ class SamplingFields(RequestBody):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolDef] | None = None
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    tools: list[AnyToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedCustomChoice, NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDef] | None = None
     function_call: Union[Literal["none", "auto"], NamedFunction, None] = None
@@ -180,6 +230,22 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
     """At most this many reasoning tokens (also ``chat_template_kwargs.thinking_budget``)."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> a bias from -100 to 100 added to its logit before sampling."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("at most 1024 token ids")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100, not {bias}")
+        return v
 
     # Field validators (not a model validator) so that the 400 names the field.
     @field_validator("functions")

@@ -67,11 +67,26 @@ class Settings:
     read_timeout: float | None = 30.0
     """Seconds a client gets to send a request's headers, and then its body (``--read-timeout``;
     None: no limit); past it, 408."""
+    inspect: int = 0
+    """``--inspect N``: the request inspector keeps the last N requests in memory (0: off)."""
+    inspect_max_bytes: int = 64 << 20
+    """``--inspect-max-bytes``: about how much memory the inspector's requests may take."""
+    max_header_bytes: int = 64 * 1024
+    """Largest request head (request line and headers) accepted (``--max-header-bytes``); past it, 431."""
+    write_timeout: float | None = 60.0
+    """Seconds a response's write may make no progress (the client reads nothing) before the
+    connection is aborted, its engine request too (``--write-timeout``; None: no limit)."""
 
     def __post_init__(self) -> None:
         check_api_keys(self.api_keys)
-        if self.read_timeout is not None and not self.read_timeout > 0:
-            raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout!r}")
+        for name in ("read_timeout", "write_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not self.max_header_bytes > 0:
+            raise ValueError(f"max_header_bytes must be a positive number of bytes, got {self.max_header_bytes!r}")
+        if self.inspect < 0 or self.inspect_max_bytes < 1:
+            raise ValueError("inspect must be 0 (off) or more, inspect_max_bytes at least 1")
 
     @property
     def responses_share(self) -> int | None:

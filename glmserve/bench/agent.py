@@ -165,18 +165,23 @@ _ARGS: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
-def history_step(k: int) -> tuple[str, dict[str, Any], str]:
-    """Turn ``k``'s tool call ``(name, arguments)`` and its result (~650 tokens), fixed."""
+RESULT_LINES = 24
+
+
+def history_step(k: int, lines: int = RESULT_LINES) -> tuple[str, dict[str, Any], str]:
+    """Turn ``k``'s tool call ``(name, arguments)`` and its result (``lines`` lines of ~27 tokens:
+    ~650 tokens by default), fixed."""
     name = AGENT_TOOLS[(3 * k) % len(AGENT_TOOLS)]["function"]["name"]
-    lines = [f"{n:4d}  def handler_{k}_{n}(request, context):  # returns the value of step {k}.{n}" for n in range(1, 25)]
-    return name, _ARGS[name](k), "\n".join(lines)
+    out = [f"{n:4d}  def handler_{k}_{n}(request, context):  # returns the value of step {k}.{n}" for n in range(1, lines + 1)]
+    return name, _ARGS[name](k), "\n".join(out)
 
 
-def chat_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float) -> dict[str, Any]:
+def chat_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float,
+                 result_lines: int = RESULT_LINES) -> dict[str, Any]:
     """Chat Completions request of turn ``turns + 1`` (``turns`` steps of history)."""
     msgs: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": task}]
     for k in range(turns):
-        name, args, result = history_step(k)
+        name, args, result = history_step(k, result_lines)
         cid = f"call_{k}"
         msgs.append({"role": "assistant", "content": None, "tool_calls": [
             {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]})
@@ -185,11 +190,12 @@ def chat_payload(model: str, system: str, task: str, turns: int, max_tokens: int
             "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
 
 
-def messages_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float) -> dict[str, Any]:
+def messages_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float,
+                     result_lines: int = RESULT_LINES) -> dict[str, Any]:
     """The same turn as an Anthropic Messages request."""
     msgs: list[dict[str, Any]] = [{"role": "user", "content": task}]
     for k in range(turns):
-        name, args, result = history_step(k)
+        name, args, result = history_step(k, result_lines)
         msgs.append({"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{k}", "name": name, "input": args}]})
         msgs.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{k}", "content": result}]})
     tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
@@ -198,11 +204,12 @@ def messages_payload(model: str, system: str, task: str, turns: int, max_tokens:
             "max_tokens": max_tokens, "temperature": temperature, "stream": True}
 
 
-def responses_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float) -> dict[str, Any]:
+def responses_payload(model: str, system: str, task: str, turns: int, max_tokens: int, temperature: float,
+                      result_lines: int = RESULT_LINES) -> dict[str, Any]:
     """The same turn as an OpenAI Responses request (stateless: the history is resent, nothing stored)."""
     items: list[dict[str, Any]] = [{"role": "user", "content": task}]
     for k in range(turns):
-        name, args, result = history_step(k)
+        name, args, result = history_step(k, result_lines)
         items.append({"type": "function_call", "call_id": f"call_{k}", "name": name, "arguments": json.dumps(args)})
         items.append({"type": "function_call_output", "call_id": f"call_{k}", "output": result})
     tools = [{"type": "function", **t["function"]} for t in AGENT_TOOLS]
@@ -227,13 +234,17 @@ def _chat_event(obj: dict[str, Any], res: RequestResult) -> bool:
     if obj.get("usage"):
         res.prompt_tokens = obj["usage"].get("prompt_tokens")
         res.completion_tokens = obj["usage"].get("completion_tokens")
+        res.cached_tokens = (obj["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
     return gen
 
 
 def _messages_event(obj: dict[str, Any], res: RequestResult) -> bool:
     t = obj.get("type")
     if t == "message_start":
-        res.prompt_tokens = ((obj.get("message") or {}).get("usage") or {}).get("input_tokens")
+        # Anthropic's input_tokens leave out the cache's share: the prompt is all three together
+        u = (obj.get("message") or {}).get("usage") or {}
+        res.cached_tokens = u.get("cache_read_input_tokens") or 0
+        res.prompt_tokens = (u.get("input_tokens") or 0) + res.cached_tokens + (u.get("cache_creation_input_tokens") or 0)
     elif t == "message_delta":
         res.completion_tokens = (obj.get("usage") or {}).get("output_tokens")
         res.finish_reason = (obj.get("delta") or {}).get("stop_reason")
@@ -249,6 +260,7 @@ def _responses_event(obj: dict[str, Any], res: RequestResult) -> bool:
         r = obj.get("response") or {}
         usage = r.get("usage") or {}
         res.prompt_tokens, res.completion_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+        res.cached_tokens = (usage.get("input_tokens_details") or {}).get("cached_tokens")
         res.finish_reason = r.get("status")
     if t == "response.output_item.added" and (obj.get("item") or {}).get("type") == "function_call":
         res.tool_calls = True
@@ -260,14 +272,15 @@ _HANDLERS = {"chat": _chat_event, "messages": _messages_event, "responses": _res
 _DONE = {"chat": (), "messages": ("message_stop",), "responses": ("response.completed", "response.incomplete")}
 
 
-async def stream_turn(client: Any, url: str, endpoint: str, payload: dict[str, Any], timeout: float) -> RequestResult:
+async def stream_turn(client: Any, url: str, endpoint: str, payload: dict[str, Any], timeout: float,
+                      headers: dict[str, str] | None = None) -> RequestResult:
     """One streamed request to ``endpoint``; TTFT is the first event carrying generated output."""
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start, end=start)
     handle = _HANDLERS[endpoint]
 
     async def go() -> None:
-        async with client.stream("POST", url + ENDPOINTS[endpoint], json=payload) as resp:
+        async with client.stream("POST", url + ENDPOINTS[endpoint], json=payload, headers=headers) as resp:
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
                 return

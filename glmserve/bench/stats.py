@@ -40,6 +40,8 @@ class RequestResult:
     last_chunk: float | None = None
     content_chunks: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those the server's prefix cache served (its usage says so)."""
     completion_tokens: int | None = None
     finish_reason: str | None = None
     tool_calls: bool = False

@@ -42,6 +42,7 @@ class GenerateParams:
     n: int = 1
     logprobs: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     constraint: Constraint | None = None
     final_only: bool = False

@@ -82,6 +82,7 @@ class VLLMEngine(Engine):
             frequency_penalty=p.frequency_penalty,
             logprobs=p.logprobs,
             ignore_eos=p.ignore_eos,
+            logit_bias=p.logit_bias,
             skip_special_tokens=p.skip_special_tokens,
             structured_outputs=so,
             output_kind=RequestOutputKind.FINAL_ONLY if p.final_only else RequestOutputKind.DELTA,

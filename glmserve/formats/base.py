@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Union
 
@@ -72,6 +73,10 @@ class Tool:
     param: str | None = field(default=None, compare=False)
     """The request field that declared it (``tools[3].function``), so an error about the tool
     names the client's own index, not its place after hosted or deferred tools were set aside."""
+    freeform: tuple[str, str] | None = None
+    """A custom (freeform) tool's input format, ``(syntax, definition)`` with syntax ``text`` /
+    ``lark`` / ``regex`` (:mod:`glmserve.formats.freeform`): the model sees a function taking
+    one string, ``input``, and the input is constrained to the grammar."""
 
     @property
     def function(self) -> dict[str, Any]:
@@ -95,6 +100,8 @@ class Tool:
 
     @classmethod
     def from_openai(cls, obj: dict[str, Any]) -> "Tool":
+        if obj.get("type") == "custom":
+            return cls.custom(obj.get("custom", obj))
         fn = obj.get("function", obj) if obj.get("type", "function") == "function" else obj
         return cls(
             name=fn["name"],
@@ -103,6 +110,22 @@ class Tool:
             strict=fn.get("strict"),
             raw=obj,
         )
+
+    @classmethod
+    def custom(cls, obj: dict[str, Any]) -> "Tool":
+        """A custom tool (``{"name", "description", "format"}``, the format already valid) as the
+        function the model is shown: one string argument, ``input``."""
+        from glmserve.formats import freeform
+
+        syntax, definition = freeform.read_format(obj.get("format"))
+        fn: dict[str, Any] = {"name": obj["name"]}
+        if obj.get("description") is not None:
+            fn["description"] = obj["description"]
+        fn["parameters"] = freeform.input_parameters(syntax, definition)
+        if obj.get("defer_loading"):
+            fn["defer_loading"] = True
+        return cls(name=obj["name"], description=obj.get("description"), parameters=fn["parameters"],
+                   raw={"type": "function", "function": fn}, freeform=(syntax, definition))
 
 
 ToolChoice = Union[Literal["none", "auto", "required"], str]
@@ -126,6 +149,10 @@ class ChatRequest:
     ``clear_thinking`` None means the family's default (GLM-4.7 / 5.1 drop reasoning of
     turns before the last user message, GLM-5.3 keeps it).  ``reasoning_effort`` is the
     Chat Completions field as sent (GLM-5.3 writes it as its ``Reasoning Effort`` line).
+
+    ``messages`` are kept with each turn's tool results in its calls' order
+    (:func:`results_in_call_order`): no family's prompt shows the ids that pair a result
+    with its call, and clients send parallel results in the order the tools finished.
     """
 
     messages: list[dict[str, Any]]
@@ -136,6 +163,9 @@ class ChatRequest:
     clear_thinking: bool | None = None
     add_generation_prompt: bool = True
     reasoning_effort: str | None = None
+
+    def __post_init__(self) -> None:
+        self.messages = results_in_call_order(self.messages)
 
     @property
     def referenced_tools(self) -> set[str]:
@@ -160,6 +190,55 @@ class ChatRequest:
         ones (a referenced deferred tool is shown at its reference, so the block, and the
         cached prompt prefix, stay the same when a tool is loaded)."""
         return [t for t in self.tools_in_prompt if not t.deferred]
+
+
+def _id_of(obj: dict[str, Any]) -> str:
+    """A call's or a result's id: ``tool_call_id``, else ``id``, as text ("" when neither),
+    as GLM-5.3's template reads it."""
+    for key in ("tool_call_id", "id"):
+        if obj.get(key):
+            return str(obj[key])
+    return ""
+
+
+def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with each run of tool results put in the order of the calls they answer.
+
+    A run is the tool messages right after an assistant message with ``tool_calls`` (every
+    API maps its results there: Chat ``tool_call_id``, Messages ``tool_use_id``, Responses
+    ``call_id``).  A result is matched when its id names exactly one of those calls and no
+    other result in the run carries it; the matched results fill their own places in the run
+    in the calls' order, and every other result (no id, an unknown or a repeated one) keeps
+    its place.  When every result is matched this is GLM-5.3's template rule; the other
+    templates show results in the order given, with no ids, so a parallel turn whose results
+    came back in the order the tools finished would pair each call with another's result.
+    Returns ``messages`` itself when nothing moves."""
+    out = messages
+    i = 0
+    while i < len(messages):
+        calls = messages[i].get("tool_calls") if messages[i].get("role") == "assistant" else None
+        start = end = i + 1
+        while end < len(messages) and messages[end].get("role") == "tool":
+            end += 1
+        i = end
+        if not calls or end - start < 2:
+            continue
+        call_ids = [_id_of(c) for c in calls if isinstance(c, dict)]
+        ids = [_id_of(m) for m in messages[start:end]]
+        if ids == call_ids:  # the usual case: already in order
+            continue
+        where: dict[str, int] = {}  # a call id's position; -1 for one used twice
+        for k, cid in enumerate(call_ids):
+            where[cid] = -1 if cid in where else k
+        seen = Counter(ids)
+        slots = [k for k, rid in enumerate(ids) if rid and where.get(rid, -1) >= 0 and seen[rid] == 1]
+        ordered = sorted(slots, key=lambda k: where[ids[k]])
+        if ordered != slots:
+            if out is messages:
+                out = list(messages)
+            for slot, k in zip(slots, ordered):
+                out[start + slot] = messages[start + k]
+    return out
 
 
 # --------------------------------------------------------------------------- output events

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar, Iterable
 
-from glmserve.formats import grammar
+from glmserve.formats import freeform, grammar
 from glmserve.formats.base import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -170,10 +170,12 @@ def _build_chatml(key: str) -> str:
     from xgrammar import structural_tag as st
 
     spec = json.loads(key)
+    custom = grammar.custom_grammars(spec)  # custom tools' input held to their grammar (formats.freeform)
     tags = [
         st.TagFormat(
             begin=call_begin(name),
-            content=st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params))),
+            content=freeform.json_arguments(name, *custom[name]) if name in custom else
+            st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params))),
             end=CALL_END,
         )
         for name, params in spec["tools"]

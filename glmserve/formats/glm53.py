@@ -14,7 +14,9 @@ The prompt is the official GLM-5.3-Flash ``chat_template.jinja`` reproduced exac
   reasoning (or whose reasoning is cleared) gets ``<think></think>``, never a lone ``</think>``.
 * A run of tool results is reordered to follow the preceding assistant's ``tool_calls``
   ids when every result's ``tool_call_id`` matches exactly one call (and the ids are
-  unique and non-empty); otherwise results keep their order.
+  unique and non-empty); otherwise results keep their order.  glmserve puts every
+  family's results in call order before rendering (:func:`~glmserve.formats.base.results_in_call_order`,
+  which also moves the matched results of a partly matched run), so nothing here reorders.
 """
 
 from __future__ import annotations
@@ -29,31 +31,6 @@ from glmserve.formats.xmlcall import THINK_CLOSE, THINK_OPEN, XmlRenderer, _ctl
 
 def effort_line(reasoning_effort: str | None) -> str:
     return "Reasoning Effort: " + (reasoning_effort.capitalize() if reasoning_effort in ("low", "high") else "Max")
-
-
-def _id_of(obj: dict[str, Any]) -> str:
-    """The template's ``id_of``: ``tool_call_id``, else ``id``, as text ("" when neither)."""
-    for key in ("tool_call_id", "id"):
-        if obj.get(key):
-            return str(obj[key])
-    return ""
-
-
-def result_order(messages: list[dict[str, Any]], start: int, end: int) -> list[dict[str, Any]]:
-    """The tool messages ``messages[start:end]`` in the order GLM-5.3 writes them."""
-    block = messages[start:end]
-    prev = messages[start - 1] if start > 0 else {}
-    calls = prev.get("tool_calls") if prev.get("role") == "assistant" else None
-    if not calls:
-        return block
-    call_ids = [_id_of(c) for c in calls]
-    ids = [_id_of(m) for m in block]
-    if not all(call_ids) or len(set(call_ids)) != len(call_ids):
-        return block
-    if not all(ids) or len(set(ids)) != len(ids) or not set(ids) <= set(call_ids):
-        return block
-    where = {cid: k for k, cid in enumerate(call_ids)}
-    return sorted(block, key=lambda m: where[_id_of(m)])
 
 
 class GLM53Renderer(GLM51Renderer):
@@ -71,12 +48,6 @@ class GLM53Renderer(GLM51Renderer):
         else:
             p.add(_ctl(THINK_OPEN), _ctl(THINK_CLOSE))
         return content
-
-    def tool_results(self, p: Prompt, request: ChatRequest, messages: list[dict[str, Any]], start: int,
-                     end: int) -> None:
-        p.add(_ctl("<|observation|>"))
-        for m in result_order(messages, start, end):
-            self.tool_response(p, request, m)
 
     def generation_prompt(self, p: Prompt, request: ChatRequest) -> None:
         p.add(_ctl("<|assistant|>"), _ctl(THINK_OPEN))

@@ -60,6 +60,12 @@ def clear_caches() -> None:
         fn.cache_clear()
 
 
+def cache_misses() -> int:
+    """How many grammars and schema checks have been built so far (every cache's misses): the
+    same number before and after building a constraint means it came whole from the caches."""
+    return sum(fn.cache_info().misses for fn in _CACHES)
+
+
 class UncompilableSchema(ValueError):
     """A ``strict: true`` tool whose parameters xgrammar cannot compile.
 
@@ -150,7 +156,8 @@ def constraint_key(request: ChatRequest, family: str, check: SchemaCheck, **extr
     when decoding is free.
 
     The key is ``{"family", "tools": [[name, schema or null]...], "choice": "auto" |
-    "required" | "named", "parallel", **extra}``; for a named choice ``tools`` holds only
+    "required" | "named", "parallel", **extra}``, plus ``"custom": {name: [syntax,
+    definition]}`` when a custom tool carries a grammar; for a named choice ``tools`` holds only
     that tool.  Raises ``ValueError`` for a name that is not declared and
     :class:`UncompilableSchema` for a strict tool xgrammar cannot compile.
     """
@@ -177,6 +184,10 @@ def constraint_key(request: ChatRequest, family: str, check: SchemaCheck, **extr
         "parallel": bool(request.parallel_tool_calls),
         **extra,
     }
+    custom = {t.name: list(t.freeform) for t in tools if t.freeform is not None and t.freeform[0] != "text"
+              and (not named or t.name == choice)}
+    if custom:  # custom tools with a grammar: their input follows it (glmserve.formats.freeform)
+        spec["custom"] = custom
     return canonical(spec), relaxed
 
 
@@ -198,6 +209,11 @@ def compile_format(fmt_obj: Any) -> str:
     return str(xg.Grammar.from_structural_tag(st.StructuralTag(format=fmt_obj)))
 
 
+def custom_grammars(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The key's custom tools with a grammar: ``{name: (syntax, definition)}``."""
+    return {name: (syntax, definition) for name, (syntax, definition) in spec.get("custom", {}).items()}
+
+
 def one_of(items: list[Any]) -> Any:
     """The format of exactly one of ``items``."""
     from xgrammar import structural_tag as st
@@ -205,5 +221,6 @@ def one_of(items: list[Any]) -> Any:
     return items[0] if len(items) == 1 else st.OrFormat(elements=items)
 
 
-__all__ = ["ANY_OBJECT", "ToolChoiceUnavailable", "UncompilableSchema", "build", "cached", "canonical", "clear_caches", "compile_format",
-           "constraint_key", "json_schema_check", "normalise_schema", "one_of", "schema_grammar"]
+__all__ = ["ANY_OBJECT", "ToolChoiceUnavailable", "UncompilableSchema", "build", "cache_misses", "cached", "canonical",
+           "clear_caches", "compile_format", "constraint_key", "custom_grammars", "json_schema_check", "normalise_schema",
+           "one_of", "schema_grammar"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Iterable, Sequence
 
-from glmserve.formats import grammar
+from glmserve.formats import freeform, grammar
 from glmserve.formats.base import (
     THINK_CLOSE,
     ChatFormat,
@@ -267,17 +267,14 @@ def _build_glm(key: str) -> str:
 
     spec = json.loads(key)
     reasoning = spec["family"] == "glmz1"
+    custom = grammar.custom_grammars(spec)
     json_calls = []
     raw_calls = []
     for name, params in spec["tools"]:
-        json_calls.append(
-            st.SequenceFormat(
-                elements=[
-                    st.ConstStringFormat(value=name + "\n"),
-                    st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params))),
-                ]
-            )
-        )
+        # a custom tool's input held to its grammar inside the JSON string (glmserve.formats.freeform)
+        args = freeform.json_arguments(name, *custom[name]) if name in custom else \
+            st.GrammarFormat(grammar=grammar.schema_grammar(grammar.canonical(params)))
+        json_calls.append(st.SequenceFormat(elements=[st.ConstStringFormat(value=name + "\n"), args]))
         if name in BUILTIN_TOOLS and not params:
             raw_calls.append(
                 st.SequenceFormat(elements=[st.ConstStringFormat(value=name + "\n"), st.AnyTextFormat()])

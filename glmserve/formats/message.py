@@ -61,9 +61,12 @@ class MessageBuilder:
         return "".join(self.reasoning)
 
     def message(self) -> dict:
+        """The Chat Completions assistant message.  Reasoning is sent under both of its names:
+        ``reasoning`` (vLLM's since its PR #33402) and ``reasoning_content`` (DeepSeek's, older
+        vLLM's), since clients read one or the other."""
         msg: dict = {"role": "assistant", "content": self.text or None}
         if self.reasoning:
-            msg["reasoning_content"] = self.reasoning_text
+            msg["reasoning"] = msg["reasoning_content"] = self.reasoning_text
         if self.calls:
             msg["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}

@@ -94,7 +94,7 @@ from typing import Any, ClassVar, Iterable, Literal
 
 import pydantic_core
 
-from glmserve.formats import grammar
+from glmserve.formats import freeform, grammar
 from glmserve.formats.base import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -755,6 +755,20 @@ def _call_tag(name: str, schema: Any) -> Any:
     )
 
 
+def _custom_tag(name: str, syntax: str, definition: str, newlines: bool) -> Any:
+    """A custom tool's call: its one argument, ``input``, written raw in the family's layout and
+    held to the tool's grammar, without ``</arg_value>`` inside (:mod:`glmserve.formats.freeform`)."""
+    from xgrammar.structural_tag import ConstStringFormat, GrammarFormat, SequenceFormat, TagFormat
+
+    nl = "\n" if newlines else ""
+    value = freeform.raw_grammar(syntax, definition, VALUE_CLOSE, name)  # type: ignore[arg-type]
+    return TagFormat(begin=CALL_OPEN + name, content=SequenceFormat(elements=[
+        ConstStringFormat(value=nl + KEY_OPEN + freeform.INPUT_KEY + KEY_CLOSE + nl + VALUE_OPEN),
+        GrammarFormat(grammar=value),
+        ConstStringFormat(value=VALUE_CLOSE + nl),
+    ]), end=CALL_CLOSE)
+
+
 @grammar.cached(maxsize=1024)
 def xml_schema_check(schema_json: str) -> str | None:
     """Why xgrammar cannot compile one tool's schema in the ``glm_xml`` style (None: it can)."""
@@ -781,8 +795,10 @@ def structural_tag_for_key(key: str) -> str:
     )
 
     spec = json.loads(key)
+    custom = grammar.custom_grammars(spec)
     # No schema (none given, or one xgrammar cannot compile): any arguments.
-    tags = [_call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
+    tags = [_custom_tag(name, *custom[name], newlines=spec["newlines"]) if name in custom
+            else _call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
     single = not spec["parallel"]
     if spec["choice"] == "auto":
         suffix: Any = TriggeredTagsFormat(

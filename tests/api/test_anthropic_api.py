@@ -452,3 +452,35 @@ def test_output_config_format_constrains_the_answer(srv: ScriptedServer) -> None
     assert srv.engine.last_params.constraint.json == schema
     with pytest.raises(anthropic.BadRequestError):
         create(srv, "x", output_config={"format": {"type": "json_schema", "schema": {"type": 5}}})
+
+
+@pytest.mark.parametrize("budget, max_tokens, max_model_len", [
+    (32000, 32000, None),  # Qwen Code's request: budget and max_tokens both 32000 (clamped to the room)
+    (100, 100, None),
+    (500, 100, None),      # beyond max_tokens: Anthropic's interleaved-thinking reading, a total for the turn
+    (200, 32000, 150),     # below max_tokens, but not below the room the context leaves: cannot bind either
+])
+def test_thinking_budget_at_least_the_output_is_one_engine_request(srv: ScriptedServer, budget: int,
+                                                                   max_tokens: int, max_model_len: int | None) -> None:
+    """A budget the reasoning cannot reach before the output limit does is no limit: the
+    answer is one engine request (not a reasoning request plus an answer request), the same
+    answer a budget-free request gets, and the model closes its reasoning itself."""
+    old_len = srv.engine.max_model_len
+    if max_model_len is not None:
+        srv.engine.max_model_len = max_model_len
+    try:
+        ph = Phases(reasoning="\n<think>short thought</think>\nThe answer.", answer="never asked for")
+        ph.install(srv)
+        m = srv.client().messages.create(model="glm-test", max_tokens=max_tokens,
+                                         thinking={"type": "enabled", "budget_tokens": budget},
+                                         messages=[{"role": "user", "content": "q"}])
+        assert len(ph.params) == 1 and "</think>" not in ph.params[0].stop and ph.params[0].max_tokens <= budget
+        assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in m.content] == \
+            [("thinking", "short thought"), ("text", "The answer.")]
+        assert m.stop_reason == "end_turn"
+        final, _ = streamed(srv, ph, thinking={"type": "enabled", "budget_tokens": budget},
+                            messages=[{"role": "user", "content": "q"}], max_tokens=max_tokens)
+        same(m, final)
+        assert len(ph.params) == 2  # the streamed one: one request too
+    finally:
+        srv.engine.max_model_len = old_len

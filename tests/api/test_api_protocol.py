@@ -196,6 +196,9 @@ def test_required_sets_a_constraint(glm4):
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {str(0x110000): 1}}, "logit_bias"),
 ])
 def test_bad_requests(glm4, body, param):
     r = httpx.post(glm4.base_url + "/chat/completions", json={"model": "m", **body})
@@ -389,6 +392,13 @@ def test_ignore_eos_drops_format_stop_tokens_and_thinking_flags(glm4):
     assert p.ignore_eos and p.stop_token_ids == [] and p.stop == ["END"]
 
 
+def test_logit_bias_reaches_the_engine(glm4):
+    glm4.output = "\nok"
+    glm4.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                          logit_bias={"65": 50, "66": -100})
+    assert glm4.engine.last_params.logit_bias == {65: 50.0, 66: -100.0}
+
+
 def test_thinking_switch_accepts_string_false():
     s = Scripted("glm47", output="</think>ok")
     try:
@@ -405,7 +415,7 @@ def test_rejected_requests_give_their_admission_slot_back():
     try:
         for _ in range(3):
             r = httpx.post(s.base_url + "/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7})
+                "model": "m", "messages": [{"role": "user", "content": "x" * 5000}]})  # beyond the context
             assert r.status_code == 400
         r = s.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
         assert r.choices[0].message.content == "ok"

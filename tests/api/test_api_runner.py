@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,8 +24,8 @@ from glmserve.api.app import Settings, create_app
 from glmserve.api.errors import APIError, ErrorShape, register_error_shape
 from glmserve.api.mapping import normalise_tool_choice
 from glmserve.api.middleware import accept_key_header, key_id
-from glmserve.api.pipeline import GenerationOptions, Prepared
-from glmserve.api.runner import Services, serve
+from glmserve.api.pipeline import GenerationOptions
+from glmserve.api.runner import MAX_TOKENS_HEADER, PreparedHandle, Services, serve
 from glmserve.engine.base import Delta, EngineUnavailable, GenerateParams
 from glmserve.engine.scripted import ScriptedEngine
 from glmserve.formats import get_format
@@ -50,14 +49,7 @@ class EchoBody(BaseModel):
     max_tokens: int | None = None
 
 
-@dataclass
-class EchoHandle:
-    run: Prepared
-    stream: bool
-
-    @property
-    def request_id(self) -> str:
-        return self.run.request_id
+EchoHandle = PreparedHandle  # a prepared run and whether to stream it
 
 
 class Echo:
@@ -70,7 +62,7 @@ class Echo:
 
     async def prepare(self, body: EchoBody, request: Request) -> EchoHandle:
         chat = ChatRequest(messages=[{"role": "user", "content": body.text}], tool_choice="none")
-        opts = GenerationOptions(max_tokens=body.max_tokens, clamp_max_tokens=True)
+        opts = GenerationOptions(max_tokens=body.max_tokens)
         return EchoHandle(await self.pipeline.prepare(chat, opts, "echo_"), body.stream)
 
     async def complete(self, h: EchoHandle) -> dict[str, Any]:
@@ -136,13 +128,15 @@ def test_runner_serves_a_minimal_endpoint_whole_and_streamed(caplog):
 def test_runner_clamps_or_fills_max_tokens_from_the_room_left():
     app, engine = echo_app(["x"])
     with TestClient(app) as client:
-        client.post("/v1/echo", json={"text": "hi"})
+        r = client.post("/v1/echo", json={"text": "hi"})
         room = engine.max_model_len - len(engine.last_prompt)
         assert engine.last_params.max_tokens == room  # None: all the room there is
-        client.post("/v1/echo", json={"text": "hi", "max_tokens": 10**6})
-        assert engine.last_params.max_tokens == room  # clamp_max_tokens=True
-        client.post("/v1/echo", json={"text": "hi", "max_tokens": 5})
-        assert engine.last_params.max_tokens == 5
+        assert r.headers[MAX_TOKENS_HEADER] == str(room)
+        r = client.post("/v1/echo", json={"text": "hi", "max_tokens": 10**6, "stream": True})
+        assert engine.last_params.max_tokens == room  # asking beyond the room: clamped, as vLLM does
+        assert r.status_code == 200 and r.headers[MAX_TOKENS_HEADER] == str(room)
+        r = client.post("/v1/echo", json={"text": "hi", "max_tokens": 5})
+        assert engine.last_params.max_tokens == 5 and r.headers[MAX_TOKENS_HEADER] == "5"
 
 
 def test_runner_checks_model_health_and_admission_in_order():
@@ -385,9 +379,42 @@ def test_runner_holds_the_prelude_until_the_first_output(script, sent):
     async def collect() -> list[str]:
         lease = Lease(services.admission.acquire(), services.engine)
         handle = type("H", (), {"request_id": "r", "stream": True})()
-        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease, {})]
+        return [x async for x in services._stream(PreludeEndpoint(script(Prelude)), handle, 0.0, lease, {},
+                                                  lambda: "disconnected")]
 
     assert asyncio.run(collect()) == sent
+    assert services.admission.in_flight == 0
+
+
+@pytest.mark.parametrize("why", ["disconnected", "write_timeout"])
+def test_a_stream_cut_before_its_end_is_logged_499_with_the_reason(why, caplog):
+    from glmserve.api.admission import Lease
+
+    app, _ = echo_app([])
+    services: Services = app.state.services
+
+    async def cut_after_one() -> None:
+        lease = Lease(services.admission.acquire(), services.engine)
+        handle = type("H", (), {"request_id": "r", "stream": True})()
+        events = services._stream(PreludeEndpoint(["a", "b", "c"]), handle, 0.0, lease, {}, lambda: why)
+        assert await anext(events) == "a"
+        await events.aclose()  # what LeasedStream does once the client is gone
+
+    with caplog.at_level(logging.INFO, logger="glmserve.requests"):
+        asyncio.run(cut_after_one())
+        lines = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+        assert len(lines) == 1 and "status=499" in lines[0] and f"{why}=True" in lines[0], lines
+        caplog.clear()
+
+        async def whole() -> None:
+            lease = Lease(services.admission.acquire(), services.engine)
+            handle = type("H", (), {"request_id": "r", "stream": True})()
+            assert [x async for x in services._stream(PreludeEndpoint(["a", RuntimeError("bug")]), handle, 0.0,
+                                                      lease, {}, lambda: why)] == ["a", "error 500"]
+
+        asyncio.run(whole())  # an error in-band is the stream's end: 200
+        lines = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+        assert len(lines) == 1 and "status=200" in lines[0] and why not in lines[0], lines
     assert services.admission.in_flight == 0
 
 

@@ -5,8 +5,8 @@ so a leaked slot shows as a 429 on the very next request) serves all four genera
 endpoints; each test injects one failure at one stage (mapping, prepare, response headers,
 before the first chunk, mid-stream, client gone), then asserts the admission count is back
 at 0, no engine request is left running, and the next request is answered.  Also here: the
-header values built from request data, slow clients (a real socket dribbling bytes against
-the real protocol), blank API keys, and the server's own failures answered as 5xx.
+header values built from request data, a body dribbled (a real socket against the real
+protocol), blank API keys, and the server's own failures answered as 5xx.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from servers import free_port
 from glmserve.api import errors, middleware
 from glmserve.api.anthropic import routes as anthropic_routes
 from glmserve.api.app import Settings, create_app
-from glmserve.api import http_protocol as protocol_module
 from glmserve.api.http_protocol import server_config
 from glmserve.api.openai import chat as chat_module
 from glmserve.api.responses import routes as responses_routes
@@ -54,6 +53,8 @@ class FaultyEngine(ScriptedEngine):
     def __init__(self) -> None:
         super().__init__(lambda prompt, params: ["Hel", "lo", " there"], model_name="m")
         self.fault: str | None = None
+        self.first = Delta(index=0, text="par", num_tokens=1)
+        """The one delta a ``mid_stream`` or ``hang`` request gives before it fails or waits."""
         self.hanging = threading.Event()
         """Set once a ``hang`` request is waiting (read from the test's thread)."""
 
@@ -66,7 +67,7 @@ class FaultyEngine(ScriptedEngine):
         try:
             if self.fault == "first_chunk":
                 raise RuntimeError("injected: the engine failed before its first token")
-            yield Delta(index=0, text="par", num_tokens=1)
+            yield self.first
             if self.fault == "mid_stream":
                 raise RuntimeError("injected: the engine failed mid-answer")
             self.hanging.set()
@@ -84,8 +85,8 @@ class Server:
         self.app = create_app(self.engine, get_format("chatml"), settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(self.app, read_timeout=settings.read_timeout, http=http,
-                                                   host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(self.app, settings, http=http, host="127.0.0.1", port=self.port,
+                                                   log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + WAIT
@@ -124,6 +125,7 @@ def healthy(request):
     if "srv" in request.fixturenames:
         s = request.getfixturevalue("srv")
         s.engine.fault = None
+        s.engine.first = Delta(index=0, text="par", num_tokens=1)
         s.engine.hanging.clear()
         yield
         s.engine.fault = None
@@ -263,6 +265,39 @@ def test_a_client_gone_mid_answer_frees_the_slot_and_aborts_the_engine_request(s
     assert_served(srv, endpoint)
 
 
+TOOLS = {"chat": [{"type": "function", "function": {"name": "读取", "parameters": {"type": "object"}}}],
+         "messages": [{"name": "读取", "input_schema": {"type": "object"}}],
+         "responses": [{"type": "function", "name": "读取", "parameters": {"type": "object"}}]}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_a_cut_stream_is_logged_as_the_client_saw_it_and_its_tokens_count(srv, endpoint, caplog):
+    """A stream the client cut mid-call: the log line says 499 (``disconnected=True``) and names
+    the call the model had begun, and the tokens it spent are in the token counters."""
+    metrics = srv.app.state.services.metrics
+    prompt_before, completion_before = metrics.prompt_tokens._value.get(), metrics.completion_tokens._value.get()
+    srv.engine.fault = "hang"
+    srv.engine.first = Delta(index=0, text='<tool_call>\n{"name": "读取", "arguments": {"path": "a', num_tokens=7)
+    path, payload = body(endpoint, True)
+    payload["tools"] = TOOLS[endpoint]
+    with caplog.at_level(logging.INFO, logger="glmserve.requests"):
+        sock = raw_post(srv.port, path, payload)
+        try:
+            assert srv.engine.hanging.wait(WAIT)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            sock.close()
+        srv.wait_idle()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
+    assert " status=499 " in line and "disconnected=True" in line and "stream=True" in line, line
+    assert "tools=['读取']" in line and "completion_tokens=7" in line, line
+    prompt_tokens = int(line.split("prompt_tokens=")[1].split()[0])
+    assert metrics.completion_tokens._value.get() == completion_before + 7
+    assert metrics.prompt_tokens._value.get() == prompt_before + prompt_tokens > prompt_before
+    srv.engine.fault = None
+    assert_served(srv, endpoint)
+
+
 def test_the_hosted_tool_with_a_non_latin1_name_no_longer_jams_the_server(srv):
     """The finding: a streamed /v1/messages whose hosted tool is named ``搜索`` got a 500
     and kept its slot for good (the slot was freed only by a stream never started)."""
@@ -365,61 +400,8 @@ def test_a_body_dribbled_byte_by_byte_is_a_408_and_holds_no_slot(srv, path):
     assert_served(srv, "chat")
 
 
-HTTP_IMPLS = ["h11"] + (["httptools"] if protocol_module.HttpToolsProtocol is not None else [])
-
-
-@pytest.fixture(scope="module", params=HTTP_IMPLS)
-def each_protocol(request, tmp_path_factory):
-    """A server on each of uvicorn's HTTP/1.1 protocols (the header deadline is per protocol)."""
-    s = Server(Settings(read_timeout=READ_TIMEOUT, responses_db=str(tmp_path_factory.mktemp("p") / "r.sqlite3")),
-               http=request.param)
-    yield s
-    s.stop()
-
-
-def test_headers_dribbled_byte_by_byte_are_a_408_in_the_paths_shape(each_protocol):
-    for path, anthropic in (("/v1/messages", True), ("/v1/chat/completions", False)):
-        sock = socket.create_connection(("127.0.0.1", each_protocol.port), timeout=WAIT)
-        try:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
-            elapsed = dribble_until_answered(sock, b"a", within=10 * READ_TIMEOUT)
-            status, headers, content = read_response(sock)
-            assert status == 408 and headers["connection"] == "close"
-            err = json.loads(content)
-            if anthropic:  # the request line named /v1/messages: Anthropic's shape
-                assert err["type"] == "error" and "headers did not arrive" in err["error"]["message"]
-            else:
-                assert err["error"]["code"] == "request_timeout"
-            assert READ_TIMEOUT * 0.9 <= elapsed < 8 * READ_TIMEOUT
-            assert sock.recv(1) == b""
-        finally:
-            sock.close()
-    assert_served(each_protocol, "chat")
-
-
-def test_a_connection_that_sends_nothing_is_closed(each_protocol):
-    sock = socket.create_connection(("127.0.0.1", each_protocol.port), timeout=WAIT)
-    try:
-        t0 = time.monotonic()
-        assert sock.recv(1) == b""  # closed without an answer
-        assert time.monotonic() - t0 < 8 * READ_TIMEOUT
-    finally:
-        sock.close()
-
-
-def test_a_keep_alive_connection_serves_requests_within_the_deadline_on_each_protocol(each_protocol):
-    with httpx.Client(timeout=WAIT) as client:
-        for _ in range(3):
-            path, payload = body("chat", False)
-            assert client.post(each_protocol.url + path, json=payload).status_code == 200
-
-
-def test_a_keep_alive_connection_serves_requests_within_the_deadline(srv):
-    """The header deadline restarts with each request on one connection."""
-    with httpx.Client(timeout=WAIT) as client:
-        for _ in range(3):
-            path, payload = body("chat", False)
-            assert client.post(srv.url + path, json=payload).status_code == 200
+# The head's bounds (time, size), the write deadline and the keep-alive deadline restart are
+# tests/api/test_hostile_http.py's, against `glmserve serve` itself on each HTTP parser.
 
 
 # --------------------------------------------------------------------------- the server's own faults

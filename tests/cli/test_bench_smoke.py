@@ -555,3 +555,81 @@ def test_the_workload_modules_do_not_import_each_other():
             "assert 'glmserve.bench.workloads' not in sys.modules, 'a workload module imports the registry'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- glmserve bench router
+
+
+@pytest.fixture(scope="module")
+def scripted_cached_url():
+    """The real app on the scripted engine, every answer reporting 64 prompt tokens from the cache."""
+    from servers import ThreadServer
+
+    from glmserve.api.app import Settings, create_app
+    from glmserve.engine.scripted import ScriptedEngine
+    from glmserve.formats import get_format
+
+    engine = ScriptedEngine(lambda prompt, params: ["Look", "ing."], model_name="m", max_model_len=200_000,
+                            cached_tokens=64)
+    server = ThreadServer(create_app(engine, get_format("glm47"), Settings()))
+    yield server.url
+    server.stop()
+
+
+def test_router_bench_sessions_read_the_cache_share_of_every_api(scripted_cached_url):
+    """Lock-step sessions against one server (no router: the figures, not the routing): each
+    API's usage gives the prompt and its cached part (Anthropic's input_tokens leave the cache's
+    share out), the ideal is the previous prompt in whole blocks, and the replica counts add up."""
+    from glmserve.bench import router
+
+    args = router.build_parser().parse_args(["--sessions", "2", "--turns", "3", "--system-tokens", "200", "--tools", "1",
+                                             "--shared-prefix", "--result-lines", "2", "--output-tokens", "4"])
+    args.served_name = "m"
+    for endpoint in ("chat", "messages", "responses"):
+        run = asyncio.run(router.run_sessions(args, endpoint, scripted_cached_url, f"t-{endpoint}", [scripted_cached_url]))
+        turns = run["turns"]
+        assert [len(t) for t in turns] == [2, 2, 2] and all(r.ok for t in turns for r in t), [r.error for t in turns for r in t]
+        assert all(r.cached_tokens == 64 and r.prompt_tokens > 64 for t in turns for r in t)
+        assert turns[1][0].prompt_tokens > turns[0][0].prompt_tokens  # each turn resends the last plus a step
+        assert run["requests_per_replica"] == [[2], [2], [2]]
+        s = router.summarize(run, 16)
+        later = [r for t in turns[1:] for r in t]
+        assert s["cached_share"] == pytest.approx(64 * 4 / sum(r.prompt_tokens for r in later))
+        assert s["ideal_share"] == pytest.approx(sum((p.prompt_tokens - 1) // 16 * 16 for t in turns[:-1] for p in t)
+                                                 / sum(r.prompt_tokens for r in later))
+        assert s["lowest_session_turn_share"] == min(64 / r.prompt_tokens for r in later)
+        assert len(s["ttft_p50_s"]) == 3 and not s["errors"]
+
+
+def test_router_bench_sessions_commands_and_table():
+    from glmserve.bench import router
+
+    args = router.build_parser().parse_args(["--model", "/m", "--tools", "2", "--result-lines", "3",
+                                             "--router-bin", "/bin/vllm-router", "--block-size", "128"])
+    for endpoint in ("chat", "messages", "responses"):
+        a = router.payload(args, endpoint, "system", "s-1", 2)
+        b = router.payload(args, endpoint, "system", "s-2", 2)
+        assert len(a["tools"]) == 2 and a["tools"] != b["tools"]  # the first tool names the session
+        assert "[s-1]" in json.dumps(a["tools"][0]) and "[s-1]" not in json.dumps(a["tools"][1])
+        assert json.dumps(a).count("def handler_1_3(") == 1 and "def handler_1_4(" not in json.dumps(a)
+    shared = router.build_parser().parse_args(["--shared-prefix"])
+    assert router.payload(shared, "chat", "x", "s-1", 0)["tools"] == router.payload(shared, "chat", "x", "s-2", 0)["tools"]
+
+    class Replica:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+    reps = [Replica("http://127.0.0.1:1"), Replica("http://127.0.0.1:2")]
+    kv = router.router_command(args, "kv_aware", 9, reps, [11, 12])
+    assert kv[0] == "/bin/vllm-router" and kv[kv.index("--policy") + 1] == "kv_aware"
+    assert [kv[i + 1] for i, x in enumerate(kv) if x == "--kv-event-source"] == [
+        "http://127.0.0.1:1=tcp://127.0.0.1:11", "http://127.0.0.1:2=tcp://127.0.0.1:12"]
+    assert kv[kv.index("--kv-event-block-size") + 1] == "128"
+    assert "--kv-event-source" not in router.router_command(args, "sticky_least_loaded", 9, reps, [11, 12])
+    rep = router.replica_command(args, 5, 6)
+    assert rep[rep.index("--num-gpu-blocks-override") + 1] == "110"
+    assert json.loads(rep[rep.index("--kv-events-config") + 1])["endpoint"] == "tcp://*:6"
+    summary = {"cached_share": 0.93, "lowest_session_turn_share": 0.9, "ideal_share": 0.94, "ttft_p50_s": [0.5, None],
+               "requests_per_replica": [[3, 2], [2, 3]], "errors": []}
+    table = router.format_table({"policies": {"chat/sticky_least_loaded": [summary]}})
+    assert "sticky_least_loaded" in table and "0.93" in table and "500/-" in table and "3/2 2/3" in table

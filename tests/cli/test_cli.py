@@ -67,7 +67,8 @@ def test_help_lists_commands_and_flags():
     r = run("serve", "--help")
     assert r.returncode == 0, r.stderr
     for flag in ("--chat-format", "--api-key", "--max-concurrent-requests", "--tensor-parallel-size",
-                 "--enforce-eager", "--served-model-name", "--argument-hook", "--json-logs"):
+                 "--enforce-eager", "--served-model-name", "--argument-hook", "--json-logs", "--inspect",
+                 "--inspect-max-bytes"):
         assert flag in r.stdout
 
 

@@ -103,3 +103,33 @@ def test_codex_session_views_an_image_on_a_text_only_model(tmp_path: Path) -> No
     turns = re.findall(r"^glmserve.requests: responses resp_\w+ status=200", log, re.M)
     assert statuses == ["200"] * 3 and len(turns) == 3, log  # one 200 per turn, no 4xx
     assert "media_replaced=1" in log and "ERROR" not in out, out + log
+
+
+def test_codex_applies_patches_through_its_custom_apply_patch_tool(tmp_path: Path) -> None:
+    """With a model catalog naming the served model, Codex declares ``apply_patch`` as a custom
+    (freeform) tool with its Lark grammar.  The model's two calls (create notes.md, then edit it,
+    Chinese text) come back as ``custom_tool_call`` items; Codex applies them and sends their
+    outputs back as ``custom_tool_call_output``; the answer quotes the second one."""
+    from scripted_server import PATCHED
+
+    codex_bin()
+    work = tmp_path / "work"
+    work.mkdir()
+    server, port, log_path = _scripted_codex_server(tmp_path, "codex-patch")
+    try:
+        r = run_codex(f"http://127.0.0.1:{port}/v1", "codex-key", "scripted", "Write notes.md, then edit it", work,
+                      120, "--dangerously-bypass-approvals-and-sandbox", catalog=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+    out = r.stdout + r.stderr
+    log = log_path.read_text()
+    assert r.returncode == 0, out + log
+    assert (work / "notes.md").read_bytes() == PATCHED.encode()  # both patches applied, byte for byte
+    assert "Codex said:" in r.stdout and "notes.md" in r.stdout.split("Codex said:")[-1], out
+    assert "<tool_call>" not in r.stdout and "<arg_key>" not in r.stdout, out  # no raw call markup as the answer
+    statuses = re.findall(r'"POST /v1/responses HTTP/1.1" (\d+)', log)
+    turns = re.findall(r"^glmserve.requests: responses resp_\w+ status=200.*$", log, re.M)
+    assert statuses == ["200"] * 3 and len(turns) == 3, log  # one 200 per turn, no retries
+    assert sum("'apply_patch'" in t for t in turns) == 2, turns  # the two calls were the custom tool's
+    assert "ERROR" not in out, out

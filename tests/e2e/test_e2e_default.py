@@ -204,7 +204,7 @@ def test_malformed_json_is_400(default_server):
 def test_client_errors_raise_openai_exceptions(default_server):
     c = default_server.client()
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * 5000}], max_tokens=2)
     assert e.value.body["code"] == "context_length_exceeded"
     # the engine is still fine afterwards
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)

@@ -53,6 +53,10 @@ def test_glmz1_reasoning_goes_to_reasoning_content(glmz1_server):
                        if ch.choices)
     assert streamed == reasoning
     assert not any(ch.choices and ch.choices[0].delta.content for ch in chunks) or msg.content
+    # vLLM's name too, in the message and in every delta that carries reasoning
+    assert msg.model_extra.get("reasoning") == reasoning
+    assert all((ch.choices[0].delta.model_extra or {}).get("reasoning")
+               == (ch.choices[0].delta.model_extra or {}).get("reasoning_content") for ch in chunks if ch.choices)
 
 
 @pytest.fixture(scope="module")

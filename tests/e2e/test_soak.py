@@ -2,9 +2,11 @@
 default model on the real vLLM engine), then the server must be as it was.
 
 The mix, on all three APIs: whole and streamed answers, clients that go away mid-stream,
-malformed JSON, oversize bodies, bodies and headers dribbled slower than ``--read-timeout``,
-strict tools with unreadable schemas, hosted tools with non-ASCII and header-unsafe names,
-and lookups of stored responses by ids never issued.  Afterwards: no 5xx was answered for a
+clients that stop reading a stream (cut at ``--write-timeout``), malformed JSON, oversize
+bodies, heads over ``--max-header-bytes``, bodies and headers dribbled slower than
+``--read-timeout``, partial heads pipelined behind a live stream, strict tools with
+unreadable schemas, hosted tools with non-ASCII and header-unsafe names, and lookups of stored
+responses by ids never issued.  Afterwards: no 5xx was answered for a
 client's mistake, ``glmserve_requests_running`` is back to 0, the server still answers, its
 RSS grew by a bounded amount, and the ``/metrics`` series count did not grow with the
 distinct paths and tool names sent (the figures are printed: run with ``-s`` to see them).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import socket
 import time
 import uuid
@@ -26,11 +29,13 @@ import httpx
 import psutil
 import pytest
 
+from raw_http import responses as raw_responses
 from servers import Server, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 READ_TIMEOUT = 2.0
+WRITE_TIMEOUT = 2.0
 MAX_BODY = 200_000
 SOAK_SECONDS = float(os.environ.get("GLMSERVE_SOAK_SECONDS", "100"))
 MAX_ROUNDS = 400  # a bound on the count as well as on the time
@@ -41,7 +46,8 @@ RSS_GROWTH_LIMIT = 256 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def soak_server(tmp_path_factory) -> Server:
-    s = start_server(None, "--read-timeout", str(READ_TIMEOUT), "--max-body-bytes", str(MAX_BODY),
+    s = start_server(None, "--read-timeout", str(READ_TIMEOUT), "--write-timeout", str(WRITE_TIMEOUT),
+                     "--max-body-bytes", str(MAX_BODY),
                      "--max-concurrent-requests", "64",
                      "--responses-db", str(tmp_path_factory.mktemp("soak") / "responses.sqlite3"))
     yield s
@@ -177,6 +183,52 @@ def disconnect_mid_stream(s: Server, c: httpx.Client) -> int:
     return 0
 
 
+def post_head(path: str, data: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+
+
+def slow_reader(s: Server, c: httpx.Client) -> int:
+    """A stream whose client never reads (its window closed): the server must cut it (0) once its
+    writes stall for --write-timeout (segments of 1400 bytes, as over a network: on loopback's
+    64 KiB the kernel buffers megabytes first; 4 choices with 20 top logprobs fill it quickly)."""
+    data = json.dumps({"model": served_name(s), "messages": USER, "max_tokens": 1500, "ignore_eos": True,
+                       "stream": True, "n": 4, "logprobs": True, "top_logprobs": 20}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(post_head("/v1/chat/completions", data) + data)
+        poller = select.poll()  # the reset, without reading what is waiting
+        poller.register(sock, select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+        return 0 if poller.poll(120_000) else -1
+
+
+def huge_head(s: Server, c: httpx.Client) -> int:
+    """1 MiB of headers (over the default --max-header-bytes): 431."""
+    with socket.create_connection(("127.0.0.1", s.port), timeout=60) as sock:
+        try:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(128):
+                sock.sendall(b"X-Big: " + b"a" * 8192 + b"\r\n")
+        except OSError:
+            pass
+        (status, _, _), = raw_responses(sock, ("POST", "/v1/messages"))
+        return status
+
+
+def pipelined_head(s: Server, c: httpx.Client) -> int:
+    """A stream with a partial head pipelined behind it: the stream arrives whole, then the
+    head's 408 (its deadline runs from the stream's end)."""
+    data = json.dumps({"model": served_name(s), "messages": USER, "max_tokens": 6, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=60) as sock:
+        sock.sendall(post_head("/v1/chat/completions", data) + data + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-P")
+        (first, stream, _), (second, _, _) = raw_responses(sock, ("POST", "/v1/chat/completions"),
+                                                           ("GET", "/v1/models"))
+    assert first == 200 and stream.rstrip().endswith(b"data: [DONE]"), stream[-300:]
+    return second
+
+
 KINDS: dict[str, tuple[Callable[[Server, httpx.Client], int], set[int]]] = {
     "chat": (chat, {200}),
     "chat_stream": (chat_stream, {200}),
@@ -192,6 +244,9 @@ KINDS: dict[str, tuple[Callable[[Server, httpx.Client], int], set[int]]] = {
     "slow_body": (slow_body, {408}),
     "slow_headers": (slow_headers, {408}),
     "disconnect": (disconnect_mid_stream, {0}),
+    "slow_reader": (slow_reader, {0}),
+    "huge_head": (huge_head, {431}),
+    "pipelined_head": (pipelined_head, {408}),
 }
 
 
@@ -251,6 +306,8 @@ def test_soak_mixed_traffic_leaves_the_server_as_it_was(soak_server):
           f"/metrics series {series0} -> {len(lines)}")
     print("soak statuses:", dict(sorted(seen.items())))
     assert rounds >= 3 and seen[("unknown_response", 404)] >= 3
+    # each client that stopped reading was cut by the write deadline (the warm-up's too), none other
+    assert gauge(s, "glmserve_write_timeouts_total") == 1 + seen[("slow_reader", 0)]
     assert not any(status >= 500 for _, status in seen)  # (already asserted per request: named here for the log)
     # the server still answers
     r = httpx.post(s.base_url + "/chat/completions", json={"model": served_name(s), "messages": USER, "max_tokens": 4}, timeout=120)

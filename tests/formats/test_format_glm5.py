@@ -148,23 +148,31 @@ def test_glm51_thinking_off_and_effort_none() -> None:
     assert p.feed("answer") + p.finish() == [TextEvent("answer")]
 
 
-def test_glm53_reorders_results_only_when_every_id_matches_once() -> None:
-    def body(results: list[tuple[str | None, str]]) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": CALLS},
+def test_results_follow_their_calls() -> None:
+    """A turn's results are shown in its calls' order on every family (GLM-5.3's template
+    rule, which glmserve applies before rendering); a result whose id is missing, unknown or
+    repeated keeps its place, and the matched ones fill theirs in call order."""
+    def body(results: list[tuple[str | None, str]], calls: list[dict[str, Any]] = CALLS) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": calls},
                              *({"role": "tool", "tool_call_id": i, "content": c} for i, c in results)], "tools": TOOLS}
 
     def results(text: str) -> str:
-        return text.split("<|observation|>", 1)[1].split("<|assistant|>", 1)[0]
+        return text.split("<|observation|>", 1)[1].split("<|assistant|>", 1)[0].replace("</tool_response>", " ") \
+            .replace("<tool_response>", "").strip()
 
-    assert results(glmserve_prompt("glm53", body([("b", "B"), ("a", "A")]))) == \
-        "<tool_response>A</tool_response><tool_response>B</tool_response>"
+    third = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "上海"}'}}
+    for fmt in ("glm47", "glm51", "glm53"):
+        assert results(glmserve_prompt(fmt, body([("b", "B"), ("a", "A")]))) == "A B"
+        for kept in ([("b", "B"), ("x", "A")], [("b", "B"), ("b", "A")], [("b", "B"), (None, "A")]):
+            assert results(glmserve_prompt(fmt, body(kept))) == "B A"
+        partly = body([("c", "C"), ("x", "X"), ("a", "A")], [*CALLS, third])
+        assert results(glmserve_prompt(fmt, partly)) == "A X C"
+    # GLM-5.3's own template sorts only a fully matched run: given glmserve's order it agrees
+    partly = body([("c", "C"), ("x", "X"), ("a", "A")], [*CALLS, third])
+    assert glmserve_prompt("glm53", partly) == official("GLM-5.3-Flash", body([("a", "A"), ("x", "X"), ("c", "C")],
+                                                                              [*CALLS, third]))
     for kept in ([("b", "B"), ("x", "A")], [("b", "B"), ("b", "A")], [("b", "B"), (None, "A")]):
-        assert results(glmserve_prompt("glm53", body(kept))) == \
-            "<tool_response>B</tool_response><tool_response>A</tool_response>"
         assert glmserve_prompt("glm53", body(kept)) == official("GLM-5.3-Flash", body(kept))
-    # glm51 keeps the order it was given
-    assert results(glmserve_prompt("glm51", body([("b", "B"), ("a", "A")]))) == \
-        "<tool_response>B</tool_response><tool_response>A</tool_response>"
 
 
 def test_history_think_blocks() -> None:
@@ -293,7 +301,7 @@ def conversations(draw: st.DrawFn, fmt: str) -> dict[str, Any]:
             if calls:
                 results = []
                 for c in calls:
-                    # mostly the call's own id; sometimes an unknown or a repeated one (no reordering then)
+                    # mostly the call's own id; sometimes an unknown or a repeated one (which keeps its place)
                     rid = draw(st.sampled_from([c["id"]] * 6 + ["other", calls[0]["id"]]))
                     results.append({"role": "tool", "tool_call_id": rid, "content": draw(TEXT)})
                     if glm5 and draw(st.integers(0, 4)) == 0:
@@ -318,6 +326,26 @@ def conversations(draw: st.DrawFn, fmt: str) -> dict[str, Any]:
     return body
 
 
+def in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with each turn's results in call order, as the rule says it (the
+    oracle the differential test renders with the official templates): the run of tool
+    messages after an assistant's calls; a result whose id names one call and no other result
+    is matched; matched results fill their places in the calls' order, the rest stay put."""
+    out = list(messages)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or not m.get("tool_calls"):
+            continue
+        end = i + 1
+        while end < len(messages) and messages[end]["role"] == "tool":
+            end += 1
+        call_ids = [c["id"] for c in m["tool_calls"]]
+        rids = [r["tool_call_id"] for r in messages[i + 1:end]]
+        matched = [i + 1 + k for k, rid in enumerate(rids) if rid and call_ids.count(rid) == 1 and rids.count(rid) == 1]
+        for slot, j in zip(matched, sorted(matched, key=lambda j: call_ids.index(messages[j]["tool_call_id"]))):
+            out[slot] = messages[j]
+    return out
+
+
 DIFFERENTIAL = [("glm47", "GLM-4.7-Flash"), ("glm47", "GLM-5"), ("glm51", "GLM-5.1"), ("glm53", "GLM-5.3-Flash")]
 
 
@@ -326,9 +354,10 @@ DIFFERENTIAL = [("glm47", "GLM-4.7-Flash"), ("glm47", "GLM-5"), ("glm51", "GLM-5
 @given(data=st.data())
 def test_matches_official_template(fmt: str, name: str, data: st.DataObject) -> None:
     body = data.draw(conversations(fmt))
-    expected = body
+    # results are sent in any order; the official template is shown them in their calls' order
+    expected = {**body, "messages": in_call_order(body["messages"])}
     if fmt == "glm47" and body.get("tools"):
         # GLM-4.7 / GLM-5 have no defer_loading rule; glmserve lists deferred tools nowhere up
         # front on every family (they are shown where a tool_reference result names them)
-        expected = {**body, "tools": [t for t in body["tools"] if not t["function"].get("defer_loading")]}
+        expected["tools"] = [t for t in body["tools"] if not t["function"].get("defer_loading")]
     assert glmserve_prompt(fmt, body) == official(name, expected)

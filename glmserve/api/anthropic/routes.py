@@ -28,8 +28,9 @@ from glmserve.api.mapping import build_tools, check_message_count, normalise_too
 from glmserve.api.media import MediaNotes
 from glmserve.api.middleware import accept_key_header
 from glmserve.api.pipeline import ChatPipeline, GenerationOptions, schema_work
-from glmserve.api.runner import Prelude, PreparedHandle, Services, header_list
+from glmserve.api.runner import Prelude, PreparedHandle, Services, header_list, rendered
 from glmserve.formats.base import ChatRequest, ToolCallEnd
+from glmserve.metrics import counted
 from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.messages")
@@ -80,8 +81,10 @@ class Signatures:
 
     def dropped(self, param: str, reason: str) -> None:
         """A thinking block whose signature does not verify is not the model's own: left out, logged, counted."""
-        log.warning("%s: thinking left out of the prompt (%s: not signed under this server's secrets)", param, reason)
-        self.services.metrics.reasoning_dropped.labels(reason).inc()
+        if counted():
+            log.warning("%s: thinking left out of the prompt (%s: not signed under this server's secrets)", param,
+                        reason)
+            self.services.metrics.reasoning_dropped.labels(reason).inc()
 
 
 def chat_request(body: MessagesBase, services: Services, signatures: Signatures,
@@ -132,7 +135,6 @@ class Messages:
         schema = am.output_format_schema(body)
         opts = GenerationOptions(
             max_tokens=body.max_tokens,
-            clamp_max_tokens=True,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -149,9 +151,7 @@ class Messages:
                               media_fields=notes.report(run.request_id, self.services.metrics))
 
     def log_fields(self, h: MessagesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     **h.media_fields}
+        return h.log_fields()
 
     def _message(self, h: MessagesHandle, content: list[dict[str, Any]], end: tuple[str | None, str | None]
                  ) -> dict[str, Any]:
@@ -219,6 +219,12 @@ def router(services: Services) -> APIRouter:
         if unsupported:
             response.headers[UNSUPPORTED_TOOLS_HEADER] = header_list(unsupported)
         return response
+
+    @r.post(PREFIX + "/render")
+    async def render(body: MessagesRequest, request: Request) -> dict[str, Any]:
+        """vLLM's render API for Messages: the prompt's token ids, nothing generated (see
+        :meth:`~glmserve.api.runner.Services.render`)."""
+        return rendered(await services.render(endpoint, body, request), services.check_model(body.model))
 
     @r.post(PREFIX + "/count_tokens", response_model=None, responses={200: {"model": TokenCount}})
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:

@@ -25,10 +25,11 @@ from glmserve.api import media
 from glmserve.api.mapping import chat_request_from_openai, is_legacy_functions, openai_output_constraint
 from glmserve.api.media import MediaNotes
 from glmserve.api.pipeline import ChatPipeline, ChoiceUpdate, GenerationOptions, schema_work
-from glmserve.api.runner import Prelude, PreparedHandle, Services, chunk_encoder, streams
+from glmserve.api.runner import Prelude, PreparedHandle, Services, chunk_encoder, rendered, streams
 from glmserve.api.schemas import ChatCompletionRequest
 from glmserve.api.settings import ArgumentHook
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
+from glmserve.formats.freeform import InputDecoder, input_of
 from glmserve.formats.message import MessageBuilder
 
 __all__ = ["ArgumentHook", "ChatCompletions", "ChatHandle", "router", "usage", "logprob_json"]
@@ -38,7 +39,6 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
     """Sampling and length settings of a Chat Completions request."""
     return GenerationOptions(
         max_tokens=req.max_completion_tokens or req.max_tokens,
-        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
         temperature=req.temperature,
         top_p=req.top_p,
         seed=req.seed,
@@ -48,10 +48,24 @@ def generation_options(req: ChatCompletionRequest, services: Services) -> Genera
         n=req.n,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias(req, services),
         output_constraint=openai_output_constraint(req, services.settings.limits),
         schema_field="parameters",
         thinking_budget=thinking_budget(req),
     )
+
+
+def logit_bias(req: ChatCompletionRequest, services: Services) -> dict[int, float] | None:
+    """``logit_bias`` with int keys; a token id beyond the model's vocabulary is a 400."""
+    if not req.logit_bias:
+        return None
+    bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+    vocab = getattr(services.engine, "vocab_size", None)
+    bad = [t for t in bias if vocab is not None and t >= vocab]
+    if bad:
+        raise APIError(400, f"logit_bias: token id {bad[0]} is out of vocabulary (0 to {vocab - 1})",
+                       param="logit_bias")
+    return bias
 
 
 def thinking_budget(req: ChatCompletionRequest) -> int | None:
@@ -76,6 +90,10 @@ class ChatHandle(PreparedHandle):
     legacy_functions: bool
     """Answer with ``function_call`` (the request used the legacy ``functions``)."""
     logprobs: bool
+    custom: frozenset[str] = frozenset()
+    """The custom tools' names: their calls are answered as ``{"type": "custom", "custom": {name, input}}``."""
+    inputs: dict[tuple[int, int], InputDecoder] = field(default_factory=dict)
+    """(choice, call) -> the streamed custom call's input so far."""
 
 
 class ChatCompletions:
@@ -100,12 +118,11 @@ class ChatCompletions:
         return ChatHandle(run=run, stream=body.stream,
                           include_usage=bool(body.stream_options and body.stream_options.include_usage),
                           legacy_functions=is_legacy_functions(body), logprobs=body.logprobs,
-                          media_fields=notes.report(run.request_id, self.services.metrics))
+                          media_fields=notes.report(run.request_id, self.services.metrics),
+                          custom=frozenset(t.name for t in chat.tools if t.freeform is not None))
 
     def log_fields(self, h: ChatHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     **h.media_fields}
+        return h.log_fields()
 
     @staticmethod
     def _reason(h: ChatHandle, reason: str) -> str:
@@ -117,7 +134,7 @@ class ChatCompletions:
         p = h.run
         choices = []
         for r in await self.pipeline.complete(p):
-            message = r.builder.message()
+            message = custom_calls(r.builder.message(), h.custom)
             if h.legacy_functions and r.builder.calls:
                 call = message.pop("tool_calls")[0]
                 message["function_call"] = call["function"]
@@ -188,10 +205,27 @@ class ChatCompletions:
             elif isinstance(ev, ReasoningEvent):
                 if not ev.text:
                     continue
-                if prev is not None and set(prev) == {"reasoning_content"}:
-                    prev["reasoning_content"] += ev.text
+                if prev is not None and "reasoning" in prev:
+                    prev["reasoning"] = prev["reasoning_content"] = prev["reasoning"] + ev.text
+                else:  # both names, as the whole message has them (MessageBuilder.message)
+                    out.append({"reasoning": ev.text, "reasoning_content": ev.text})
+            elif isinstance(ev, ToolCallStart) and builder.calls[ev.index].name in h.custom:
+                call = builder.calls[ev.index]
+                h.inputs[(u.index, ev.index)] = InputDecoder()
+                out.append({"tool_calls": [{"index": ev.index, "id": call.id, "type": "custom",
+                                            "custom": {"name": call.name, "input": ""}}]})
+            elif isinstance(ev, ToolCallArgs) and (u.index, ev.index) in h.inputs:
+                text = "" if hooked else h.inputs[(u.index, ev.index)].feed(ev.delta)
+                if not text:
+                    continue
+                if prev is not None and "tool_calls" in prev and prev["tool_calls"][0]["index"] == ev.index \
+                        and "id" not in prev["tool_calls"][0]:
+                    prev["tool_calls"][0]["custom"]["input"] += text
                 else:
-                    out.append({"reasoning_content": ev.text})
+                    out.append({"tool_calls": [{"index": ev.index, "custom": {"input": text}}]})
+            elif isinstance(ev, ToolCallEnd) and hooked and (u.index, ev.index) in h.inputs:
+                call = builder.calls[ev.index]
+                out.append({"tool_calls": [{"index": ev.index, "custom": {"input": input_of(call.arguments)}}]})
             elif isinstance(ev, ToolCallStart):
                 call = builder.calls[ev.index]
                 if h.legacy_functions:
@@ -213,6 +247,18 @@ class ChatCompletions:
                 call = builder.calls[ev.index]
                 out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": call.arguments}}]})
         return out
+
+
+def custom_calls(message: dict[str, Any], custom: frozenset[str]) -> dict[str, Any]:
+    """``message`` with its calls of custom tools in their own shape: ``{"id", "type": "custom",
+    "custom": {"name", "input"}}`` (a call cut short keeps the input as far as it got)."""
+    calls = message.get("tool_calls")
+    if calls and custom:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "custom",
+             "custom": {"name": c["function"]["name"], "input": input_of(c["function"]["arguments"])}}
+            if c["function"]["name"] in custom else c for c in calls]
+    return message
 
 
 def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
@@ -248,6 +294,12 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/chat/completions", responses=streams(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return media.add_header(request, await services.serve(endpoint, body, request))
+
+    @r.post("/v1/chat/completions/render")
+    async def render(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        """vLLM's render API: the prompt's token ids, nothing generated (see
+        :meth:`~glmserve.api.runner.Services.render`)."""
+        return rendered(await services.render(endpoint, body, request), services.check_model(body.model))
 
     @r.post("/tokenize", response_model=None, responses={200: {"model": TokenizeOut}})
     async def tokenize(body: ChatCompletionRequest) -> dict[str, Any]:

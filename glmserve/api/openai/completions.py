@@ -14,8 +14,8 @@ from openai.types import Completion
 from starlette.responses import Response
 
 from glmserve.api.errors import APIError, openai_stream_error
-from glmserve.api.pipeline import tokenize, too_long
-from glmserve.api.runner import Prelude, Services, chunk_encoder, streams
+from glmserve.api.pipeline import output_budget, tokenize, too_long
+from glmserve.api.runner import MAX_TOKENS_HEADER, Prelude, Services, chunk_encoder, generate_request, streams
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
 from glmserve.metrics import Metrics
@@ -32,12 +32,23 @@ class PreparedCompletion:
     stream: bool
     include_usage: bool
     echo: bool
+    budgets: list[int]
+    """Each prompt's output budget (:func:`~glmserve.api.pipeline.output_budget`: a long prompt
+    may leave less room than ``max_tokens``)."""
+    max_tokens_asked: int
     completion_tokens: int = 0
     """Filled in while running (for the request log)."""
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(x) for x in self.prompts)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {MAX_TOKENS_HEADER: ",".join(map(str, self.budgets))}
+
+    def params_for(self, k: int) -> GenerateParams:
+        return replace(self.params, max_tokens=self.budgets[k])
 
 
 class CompletionService:
@@ -56,7 +67,9 @@ class CompletionService:
         first served name); None: the engine's name."""
 
     def log_fields(self, p: PreparedCompletion) -> tuple[int, dict[str, Any]]:
-        return p.prompt_tokens, {"completion_tokens": p.completion_tokens}
+        granted = min(p.budgets)
+        asked = {"max_tokens_asked": p.max_tokens_asked} if p.max_tokens_asked > granted else {}
+        return p.prompt_tokens, {"completion_tokens": p.completion_tokens, "max_tokens": granted, **asked}
 
     stream_error = staticmethod(openai_stream_error)
 
@@ -89,21 +102,16 @@ class CompletionService:
         longest = max(len(p) for p in prompts)
         if longest == 0:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        room = self.engine.max_model_len - longest
-        max_tokens = req.max_tokens or 16
-        if self.max_output_tokens is not None and max_tokens > self.max_output_tokens:
-            max_tokens = min(self.max_output_tokens, max(room, 1))  # the server-wide cap wins
-        if room <= 0 or max_tokens > room:
-            raise APIError(
-                400,
-                f"the prompt is {longest} tokens and max_tokens is {max_tokens}, which exceeds this model's context "
-                f"of {self.engine.max_model_len} tokens",
-                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded",
-            )
+        limit = self.engine.max_model_len
+        if longest >= limit:
+            raise APIError(400, f"the prompt is {longest} tokens, which does not fit this model's context of {limit} "
+                                f"tokens", param="prompt", code="context_length_exceeded")
+        asked = req.max_tokens or 16
+        budgets = [output_budget(asked, self.max_output_tokens, limit - len(ids)) for ids in prompts]
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         params = GenerateParams(
-            max_tokens=max_tokens,
+            max_tokens=max(budgets),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
@@ -124,13 +132,15 @@ class CompletionService:
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             echo=req.echo,
+            budgets=budgets,
+            max_tokens_asked=asked,
         )
 
     async def complete(self, p: PreparedCompletion) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
-        params = replace(p.params, final_only=True)  # nothing is sent before the end: no per-token deltas
         for k, ids in enumerate(p.prompts):
+            params = replace(p.params_for(k), final_only=True)  # nothing is sent before the end: no per-token deltas
             texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
             reasons: list[str | None] = [None] * p.params.n
             lps: list[dict[str, list[Any]] | None] = [None] * p.params.n
@@ -177,7 +187,7 @@ class CompletionService:
                 if p.echo:  # the echo leaves with the engine's first output
                     yield Prelude("".join(chunk(k * n + i, p.prompt_texts[k], None) for i in range(n)))
                 offsets = [len(p.prompt_texts[k]) if p.echo else 0] * n
-                async for d in self.engine.generate(ids, p.params, rid):
+                async for d in self.engine.generate(ids, p.params_for(k), rid):
                     completion_tokens += d.num_tokens
                     p.completion_tokens = completion_tokens
                     lp = None
@@ -208,6 +218,15 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/completions", responses=streams(Completion))
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await services.serve(endpoint, body, request)
+
+    @r.post("/v1/completions/render")
+    async def render(body: CompletionRequest, request: Request) -> list[dict[str, Any]]:
+        """vLLM's render API for completions: one engine input per prompt, nothing generated
+        (see :meth:`~glmserve.api.runner.Services.render`)."""
+        p = await services.render(endpoint, body, request)
+        return [generate_request(f"{p.request_id}-{k}", p.model, ids, replace(p.params, max_tokens=p.budgets[k]),
+                                 p.stream)
+                for k, ids in enumerate(p.prompts)]
 
     return r
 

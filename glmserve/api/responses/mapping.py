@@ -9,8 +9,12 @@ as for ``/v1/chat/completions``.
 * ``namespace`` tools (Codex CLI groups sub-agent tools in one) are flattened to
   ``<namespace>__<name>``, a name the model can write; :class:`ToolNames` maps a call back
   to the namespace and name the client declared.
-* Tools only OpenAI's cloud runs (``web_search``, ``file_search``, ...) are left out and
-  reported, so a client that always declares them (Codex does) still works.
+* ``custom`` (freeform) tools, which the client runs (Codex's ``apply_patch``), are shown to the
+  model as a function taking one string (:mod:`glmserve.formats.freeform`); their calls come
+  back as ``custom_tool_call`` items, and ``custom_tool_call`` / ``custom_tool_call_output``
+  input items are history like function calls and their outputs.
+* Tools only OpenAI's cloud runs (``web_search``, ``file_search``, ``tool_search``, ...) are
+  left out and reported, so a client that always declares them (Codex does) still works.
 * A ``reasoning`` item becomes the next assistant turn's ``reasoning_content`` (the family's
   reasoning history) only when it is verified as this server's: an item of the history that
   ``previous_response_id`` reads from the server's own store (written by this server, under
@@ -33,10 +37,12 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from glmserve.api.errors import APIError
-from glmserve.api.mapping import reference_name, tool_result_fields
+from glmserve.api.mapping import custom_call, reference_name, tool_result_fields
 from glmserve.api.media import MediaNotes
 from glmserve.api.responses.seal import InvalidSeal, ReasoningSeal
 from glmserve.api.responses.schemas import (
+    CustomToolCallItem,
+    CustomToolCallOutputItem,
     FunctionCallItem,
     FunctionCallOutputItem,
     InputItem,
@@ -47,7 +53,7 @@ from glmserve.api.responses.schemas import (
 )
 
 NAMESPACE_SEP = "__"
-CLIENT_TOOL_TYPES = ("function", "namespace")
+CLIENT_TOOL_TYPES = ("function", "custom", "namespace")
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 _items_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
@@ -99,8 +105,17 @@ def _function_def(param: str, tool: dict[str, Any], namespace: str | None, ns_de
     return {"type": "function", "function": fn}
 
 
+def _custom_def(param: str, tool: dict[str, Any], namespace: str | None) -> dict[str, Any]:
+    """A custom tool as Chat Completions declares one (its ``format`` is read by ``build_tools``)."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, f"{param}.name: a custom tool needs a name", param=f"{param}.name")
+    custom = {k: tool[k] for k in ("description", "format", "defer_loading") if tool.get(k) is not None}
+    return {"type": "custom", "custom": {"name": ToolNames.flat(name, namespace), **custom}}
+
+
 def collect_tools(tools: Sequence[dict[str, Any]] | None) -> ToolSet:
-    """Function tools (namespaces flattened) as Chat Completions definitions."""
+    """Function and custom tools (namespaces flattened) as Chat Completions definitions."""
     out = ToolSet()
     for i, tool in enumerate(tools or []):
         param = f"tools[{i}]"
@@ -109,6 +124,8 @@ def collect_tools(tools: Sequence[dict[str, Any]] | None) -> ToolSet:
         kind = tool.get("type")
         if kind == "function":
             out.defs.append((param, _function_def(param, tool, None, None)))
+        elif kind == "custom":
+            out.defs.append((param, _custom_def(param, tool, None)))
         elif kind == "namespace":
             ns = tool.get("name")
             if not isinstance(ns, str) or not ns:
@@ -118,17 +135,23 @@ def collect_tools(tools: Sequence[dict[str, Any]] | None) -> ToolSet:
                 raise APIError(400, f"{param}.tools must be a list of functions", param=f"{param}.tools")
             for j, member in enumerate(members):
                 mparam = f"{param}.tools[{j}]"
-                if not isinstance(member, dict) or member.get("type", "function") != "function":
-                    out.left_out.append(f"{ns}.{member.get('type') if isinstance(member, dict) else '?'}")
+                kind = member.get("type", "function") if isinstance(member, dict) else "?"
+                if kind not in ("function", "custom"):
+                    out.left_out.append(f"{ns}.{kind}")
                     continue
-                d = _function_def(mparam, member, ns, None)
-                out.names.to_client[d["function"]["name"]] = (ns, member["name"])
+                d = _function_def(mparam, member, ns, None) if kind == "function" else _custom_def(mparam, member, ns)
+                out.names.to_client[def_name(d)] = (ns, member["name"])
                 out.defs.append((mparam, d))
         elif isinstance(kind, str):
             out.left_out.append(kind)
         else:
             raise APIError(400, f"{param}.type is required", param=f"{param}.type")
     return out
+
+
+def def_name(d: dict[str, Any]) -> str:
+    """The (flat) name of a Chat Completions tool definition, function or custom."""
+    return d["custom" if d.get("type") == "custom" else "function"]["name"]
 
 
 def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[str | dict[str, str] | None, ToolSet]:
@@ -142,10 +165,10 @@ def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[st
             return "none", tools
         return choice, tools
     kind = choice.get("type")
-    if kind == "function":
+    if kind in ("function", "custom"):
         name = choice.get("name")
         if not isinstance(name, str):
-            raise APIError(400, "tool_choice.name is required for a function", param="tool_choice.name")
+            raise APIError(400, f"tool_choice.name is required for a {kind} tool", param="tool_choice.name")
         return {"name": ToolNames.flat(name, choice.get("namespace"))}, tools
     if kind == "allowed_tools":
         mode = choice.get("mode", "auto")
@@ -154,10 +177,11 @@ def tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet) -> tuple[st
             raise APIError(400, "tool_choice: allowed_tools needs mode auto/required and a list of tools",
                            param="tool_choice")
         wanted = {ToolNames.flat(t.get("name", ""), t.get("namespace")) for t in allowed
-                  if isinstance(t, dict) and t.get("type") == "function"}
-        narrowed = ToolSet([d for d in tools.defs if d[1]["function"]["name"] in wanted], tools.names, tools.left_out)
+                  if isinstance(t, dict) and t.get("type") in ("function", "custom")}
+        narrowed = ToolSet([d for d in tools.defs if def_name(d[1]) in wanted], tools.names, tools.left_out)
         if mode == "required" and not narrowed.defs:
-            raise APIError(400, "tool_choice: none of the allowed_tools is a declared function", param="tool_choice")
+            raise APIError(400, "tool_choice: none of the allowed_tools is a declared function or custom tool",
+                           param="tool_choice")
         return (mode if narrowed.defs else "none"), narrowed
     raise APIError(400, f"tool_choice: {kind!r} tools are run by OpenAI's cloud, not by this server; "
                         "choose none, auto, required or a function", param="tool_choice")
@@ -298,14 +322,15 @@ def items_to_messages(items: Sequence[Any], instructions: str | None = None, sea
                 turns.close()  # reasoning after an answer belongs to a new turn
                 turn = turns.assistant()
             turn["reasoning_content"] = turn.get("reasoning_content", "") + text
-        elif isinstance(item, FunctionCallItem):
+        elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
             if (item.model_extra or {}).get("status") == "incomplete":
                 continue  # cut off by the output limit (a stored cut answer): never run, not history
             name = ToolNames.flat(item.name, item.namespace)
             turns.assistant().setdefault("tool_calls", []).append(
+                custom_call(item.call_id, name, item.input) if isinstance(item, CustomToolCallItem) else
                 {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": item.arguments}})
             turns.call_names[item.call_id] = name
-        elif isinstance(item, FunctionCallOutputItem):
+        elif isinstance(item, (FunctionCallOutputItem, CustomToolCallOutputItem)):
             msg = {"role": "tool", "tool_call_id": item.call_id, **_output_fields(item.output, f"{p}.output", media)}
             if item.call_id in turns.call_names:
                 msg["name"] = turns.call_names[item.call_id]

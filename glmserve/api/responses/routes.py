@@ -41,9 +41,10 @@ from glmserve.api.responses.schemas import ResponseDeleted, ResponseOut, Respons
 from glmserve.api.responses.shape import ResponseAssembler, sse
 from glmserve.api.responses.store import Bounds, ChainBroken, ResponseStore, StoreFull, StoreUnavailable
 from glmserve.api.responses.store_factory import is_postgres_url, open_store
-from glmserve.api.runner import Prelude, PreparedHandle, Services
+from glmserve.api.runner import Prelude, PreparedHandle, Services, rendered
 from glmserve.engine.base import EngineRequestError, EngineUnavailable
 from glmserve.formats.base import ChatRequest
+from glmserve.metrics import counted
 from glmserve.server_secret import SecretSource
 
 log = logging.getLogger("glmserve.responses")
@@ -138,9 +139,10 @@ class Responses:
     def _dropped(self, param: str, reason: str) -> None:
         """Reasoning not verified as this server's (a seal that does not open, or none) is not
         the model's own: left out, logged, counted."""
-        why = "not sealed under this server's secrets" if reason == "invalid_seal" else "no encrypted_content to verify"
-        log.warning("%s: reasoning left out of the prompt (%s: %s)", param, reason, why)
-        self.services.metrics.reasoning_dropped.labels(reason).inc()
+        if counted():
+            why = "not sealed under this server's secrets" if reason == "invalid_seal" else "no encrypted_content to verify"
+            log.warning("%s: reasoning left out of the prompt (%s: %s)", param, reason, why)
+            self.services.metrics.reasoning_dropped.labels(reason).inc()
 
     async def _history(self, owner: str, previous: str | None) -> list[Any]:
         if previous is None:
@@ -174,8 +176,7 @@ class Responses:
                            parallel_tool_calls=body.parallel_tool_calls is not False, enable_thinking=enable,
                            reasoning_effort=effort)
         fmt, fmt_param = text_format(body)
-        opts = GenerationOptions(max_tokens=body.max_output_tokens, clamp_max_tokens=True,
-                                 max_tokens_param="max_output_tokens", temperature=body.temperature,
+        opts = GenerationOptions(max_tokens=body.max_output_tokens, temperature=body.temperature,
                                  top_p=body.top_p, schema_field="parameters",
                                  output_constraint=await schema_work(isinstance(fmt, dict), response_format_constraint,
                                                                      fmt, fmt_param, limits))
@@ -190,7 +191,8 @@ class Responses:
                      ", ".join(declared.left_out))
         asm = ResponseAssembler(self._response_object(body, run), names=declared.names, seal=self.state.seal,
                                 include_encrypted=body.include_encrypted_reasoning,
-                                hooked=self.pipeline.argument_hook is not None)
+                                hooked=self.pipeline.argument_hook is not None,
+                                custom=frozenset(t.name for t in tools if t.freeform is not None))
         media.remember(request, notes)
         return ResponsesHandle(run=run, stream=body.stream, body=body, owner=owner, assembler=asm,
                                media_fields=notes.report(run.request_id, self.services.metrics))
@@ -214,9 +216,8 @@ class Responses:
         }
 
     def log_fields(self, h: ResponsesHandle) -> tuple[int, dict[str, Any]]:
-        return h.run.prompt_tokens, {"cached_tokens": h.run.cached_tokens or 0,
-                                     "completion_tokens": h.run.completion_tokens, "tools": list(h.run.tool_names),
-                                     "store": h.body.store, **h.media_fields}
+        prompt_tokens, fields = h.log_fields()
+        return prompt_tokens, {**fields, "store": h.body.store}
 
     async def _save(self, h: ResponsesHandle) -> None:
         if h.body.store:
@@ -295,6 +296,12 @@ def router(services: Services) -> APIRouter:
     @r.post("/v1/responses", responses=EVENTS)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return media.add_header(request, await services.serve(endpoint, body, request))
+
+    @r.post("/v1/responses/render")
+    async def render_response(body: ResponsesRequest, request: Request) -> dict[str, Any]:
+        """vLLM's render API for Responses: the prompt's token ids (the ``previous_response_id``
+        chain included), nothing generated or stored (:meth:`~glmserve.api.runner.Services.render`)."""
+        return rendered(await services.render(endpoint, body, request), services.check_model(body.model))
 
     def not_found(response_id: str) -> APIError:
         return APIError(404, f"no response with id {response_id!r} found", param="response_id")

@@ -50,6 +50,24 @@ class FunctionCallOutputItem(Loose):
     id: str | None = None
 
 
+class CustomToolCallItem(Loose):
+    """A custom (freeform) tool's call: its input is one string."""
+
+    type: Literal["custom_tool_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: str = ""
+    namespace: str | None = None
+    id: str | None = None
+
+
+class CustomToolCallOutputItem(Loose):
+    type: Literal["custom_tool_call_output"]
+    call_id: str = Field(min_length=1)
+    output: Union[str, list[dict[str, Any]]]
+    id: str | None = None
+
+
 class ReasoningItem(Loose):
     type: Literal["reasoning"]
     id: str | None = None
@@ -70,6 +88,7 @@ class OtherItem(Loose):
 
 
 _ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem,
+          "custom_tool_call": CustomToolCallItem, "custom_tool_call_output": CustomToolCallOutputItem,
           "reasoning": ReasoningItem, "item_reference": ItemReference}
 
 

@@ -7,7 +7,9 @@ the same code from the same events and cannot disagree.
 
 Items appear in the order the model produced them: a ``reasoning`` item per stretch of
 reasoning, a ``message`` (one ``output_text`` part) per stretch of text, one
-``function_call`` per call.  Every event carries a ``sequence_number``; every
+``function_call`` per call, or one ``custom_tool_call`` per call of a custom tool (its
+``input`` streamed as ``response.custom_tool_call_input.delta`` / ``.done``, decoded from the
+call's ``{"input": ...}`` arguments as they arrive).  Every event carries a ``sequence_number``; every
 ``output_item.added`` is followed by its ``output_item.done``.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 from glmserve.api.responses.seal import ReasoningSeal
 from glmserve.api.responses.mapping import ToolNames
 from glmserve.formats.base import Event, ReasoningEvent, TextEvent, ToolCallArgs, ToolCallEnd, ToolCallStart
+from glmserve.formats.freeform import InputDecoder, input_of
 from glmserve.formats.message import MessageBuilder
 
 
@@ -44,8 +47,11 @@ class ResponseAssembler:
     """Folds one choice's events into a response object, returning the stream events."""
 
     def __init__(self, response: dict[str, Any], names: ToolNames | None = None, seal: ReasoningSeal | None = None,
-                 include_encrypted: bool = False, hooked: bool = False) -> None:
+                 include_encrypted: bool = False, hooked: bool = False, custom: frozenset[str] = frozenset()) -> None:
         self.response = response
+        self.custom = custom
+        """The (flat) names of the custom tools: their calls are ``custom_tool_call`` items."""
+        self._inputs: dict[int, InputDecoder] = {}  # parser call index -> a custom call's input so far
         self.response.setdefault("output", [])
         self.names = names or ToolNames()
         self.seal = seal if include_encrypted else None
@@ -140,13 +146,25 @@ class ResponseAssembler:
                 out += self._close_open("completed")
                 call = builder.calls[ev.index]
                 namespace, name = self.names.client(call.name)
-                item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call.id,
-                        "name": name, "arguments": ""}
+                if call.name in self.custom:
+                    item = {"id": new_id("ctc"), "type": "custom_tool_call", "status": "in_progress",
+                            "call_id": call.id, "name": name, "input": ""}
+                    self._inputs[ev.index] = InputDecoder()
+                else:
+                    item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call.id,
+                            "name": name, "arguments": ""}
                 if namespace is not None:
                     item["namespace"] = namespace
                 index, evs = self._add(item)
                 self._calls[ev.index] = index
                 out += evs
+            elif isinstance(ev, ToolCallArgs) and ev.delta and not self.hooked and ev.index in self._inputs:
+                index = self._calls[ev.index]
+                text = self._inputs[ev.index].feed(ev.delta)
+                if text:
+                    self.items[index]["input"] += text
+                    out.append(self._ev("response.custom_tool_call_input.delta", item_id=self.items[index]["id"],
+                                        output_index=index, delta=text))
             elif isinstance(ev, ToolCallArgs) and ev.delta and not self.hooked:
                 index = self._calls[ev.index]
                 self.items[index]["arguments"] += ev.delta  # so far (a cut call keeps them)
@@ -160,15 +178,17 @@ class ResponseAssembler:
         index = self._calls[call_index]
         item = self.items[index]
         arguments = builder.calls[call_index].arguments
+        custom = call_index in self._inputs
+        kind = "custom_tool_call_input" if custom else "function_call_arguments"
+        key, value = ("input", input_of(arguments)) if custom else ("arguments", arguments)
         out = []
         if self.hooked:  # the hook may have rewritten them: sent whole, once final
-            out.append(self._ev("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                delta=arguments))
-        item["arguments"] = arguments
+            out.append(self._ev(f"response.{kind}.delta", item_id=item["id"], output_index=index, delta=value))
+        item[key] = value
         item["status"] = "completed"
         self._ended.add(call_index)
-        out.append(self._ev("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            name=item["name"], arguments=arguments))
+        done = {"input": value} if custom else {"name": item["name"], "arguments": value}
+        out.append(self._ev(f"response.{kind}.done", item_id=item["id"], output_index=index, **done))
         out.append(self._ev("response.output_item.done", output_index=index, item=copy.deepcopy(item)))
         return out
 
