@@ -4,7 +4,12 @@ An import circle (``a`` imports ``b``, which imports ``a`` back, at module level
 function) means neither module has one home: which of them loads first decides what the other
 sees half-built.  The graph is read from the source with ``ast`` (every ``import`` and
 ``from ... import`` anywhere in a module, whether it runs at import time or later), so the test
-needs no import to succeed and sees the lazy imports too.
+needs no import to succeed and sees the lazy imports too.  Two things are not edges: imports
+under ``if TYPE_CHECKING:``, which never run (they let a type hint name a module that imports
+this one: the standard way to keep such a hint without a circle), and the package of a module
+imported by name (``from glmserve.formats import ebnf`` runs ``glmserve/formats/ebnf.py``; its
+package's ``__init__`` runs for any import of anything in it, so it would be an edge of every
+import).
 """
 
 from __future__ import annotations
@@ -29,19 +34,33 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in files}
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 base = node.module or ""
                 if node.level:  # relative: resolved against the importing module's package
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([node.module] if node.module else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
+                # a name that is a module is that module; any other is an attribute of ``base``
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
             graph[mod].update(t for t in targets if t in files and t != mod)
     return graph
+
+
+def _imports(node: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement under ``node``, but those under ``if TYPE_CHECKING:``."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            found.append(n)
+        elif isinstance(n, ast.If) and ast.unparse(n.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            stack.extend(n.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(n))
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -99,6 +118,9 @@ def test_the_cycle_finder_finds_circles(tmp_path):
     assert cycles(import_graph(pkg)) == [["glmserve.a", "glmserve.sub.b"]]
     (pkg / "sub" / "b.py").write_text("import json\n")  # c -> a -> b: a chain
     assert cycles(import_graph(pkg)) == []
+    (pkg / "sub" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from glmserve.a import x\n"
+                                       "else:\n    import glmserve.c\n")  # only the else branch runs
+    assert cycles(import_graph(pkg)) == [["glmserve.a", "glmserve.c", "glmserve.sub.b"]]
 
 
 def test_glmserve_has_no_import_cycle():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from glmserve.formats import ebnf, grammar
+from glmserve.formats import caches, ebnf
 
 INPUT_KEY = "input"
 Syntax = Literal["text", "lark", "regex"]
@@ -76,7 +76,7 @@ def input_parameters(syntax: Syntax, definition: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- grammars
 
 
-@grammar.cached(maxsize=256)
+@caches.cached(maxsize=256)
 def _text_grammar(syntax: str, definition: str) -> str | tuple[str]:
     import xgrammar as xg
 
@@ -101,7 +101,7 @@ def check(syntax: Syntax, definition: str) -> None:
         text_grammar(syntax, definition)
 
 
-@grammar.cached(maxsize=256)
+@caches.cached(maxsize=256)
 def _rewritten(syntax: str, definition: str, how: str) -> str | tuple[str]:
     try:
         g = ebnf.parse(text_grammar(syntax, definition))  # type: ignore[arg-type]

@@ -30,34 +30,15 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from glmserve.formats.base import ChatRequest, Constraint
+from glmserve.formats.caches import cached, clear_caches  # noqa: F401  (where the formats and the API find them)
 
 log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-_CACHES: list[Any] = []
-
-
-def cached(maxsize: int) -> Callable[[_F], _F]:
-    """``functools.lru_cache`` registered with :func:`clear_caches`."""
-
-    def wrap(fn: _F) -> _F:
-        wrapped = lru_cache(maxsize=maxsize)(fn)
-        _CACHES.append(wrapped)
-        return wrapped  # type: ignore[return-value]
-
-    return wrap
-
-
-def clear_caches() -> None:
-    """Forget every built grammar and schema check (tests measure cold build time with it)."""
-    for fn in _CACHES:
-        fn.cache_clear()
 
 
 def cache_misses() -> int:

@@ -1,0 +1,31 @@
+"""The caches of built grammars and schema checks, registered so tests can empty them all.
+
+Apart from :mod:`glmserve.formats.grammar` (which re-exports both names) so that any module of
+``formats/`` may cache without importing the grammar builder, which imports ``base``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_CACHES: list[Any] = []
+
+
+def cached(maxsize: int) -> Callable[[_F], _F]:
+    """``functools.lru_cache`` registered with :func:`clear_caches`."""
+
+    def wrap(fn: _F) -> _F:
+        wrapped = lru_cache(maxsize=maxsize)(fn)
+        _CACHES.append(wrapped)
+        return wrapped  # type: ignore[return-value]
+
+    return wrap
+
+
+def clear_caches() -> None:
+    """Forget every built grammar and schema check (tests measure cold build time with it)."""
+    for fn in _CACHES:
+        fn.cache_clear()
