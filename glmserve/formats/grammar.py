@@ -33,18 +33,11 @@ import logging
 from typing import Any, Callable
 
 from glmserve.formats.base import ChatRequest, Constraint
-from glmserve.formats.caches import cached, clear_caches  # noqa: F401  (where the formats and the API find them)
+from glmserve.formats.caches import cache_misses, cached, clear_caches  # noqa: F401  (where the formats and the API find them)
 
 log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
-
-
-
-def cache_misses() -> int:
-    """How many grammars and schema checks have been built so far (every cache's misses): the
-    same number before and after building a constraint means it came whole from the caches."""
-    return sum(fn.cache_info().misses for fn in _CACHES)
 
 
 class UncompilableSchema(ValueError):
