@@ -13,6 +13,8 @@ log = logging.getLogger("glmserve.engine")
 
 
 class VLLMEngine(Engine):
+    compiles_grammars = True
+
     def __init__(self, engine_args: Any, served_model_name: str) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -103,6 +105,7 @@ class VLLMEngine(Engine):
                         logprobs=self._logprobs(c) if params.logprobs is not None else None,
                         stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
                         cached_tokens=out.num_cached_tokens,
+                        token_ids=list(c.token_ids),
                     )
         except EngineDeadError as exc:
             self._dead = str(exc) or "engine died"
