@@ -48,16 +48,28 @@ _GRAMMAR_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmserve-g
 same new tool set then finds it in the format's cache)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class EarlyStart:
     """How one request's answer is split (:func:`generate_until_call`)."""
 
     opener: str
-    after: Awaitable[Constraint | None]
-    """The constraint after the opener, being built in the background; awaited only when the
-    model opens a call."""
+    build: Callable[[], Awaitable[Constraint | None]]
+    """Starts building (and, once built, compiling) the constraint after the opener; awaited
+    only when the model opens a call."""
+    at_first_token: bool = False
+    """Start that work only once a streamed answer's first token is out, not with the request:
+    where the engine computes on the CPUs the server runs on, a compile started with the request
+    competes with its prefill for the same cores, and the first token is what the client waits
+    for.  (A whole answer, ``final_only``, has no first token to protect: it starts at once.)"""
     opened: Callable[[], None] = lambda: None
     """Called when the model opened a call and the answer continues under ``after`` (a metric)."""
+    _after: Awaitable[Constraint | None] | None = None
+
+    def after(self) -> Awaitable[Constraint | None]:
+        """The constraint after the opener, its building started on the first call."""
+        if self._after is None:
+            self._after = self.build()
+        return self._after
 
 
 class GrammarWarmup:
@@ -181,6 +193,8 @@ async def generate_until_call(engine: Engine, prompt_ids: list[int], params: Gen
     its first call opener (see the module's doc)."""
     current = request_id
     finished = False
+    if not plan.at_first_token or params.final_only:
+        plan.after()
     try:
         ids: list[int] = []
         used = 0
@@ -188,6 +202,7 @@ async def generate_until_call(engine: Engine, prompt_ids: list[int], params: Gen
         async for d in engine.generate(prompt_ids, replace(params, stop=[*params.stop, plan.opener]), current):
             if d.token_ids is None:
                 raise RuntimeError("the engine does not report token ids, which continuing a request needs")
+            plan.after()  # the first token is out (on later deltas: already started)
             ids += d.token_ids
             used += d.num_tokens
             if d.finish_reason is None:
@@ -202,7 +217,7 @@ async def generate_until_call(engine: Engine, prompt_ids: list[int], params: Gen
         yield replace(end, finish_reason=None, stop_sequence=None)
         yield Delta(index=0, text=plan.opener, num_tokens=0)
         plan.opened()
-        constraint = await plan.after
+        constraint = await plan.after()
         ids = prompt_ids + ids  # the opener's token included, as generated
         room = min(params.max_tokens - used, engine.max_model_len - len(ids))
         if room <= 0:

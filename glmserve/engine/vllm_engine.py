@@ -22,6 +22,7 @@ class VLLMEngine(Engine):
         self.model_name = served_model_name
         self.model_path = engine_args.model
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        self.computes_on_cpu = self._llm.vllm_config.device_config.device_type == "cpu"
         tok = self._llm.get_tokenizer()
         hf = getattr(tok, "tokenizer", tok)
         self._hf = hf

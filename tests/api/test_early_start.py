@@ -212,3 +212,36 @@ def test_a_client_gone_during_the_call_aborts_it():
         assert any(r.endswith("-call") for r in s.engine.aborted), s.engine.aborted
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "accelerator"])
+def test_on_cpu_the_compile_waits_for_the_first_token(on_cpu):
+    """On the CPUs the model runs on, the new tool set's grammar is built and compiled once the
+    first token is out (it would slow the prefill down); beside an accelerator, at once."""
+    import threading
+
+    s = Server()
+    try:
+        s.engine.computes_on_cpu = on_cpu
+        s.engine.gate = threading.Event()  # every engine request holds its first token until set
+        warmup = s.app.state.services.pipeline.warmup
+        tools = [{"type": "function", "function": {"name": f"cpu_{on_cpu}", "parameters": SCHEMA}}]
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(streamed(s, output="x</think>text", tools=tools)))
+        t.start()
+        assert s.engine.waiting.wait(20)
+        deadline = time.monotonic() + (1.0 if on_cpu else 10.0)
+        while warmup.warming == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert warmup.warming == (0 if on_cpu else 1)
+        s.engine.gate.set()
+        t.join(30)
+        assert done == [("text", "x", [], "stop")]
+        deadline = time.monotonic() + 10
+        want = get_format("glm47").constraint_after_opener(chat(tools))
+        while want not in [w.constraint for w in s.model.warmups] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [w.constraint for w in s.model.warmups].count(want) == 1
+    finally:
+        s.engine.gate = None
+        s.stop()
