@@ -113,7 +113,7 @@ class FirstTurnWorkload(Workload):
     async def _session(self, client: Any, spec: LevelSpec, body: dict[str, Any], nonce: str
                        ) -> tuple[RequestResult, RequestResult, float, dict[str, float | None] | None]:
         payload = fresh_tool_set(body, nonce, spec.model_id, spec.output_tokens, spec.temperature)
-        before = await server_time(client, spec.url)
+        before = await server_time(client, spec.url) or {}  # nothing yet: the server's first request
         first = await stream_turn(client, spec.url, "chat", payload, spec.timeout)
         own = server_time_delta(before, await server_time(client, spec.url))
         waited = await wait_idle(client, spec.url)
