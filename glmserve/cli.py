@@ -73,6 +73,11 @@ def _add_serve_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-output-tokens", type=int, default=None, metavar="N",
                    help="cap every request's output at N tokens, whatever it asks (default: no cap); an answer cut "
                         "by the cap says it stopped on length")
+    g.add_argument("--wait-for-grammar", action="store_true",
+                   help="start every constrained answer only once the engine has compiled its whole grammar (seconds "
+                        "for a new tool set). Default: an answer with tool_choice auto starts at once under a grammar "
+                        "compiled at start-up, and its calls are constrained from the call opener on by the tool "
+                        "set's grammar, compiled meanwhile in the background (calls stay valid against their schemas)")
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="the server secret that signs thinking blocks and seals reasoning items: a file of at least 32 "
                         "random bytes, mode 0600 or stricter (e.g. head -c 32 /dev/urandom > PATH); replicas sharing it "
@@ -262,7 +267,8 @@ def serve_settings(args: Any, keys: list[str], served: list[str], hook: Any = No
                     secret=secret, read_timeout=args.read_timeout, max_header_bytes=args.max_header_bytes,
                     write_timeout=args.write_timeout, max_tools=args.max_tools, max_messages=args.max_messages,
                     image_input=args.image_input, model_aliases=list(args.model_alias),
-                    inspect=args.inspect, inspect_max_bytes=args.inspect_max_bytes)
+                    inspect=args.inspect, inspect_max_bytes=args.inspect_max_bytes,
+                    wait_for_grammar=args.wait_for_grammar)
 
 
 def http_config(app: Any, settings: Any, args: Any, http: str = "auto") -> Any:

@@ -79,6 +79,20 @@ class Metrics:
             "glmserve_constraint_build_seconds", "Time to build a decoding constraint for a request",
             buckets=(0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r,
         )
+        self.grammar_warmup_seconds = Histogram(
+            "glmserve_grammar_warmup_seconds", "Time the engine took to compile a new tool set's grammar in the "
+            "background, while that tool set's first answer was already streaming (a one-token warm-up request "
+            "per grammar the engine had not compiled)", buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.grammar_warmups = Gauge(
+            "glmserve_grammar_warmups_running", "Tool-set grammars the engine is compiling in the background", registry=r,
+        )
+        self.calls_continued = Counter(
+            "glmserve_calls_continued", "Answers with tool_choice auto that opened a call and continued in a second "
+            "engine request under their tool set's grammar (the first ran under a prelude grammar compiled at start-up, "
+            "so it did not wait for the tool set's)",
+            registry=r,
+        )
         self.schema_fallbacks = Counter(
             "glmserve_tool_schema_fallbacks", "Non-strict tools whose schema xgrammar cannot compile, "
             "decoded as any JSON object (one per tool per request)", registry=r,

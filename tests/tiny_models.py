@@ -27,6 +27,10 @@ Kinds:
                  the GLM-5.x disposition for ``</think>`` alone: greedy decoding closes the
                  reasoning at once, so a forced call after it is always written (GLM-Z1 has no
                  thinking switch and a random model never closes its reasoning by itself).
+- ``glm47-long`` ``glm45``'s weights and tokens with 32K positions and the official GLM-4.7-Flash
+                 chat template (so both glmserve and ``vllm serve`` render it as GLM-4.7): the coding
+                 agents' first requests (8-20K tokens, ``tests/data/first-requests``) fit, for the
+                 first-turn benchmark and e2e test.
 - ``glm45-eos``  ``glm45`` whose weights make ``<|endoftext|>`` the only likely next token
                  (every layer's output projections are zero, so the residual stream is the
                  constant embedding, and only the EOS row of the LM head is non-zero): every
@@ -116,6 +120,7 @@ KINDS = {
     "glm53": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "glm5_template": "GLM-5.3-Flash.jinja"},
     "glmz1": {"arch": "Glm4ForCausalLM", "plain_tokens": False, "think_tokens": True},
     "glm45-eos": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "eos_only": True, "positions": 32768},
+    "glm47-long": {"arch": "Glm4ForCausalLM", "plain_tokens": True, "positions": 32768, "template": "GLM-4.7-Flash.jinja"},
 }
 
 
@@ -182,7 +187,8 @@ def _build(kind: str, base: Path, final: Path) -> None:
     tok.eos_token = EOS_TOKEN
     tok.pad_token = EOS_TOKEN
     tok.bos_token = None  # GLM prompts start with [gMASK]<sop>, written by the template
-    tok.chat_template = (TEMPLATES / spec["glm5_template"]).read_text(encoding="utf-8") if glm5 else CHAT_TEMPLATE
+    template = spec.get("glm5_template") or spec.get("template")
+    tok.chat_template = (TEMPLATES / template).read_text(encoding="utf-8") if template else CHAT_TEMPLATE
 
     def tid(t: str) -> int:
         i = tok.convert_tokens_to_ids(t)

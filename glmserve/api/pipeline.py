@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -26,11 +26,13 @@ import jsonschema
 from referencing.exceptions import Unresolvable
 
 from glmserve.api import observe
+from glmserve.api.early_start import EarlyStart, GrammarWarmup, generate_until_call
 from glmserve.api.errors import APIError
 from glmserve.api.settings import ArgumentHook
 from glmserve.api.thinking_budget import BudgetPlan, generate_with_budget
 from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
-from glmserve.formats.base import ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, ToolCallEnd
+from glmserve.formats.base import (ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, Tool,
+                                   ToolCallEnd)
 from glmserve.formats.freeform import GrammarError
 from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema, cache_misses
 from glmserve.formats.message import MessageBuilder
@@ -159,6 +161,9 @@ class Prepared:
     """How the thinking budget is enforced, when the request has one."""
     max_tokens_asked: int | None = None
     """The output budget the request asked for (None: none); ``params.max_tokens`` is the one granted."""
+    early: EarlyStart | None = None
+    """Where the answer is split so that it need not wait for its tool grammar
+    (:mod:`glmserve.api.early_start`); ``params.constraint`` is then the prelude."""
     server_seconds: float = 0.0
     """glmserve's own time on this request so far (prepare, then output): the ``total`` phase."""
 
@@ -197,13 +202,17 @@ class ChoiceResult:
 
 class ChatPipeline:
     def __init__(self, engine: Engine, fmt: ChatFormat, metrics: Metrics, argument_hook: ArgumentHook | None = None,
-                 max_output_tokens: int | None = None) -> None:
+                 max_output_tokens: int | None = None, early_start: bool = True) -> None:
         self.engine = engine
         self.max_output_tokens = max_output_tokens
         """The server-wide cap (``--max-output-tokens``): it wins over whatever a request asks."""
         self.fmt = fmt
         self.metrics = metrics
         self.argument_hook = argument_hook
+        self.early_start = early_start and engine.compiles_grammars
+        """Split ``auto`` answers at the call opener (:mod:`glmserve.api.early_start`); only an engine
+        that compiles grammars needs it (``--wait-for-grammar`` turns it off)."""
+        self.warmup = GrammarWarmup(engine, metrics.grammar_warmup_seconds.observe, metrics.grammar_warmups.set)
         self._stop_ids: list[int] = []
         self._stop_strs: list[str] = []
         for s in fmt.stop:
@@ -223,10 +232,12 @@ class ChatPipeline:
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
-    def constraint(self, chat: ChatRequest, schema_field: str = "parameters", count: bool = True) -> Constraint | None:
-        """The format's tool constraint.  A strict tool whose schema cannot be compiled is the
-        client's error, named as the field that declared the tool (``Tool.param``) plus
-        ``schema_field``.  ``count``: add its relaxed tools to the fallback metric (once per
+    def constraint(self, chat: ChatRequest, schema_field: str = "parameters", count: bool = True,
+                   build: Callable[[ChatRequest], Constraint | None] | None = None) -> Constraint | None:
+        """The format's tool constraint (``build``: another of its constraints for the request, such
+        as :meth:`ChatFormat.constraint_after_opener`).  A strict tool whose schema cannot be
+        compiled is the client's error, named as the field that declared the tool (``Tool.param``)
+        plus ``schema_field``.  ``count``: add its relaxed tools to the fallback metric (once per
         request, however many constraints the request builds)."""
         if not chat.tools or chat.tool_choice == "none":
             return None
@@ -234,7 +245,7 @@ class ChatPipeline:
         misses = cache_misses() if obs is not None else 0
         t0 = time.perf_counter()
         try:
-            constraint = self.fmt.constraint(chat)
+            constraint = (build or self.fmt.constraint)(chat)
         except UncompilableSchema as exc:  # a strict tool whose schema xgrammar cannot enforce
             declared = next((t.param for t in chat.tools if t.name == exc.name and t.param), None)
             param = f"{declared}.{schema_field}" if declared else f"tools[{exc.index}].{schema_field}"
@@ -293,7 +304,11 @@ class ChatPipeline:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which does not fit this model's context of "
                                 f"{limit} tokens", param="messages", code="context_length_exceeded")
         max_tokens = output_budget(opts.max_tokens, self.max_output_tokens, room)
-        constraint = self.constraint(chat, opts.schema_field) or opts.output_constraint
+        early = self._early_start(chat, opts, prompt_ids)
+        if early is not None:
+            constraint, plan = early
+        else:
+            constraint, plan = self.constraint(chat, opts.schema_field) or opts.output_constraint, None
         t3 = time.perf_counter()
         extra: dict[str, Any] = {}
         if opts.top_k is not None:
@@ -323,7 +338,7 @@ class ChatPipeline:
         prepared = Prepared(request_id=f"{id_prefix}{uuid.uuid4().hex}", created=int(time.time()),
                             model=self.engine.model_name, chat=chat, prompt_ids=prompt_ids, params=params,
                             validators=validators, budget=self._budget(chat, opts, max_tokens),
-                            max_tokens_asked=opts.max_tokens)
+                            max_tokens_asked=opts.max_tokens, early=plan)
         prepared.server_seconds = time.perf_counter() - t0
         if counted():
             server = self.metrics.server_seconds
@@ -332,6 +347,38 @@ class ChatPipeline:
             server.labels("constraint").observe(t3 - t2)
             server.labels("prepare").observe(prepared.server_seconds)
         return prepared
+
+    def _early_start(self, chat: ChatRequest, opts: GenerationOptions,
+                     prompt_ids: list[int]) -> tuple[Constraint, EarlyStart] | None:
+        """The prelude and the split of an answer that need not wait for its tool grammar, or None
+        where it must (one choice only; no thinking budget, which splits the answer itself; no
+        strict tool nor custom tool with a grammar, whose schema or grammar must be found
+        compilable, or the request refused, before the answer starts)."""
+        if not self.early_start or opts.n != 1 or opts.thinking_budget is not None:
+            return None
+        if any(t.strict or (t.freeform is not None and t.freeform[0] != "text") for t in chat.tools_in_prompt):
+            return None  # a strict schema or a custom tool's grammar: refused (400) before the answer, if it must be
+        opener = self.fmt.call_opener(chat)
+        if opener is None:
+            return None
+        after = self.fmt.constraint_after_opener
+        probe = prompt_ids[:1]
+
+        def build() -> Awaitable[Constraint | None]:
+            return self.warmup.after_opener(lambda: self.constraint(chat, opts.schema_field, build=after), probe)
+
+        return opener.prelude, EarlyStart(opener.opener, build, self.engine.computes_on_cpu,
+                                          self.metrics.calls_continued.inc)
+
+    async def warm_preludes(self) -> None:
+        """Have the engine compile the format's preludes before the first request (every tool
+        set's first turn starts under one of them)."""
+        if not self.early_start:
+            return
+        tool = [Tool(name="f")]
+        openers = [self.fmt.call_opener(ChatRequest(messages=[], tools=tool, enable_thinking=on)) for on in (True, False)]
+        probe = self.engine.encode_parts(["a"])[:1]
+        await self.warmup.prelude([o.prelude for o in openers if o is not None], probe)
 
     def _budget(self, chat: ChatRequest, opts: GenerationOptions, max_tokens: int) -> BudgetPlan | None:
         """How the thinking budget is enforced; None without one, or where the budget is at least
@@ -368,10 +415,12 @@ class ChatPipeline:
         t0 = time.perf_counter()
         first = True
         output_seconds = 0.0  # our own time on the deltas: from receiving one to asking for the next
-        if p.budget is None:
-            deltas = self.engine.generate(p.prompt_ids, p.params, p.request_id)
-        else:
+        if p.budget is not None:
             deltas = generate_with_budget(self.engine, p.prompt_ids, p.params, p.request_id, p.budget)
+        elif p.early is not None:
+            deltas = generate_until_call(self.engine, p.prompt_ids, p.params, p.request_id, p.early)
+        else:
+            deltas = self.engine.generate(p.prompt_ids, p.params, p.request_id)
         try:
             async for d in deltas:
                 t_delta = time.perf_counter()
@@ -423,7 +472,7 @@ class ChatPipeline:
             if answered:
                 self.metrics.prompt_tokens.inc(len(p.prompt_ids))
             self.metrics.completion_tokens.inc(p.completion_tokens)
-            if p.budget is not None:
+            if p.budget is not None or p.early is not None:
                 await deltas.aclose()  # type: ignore[attr-defined]  # aborts its current engine request
             if finished < n:
                 p.tool_names.extend(c.name for i, b in enumerate(builders) if not ended[i] for c in b.calls)

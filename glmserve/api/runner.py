@@ -193,9 +193,11 @@ class Services:
         metrics = Metrics()
         names = settings.served_model_names or [engine.model_name]
         engine = TrackedEngine(engine)  # type: ignore[assignment]  # every request's engine requests, for its lease
+        pipeline = ChatPipeline(engine, fmt, metrics, settings.argument_hook, settings.max_output_tokens,
+                                early_start=not settings.wait_for_grammar)
         return cls(engine, fmt, settings, metrics, Admission(settings.max_concurrent_requests, metrics),
-                   RequestLog(names[0], settings.json_logs), ChatPipeline(engine, fmt, metrics, settings.argument_hook,
-                                                                       settings.max_output_tokens))
+                   RequestLog(names[0], settings.json_logs), pipeline, on_start=[pipeline.warm_preludes],
+                   on_stop=[pipeline.warmup.close])
 
     @property
     def model_names(self) -> list[str]:

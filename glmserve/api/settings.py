@@ -64,6 +64,10 @@ class Settings:
     ``reject``: they are a 400 (``--image-input``)."""
     model_aliases: list[str] = field(default_factory=list)
     """Glob patterns of model names served as the (first) served model (``--model-alias``)."""
+    wait_for_grammar: bool = False
+    """``--wait-for-grammar``: every constrained answer waits for its whole grammar, as before
+    :mod:`glmserve.api.early_start` (False: ``auto`` answers start under a prelude while the tool
+    set's grammar compiles)."""
     read_timeout: float | None = 30.0
     """Seconds a client gets to send a request's headers, and then its body (``--read-timeout``;
     None: no limit); past it, 408."""

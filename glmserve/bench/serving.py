@@ -39,6 +39,7 @@ from glmserve.bench.report import _f, _ms, format_report, loadavg, machine_info,
 from glmserve.bench.servers import ManagedServer, free_port, server_command, server_env, served_model_id
 from glmserve.bench.stats import compute_ratios, median_ratios, summarize_level
 from glmserve.bench.agent import DEFAULT_SYSTEM_TOKENS, DEFAULT_TURNS, prompt_token_check
+from glmserve.bench.first_turn import first_turn_lines, first_turn_ratios, median_first_turn_ratios, plot_first_turn
 from glmserve.bench.workloads import WORKLOADS, LevelSpec, build_prompt_text, token_counter
 
 SERVERS = ("glmserve", "vllm")
@@ -82,6 +83,7 @@ def bench_server(name: str, url: str, args: argparse.Namespace, text: str, log: 
                                       "agent_system_tokens": getattr(args, "agent_system_tokens", None),
                                       "token_count": getattr(args, "token_count", None),
                                       "tokenizer": getattr(args, "tokenizer", None),
+                                      "first_requests": getattr(args, "first_requests", None),
                                       "prompt_tokens": args.prompt_tokens}, measuring=measuring)
 
         if args.warmup:
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--agent-system-tokens", type=int, default=DEFAULT_SYSTEM_TOKENS,
                    help=f"size of the agent workloads' system prompt in tokens (default {DEFAULT_SYSTEM_TOKENS}; "
                         "needs --max-model-len above it plus the tools and history)")
+    w.add_argument("--first-requests", type=Path, default=None, metavar="DIR",
+                   help="the recorded agent requests of the first-turn workload (default: tests/data/first-requests "
+                        "of the source tree)")
     w.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
                    help="concurrency levels, comma-separated (default 1,8,32)")
     w.add_argument("--requests", type=int, default=None,
@@ -364,7 +369,8 @@ def _main(argv: list[str] | None) -> int:
             log(f"round {k + 1} of {args.rounds}: {', '.join(order)}")
         servers, round_rc = run_round(order, urls, args, model, text, log_dir, log, report["notes"])
         rc = round_rc if round_rc == 130 else max(rc, round_rc)
-        rounds.append({"order": order, "servers": servers, "ratios": compute_ratios(servers)})
+        rounds.append({"order": order, "servers": servers, "ratios": compute_ratios(servers),
+                       "first_turn_ratios": first_turn_ratios(servers)})
         if rc == 130:
             break
     report["servers"] = rounds[0]["servers"]
@@ -374,6 +380,9 @@ def _main(argv: list[str] | None) -> int:
         report["ratios_by_round"] = [r["ratios"] for r in rounds]
     report["load_average"]["end"] = loadavg()
     report["ratios"] = median_ratios([r["ratios"] for r in rounds])
+    if any(r["first_turn_ratios"] for r in rounds):
+        report["first_turn_ratios"] = median_first_turn_ratios([r["first_turn_ratios"] for r in rounds])
+        report["first_turn_ratios_by_round"] = [r["first_turn_ratios"] for r in rounds]
     for line in prompt_token_check(report["servers"]):
         report["notes"].append(line)
     for k, rd in enumerate(rounds):
@@ -391,11 +400,15 @@ def _main(argv: list[str] | None) -> int:
                                                "responses carried tool calls instead of text")
     path = write_results(report, args.out_dir, model_name, stamp)
     print(format_report(report))
+    for line in first_turn_lines(report):
+        print(line)
     print(f"\nwrote {path}")
     if not args.no_plot and any(e.get("workloads") for e in report["servers"].values()):
         try:
             png = plot_results(report, path.with_suffix(".png"))
             print(f"wrote {png}")
+            if report.get("first_turn_ratios") or first_turn_lines(report):
+                print(f"wrote {plot_first_turn(report, path.with_name(path.stem + '-first-turn.png'))}")
         except Exception as exc:  # a missing matplotlib must not lose the JSON
             log(f"plot skipped: {exc}")
     if args.keep_logs or rc:

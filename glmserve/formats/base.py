@@ -366,6 +366,26 @@ class ReasoningSwitch:
         return "".join(p.token if isinstance(p, Control) else p for p in self.opener)
 
 
+# --------------------------------------------------------------------------- call opener
+
+
+@dataclass(frozen=True)
+class CallOpener:
+    """Where a format's ``auto`` answer can be split so that it need not wait for the tool set's
+    grammar (:mod:`glmserve.api.early_start`).
+
+    Up to the first ``opener`` the answer is generated under ``prelude``, which allows what the
+    full constraint allows before a call (reasoning, text) and is the same for every tool set, so
+    it is compiled once; from the opener on it continues under
+    :meth:`ChatFormat.constraint_after_opener`, the tool set's.  Together they allow exactly what
+    :meth:`ChatFormat.constraint` allows.
+    """
+
+    opener: str
+    """The text that opens a call (``<tool_call>``): the prelude's generation stops on it."""
+    prelude: Constraint
+
+
 # --------------------------------------------------------------------------- format
 
 
@@ -400,6 +420,17 @@ class ChatFormat(ABC):
 
         Raises :class:`glmserve.formats.grammar.UncompilableSchema` (a ``ValueError``) for
         a ``strict`` tool whose schema xgrammar cannot compile."""
+        return None
+
+    def call_opener(self, request: ChatRequest) -> CallOpener | None:
+        """How the request's answer can start before its tool grammar is ready; None where it
+        cannot be split (no tools, a ``tool_choice`` that forces a call from the start, a format
+        whose calls have no opener)."""
+        return None
+
+    def constraint_after_opener(self, request: ChatRequest) -> Constraint | None:
+        """The constraint for the rest of an answer whose call was just opened (see
+        :class:`CallOpener`).  Only called where :meth:`call_opener` returned one."""
         return None
 
     def control_tokens(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from glmserve.formats.base import ChatRequest, Constraint, Prompt, StreamParser
+from glmserve.formats.base import CallOpener, ChatRequest, Constraint, Prompt, StreamParser
 from glmserve.formats.glm51 import GLM51Format, GLM51Renderer, split_reasoning
 from glmserve.formats.xmlcall import THINK_CLOSE, THINK_OPEN, XmlRenderer, _ctl
 
@@ -68,3 +68,6 @@ class GLM53Format(GLM51Format):
 
     def constraint(self, request: ChatRequest) -> Constraint | None:
         return super().constraint(_thinking_on(request))
+
+    def call_opener(self, request: ChatRequest) -> CallOpener | None:
+        return super().call_opener(_thinking_on(request))

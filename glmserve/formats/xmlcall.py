@@ -100,6 +100,7 @@ from glmserve.formats.base import (
     CALL_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
+    CallOpener,
     ChatFormat,
     ChatRequest,
     Constraint,
@@ -738,8 +739,9 @@ _REASONING_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, KEY_OPEN,
 _TEXT_EXCLUDES = [THINK_OPEN, THINK_CLOSE, CALL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE]
 
 
-def _call_tag(name: str, schema: Any) -> Any:
-    """``<tool_call>NAME`` + arguments in xgrammar's ``glm_xml`` style + ``</tool_call>``.
+def _call_tag(name: str, schema: Any, opener: str = CALL_OPEN) -> Any:
+    """``<tool_call>NAME`` + arguments in xgrammar's ``glm_xml`` style + ``</tool_call>``
+    (``opener=""``: the same without the opener, for an answer whose call is already open).
 
     glm_xml content tolerates whitespace between elements, so the same tag accepts
     GLM-4.5's "\\n"-separated layout and GLM-4.7's compact one.  The run is bounded:
@@ -748,21 +750,22 @@ def _call_tag(name: str, schema: Any) -> Any:
     from xgrammar.structural_tag import JSONSchemaFormat, TagFormat
 
     return TagFormat(
-        begin=CALL_OPEN + name,
+        begin=opener + name,
         content=JSONSchemaFormat(json_schema=schema if schema is True else resolve_refs(schema), style="glm_xml",
                                  max_whitespace_cnt=1),
         end=CALL_CLOSE,
     )
 
 
-def _custom_tag(name: str, syntax: str, definition: str, newlines: bool) -> Any:
+def _custom_tag(name: str, syntax: str, definition: str, newlines: bool, opener: str = CALL_OPEN) -> Any:
     """A custom tool's call: its one argument, ``input``, written raw in the family's layout and
-    held to the tool's grammar, without ``</arg_value>`` inside (:mod:`glmserve.formats.freeform`)."""
+    held to the tool's grammar, without ``</arg_value>`` inside (:mod:`glmserve.formats.freeform`);
+    ``opener`` as :func:`_call_tag`'s."""
     from xgrammar.structural_tag import ConstStringFormat, GrammarFormat, SequenceFormat, TagFormat
 
     nl = "\n" if newlines else ""
     value = freeform.raw_grammar(syntax, definition, VALUE_CLOSE, name)  # type: ignore[arg-type]
-    return TagFormat(begin=CALL_OPEN + name, content=SequenceFormat(elements=[
+    return TagFormat(begin=opener + name, content=SequenceFormat(elements=[
         ConstStringFormat(value=nl + KEY_OPEN + freeform.INPUT_KEY + KEY_CLOSE + nl + VALUE_OPEN),
         GrammarFormat(grammar=value),
         ConstStringFormat(value=VALUE_CLOSE + nl),
@@ -795,11 +798,22 @@ def structural_tag_for_key(key: str) -> str:
     )
 
     spec = json.loads(key)
-    custom = grammar.custom_grammars(spec)
-    # No schema (none given, or one xgrammar cannot compile): any arguments.
-    tags = [_custom_tag(name, *custom[name], newlines=spec["newlines"]) if name in custom
-            else _call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
+    part = spec.get("part")
+    if part == "prelude":  # any tool set: the generation stops at the opener, before any call
+        tags = [TagFormat(begin=CALL_OPEN, content=AnyTextFormat(), end=CALL_CLOSE)]
+    else:  # no schema (none given, or one xgrammar cannot compile): any arguments
+        custom = grammar.custom_grammars(spec)
+        tags = [_custom_tag(name, *custom[name], newlines=spec["newlines"]) if name in custom
+                else _call_tag(name, True if schema is None else schema) for name, schema in spec["tools"]]
     single = not spec["parallel"]
+    if part == "after_opener":  # auto, the first call opened: its name and arguments, then as auto
+        bodies = [_custom_tag(name, *custom[name], newlines=spec["newlines"], opener="") if name in custom
+                  else _call_tag(name, True if schema is None else schema, opener="") for name, schema in spec["tools"]]
+        first: Any = bodies[0] if len(bodies) == 1 else OrFormat(elements=bodies)
+        if not single:
+            first = SequenceFormat(elements=[first, TriggeredTagsFormat(triggers=[CALL_OPEN], tags=tags,
+                                                                         excludes=_TEXT_EXCLUDES)])
+        return StructuralTag(format=first).model_dump_json(by_alias=True)
     if spec["choice"] == "auto":
         suffix: Any = TriggeredTagsFormat(
             triggers=[CALL_OPEN], tags=tags, excludes=_TEXT_EXCLUDES, stop_after_first=single
@@ -866,6 +880,22 @@ def build_constraint(request: ChatRequest, reasoning: Reasoning, newlines: bool)
     return grammar.build(request, "xml", xml_schema_check, grammar_for_key, reasoning=reasoning, newlines=newlines)
 
 
+@grammar.cached(maxsize=4)
+def prelude_grammar(reasoning: Reasoning) -> str:
+    """An ``auto`` answer up to its first call opener, for any tool set (:class:`CallOpener`):
+    the full constraint's reasoning and text, with calls of any content (the generation stops at
+    the opener, so none is written)."""
+    return grammar_for_key(grammar.canonical({"family": "xml", "part": "prelude", "choice": "auto", "parallel": True,
+                                              "reasoning": reasoning}))
+
+
+def build_after_opener(request: ChatRequest, newlines: bool) -> Constraint | None:
+    """The rest of an ``auto`` answer whose first call was just opened: one call of a declared
+    tool (its name, then its arguments as in :func:`build_constraint`), then what ``auto``
+    allows after a call (cached per tool set)."""
+    return grammar.build(request, "xml", xml_schema_check, grammar_for_key, part="after_opener", newlines=newlines)
+
+
 class XmlFormat(ChatFormat):
     """What the XML families share; a family sets its style and where thinking starts."""
 
@@ -892,6 +922,15 @@ class XmlFormat(ChatFormat):
         return build_constraint(request, self.thinking if request.enable_thinking else "none",
                                 newlines=self.style.newlines)
 
+    def call_opener(self, request: ChatRequest) -> CallOpener | None:
+        if request.tool_choice != "auto" or not request.tools_in_prompt:
+            return None
+        return CallOpener(opener=CALL_OPEN,
+                          prelude=Constraint(grammar=prelude_grammar(self.thinking if request.enable_thinking else "none")))
+
+    def constraint_after_opener(self, request: ChatRequest) -> Constraint | None:
+        return build_after_opener(request, newlines=self.style.newlines)
+
     def control_tokens(self) -> tuple[str, ...]:
         return CONTROL_TOKENS
 
@@ -913,10 +952,12 @@ __all__ = [
     "XmlFormat",
     "XmlRenderer",
     "XmlStyle",
+    "build_after_opener",
     "build_constraint",
     "decode_value",
     "is_string_schema",
     "grammar_for_key",
+    "prelude_grammar",
     "render_value",
     "render_xml_prompt",
     "structural_tag_for_key",

@@ -633,3 +633,56 @@ def test_router_bench_sessions_commands_and_table():
                "requests_per_replica": [[3, 2], [2, 3]], "errors": []}
     table = router.format_table({"policies": {"chat/sticky_least_loaded": [summary]}})
     assert "sticky_least_loaded" in table and "0.93" in table and "500/-" in table and "3/2 2/3" in table
+
+
+# --------------------------------------------------------------------------- the first-turn workload
+
+
+def test_first_turn_tool_sets_are_new_and_the_same_for_both_servers():
+    from glmserve.bench import first_turn
+
+    bodies = first_turn.load_requests()
+    assert {c: len(b["tools"]) for c, b in bodies.items()} == {"opencode": 10, "cline": 25, "kilo": 16, "qwen-code": 14}
+    a = first_turn.fresh_tool_set(bodies["cline"], "n1", "m", 8, 0.0)
+    assert a == first_turn.fresh_tool_set(bodies["cline"], "n1", "m", 8, 0.0)
+    b = first_turn.fresh_tool_set(bodies["cline"], "n2", "m", 8, 0.0)
+    for ta, tb, orig in zip(a["tools"], b["tools"], bodies["cline"]["tools"]):
+        assert "trace_n1" in ta["function"]["parameters"]["properties"] and ta != tb
+        assert "trace_n1" not in json.dumps(orig)  # the recording is left as it was
+    assert a["max_tokens"] == 8 and a["stream"] and a["stream_options"] == {"include_usage": True}
+    assert a["messages"] == bodies["cline"]["messages"]
+
+
+def test_first_turn_workload_reports_ratios_per_cli(tmp_path, capsys):
+    """Both "servers" are one scripted glm47 app: the workload sends each CLI's request on a new
+    tool set and again, and the report has per-CLI TTFT medians, ratios, a table and a plot."""
+    from servers import ThreadServer
+
+    from glmserve.api.app import Settings, create_app
+    from glmserve.engine.scripted import ScriptedEngine
+    from glmserve.formats import get_format
+
+    engine = ScriptedEngine(lambda prompt, params: ["x", "</think>", "ok"], model_name="m", max_model_len=200_000)
+    server = ThreadServer(create_app(engine, get_format("glm47"), Settings()))
+    try:
+        rc = serving.main(["--model", "/nonexistent/m", "--glmserve-url", server.url, "--vllm-url", server.url,
+                           "--workloads", "first-turn", "--concurrency", "1", "--requests", "1", "--warmup", "0",
+                           "--output-tokens", "8", "--out-dir", str(tmp_path)])
+    finally:
+        server.stop()
+    assert rc == 0
+    path, = tmp_path.glob("*-m.json")
+    rep = json.loads(path.read_text())
+    level = rep["servers"]["glmserve"]["workloads"]["first-turn"]["1"]
+    assert level["errors"] == 0 and level["requests"] == 8, level["error_samples"]
+    clis = level["first_turn"]["clis"]
+    assert set(clis) == {"opencode", "cline", "kilo", "qwen-code"}
+    for cli in clis.values():
+        assert len(cli["first_ttft_s"]) == len(cli["again_ttft_s"]) == 1 and cli["first_p50_s"] > 0
+        assert cli["prompt_tokens"][0] > 10_000  # scripted tokens are characters
+        assert cli["server_s_first"][0]["prepare"] > 0
+    ratios = rep["first_turn_ratios"]["1"]
+    assert set(ratios) == set(clis) and all(r["first"] > 0 and r["again"] > 0 for r in ratios.values())
+    out = capsys.readouterr().out
+    assert "first turn (TTFT p50" in out and "qwen-code" in out
+    assert (tmp_path / (path.stem + "-first-turn.png")).stat().st_size > 10_000

@@ -171,3 +171,35 @@ def test_referenced_deferred_tool_is_called(server):
         c.messages.create(model=f"tiny-{family}", max_tokens=50, messages=messages[:1], tools=[deploy],
                           tool_choice={"type": "any"})
     assert "deferred" in str(exc.value)
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_auto_call_on_a_new_tool_set_is_schema_valid(server):
+    """A tool set the engine has never compiled: the ``auto`` answer starts under the prelude
+    grammar (compiled at start-up) and its call continues under the new tool set's grammar
+    (``glmserve_calls_continued``), which alone keeps the random model's arguments valid
+    against the schema, streamed and not."""
+    import uuid
+
+    family = server.extra["family"]
+    name = f"deploy_{uuid.uuid4().hex[:8]}"
+    tool = {"type": "function", "function": {"name": name, "description": "部署服务", "parameters": DEPLOY_SCHEMA}}
+    c = server.client()
+    before = _metric(server, "glmserve_calls_continued_total")
+    for ask_, stream in (("部署到生产环境", False), ("部署三个副本到预发环境", True), ("回滚", False)):
+        kw = dict(model=f"tiny-{family}", messages=[{"role": "user", "content": ask_}], tools=[tool],
+                  tool_choice="auto", parallel_tool_calls=False, max_tokens=120, temperature=0)
+        if stream:
+            got, finish, _ = streamed_calls(c.chat.completions.create(**kw, stream=True))
+            calls = [(v["name"], v["args"]) for v in got.values()]
+        else:
+            ch = c.chat.completions.create(**kw).choices[0]
+            finish, calls = ch.finish_reason, [(t.function.name, t.function.arguments) for t in ch.message.tool_calls or []]
+        assert finish == "tool_calls" and len(calls) == 1, (finish, calls)
+        assert calls[0][0] == name
+        jsonschema.validate(json.loads(calls[0][1]), DEPLOY_SCHEMA)
+    assert _metric(server, "glmserve_calls_continued_total") == before + 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +14,7 @@ from xgrammar.testing import _is_grammar_accept_string
 
 from glmserve.formats import get_format
 from glmserve.formats.base import ChatRequest, Tool
-from glmserve.formats.grammar import clear_caches
+from glmserve.formats.grammar import cache_misses, clear_caches
 from glmserve.formats.message import MessageBuilder, merge_events
 
 DATA = Path(__file__).parents[1] / "data" / "bfcl"
@@ -199,14 +198,14 @@ def test_builtin_raw_body_constraint() -> None:
     assert accepts("glm4", req, 'simple_browser\nsearch("q", recency_days=3)')
 
 
-def test_constraint_cache_and_build_time() -> None:
+def test_constraint_is_built_once_per_tool_set() -> None:
+    """The second request with the same tools takes its constraint whole from the caches (no
+    grammar or schema check built again): counted, not timed, so machine load cannot flip it."""
     case = max(CASES, key=lambda c: len(json.dumps(c["request"]["tools"])))
     clear_caches()
     fmt = get_format("glm4")
-    t0 = time.perf_counter()
     first = fmt.constraint(request(case, tool_choice="required"))
-    t1 = time.perf_counter()
+    built = cache_misses()
     again = fmt.constraint(request(case, tool_choice="required"))
-    t2 = time.perf_counter()
     assert first == again
-    assert t2 - t1 < t1 - t0 and t1 - t0 < 5
+    assert built > 0 and cache_misses() == built
