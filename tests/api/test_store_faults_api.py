@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,9 @@ def test_every_store_failure_is_a_503_then_recovers(backend):
             assert_unavailable(app)
         assert app.client().responses.create(model="m", input="x", store=False).output_text == "turns=1"
         repair()
+        deadline = time.monotonic() + 60  # PostgreSQL: the pool replaces the terminated connections
+        while app.health().status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
         r = app.client().responses.create(model="m", input="again")
         assert app.client().responses.retrieve(r.id).id == r.id
         assert app.health().status_code == 200
