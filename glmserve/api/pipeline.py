@@ -75,9 +75,9 @@ async def tokenize(chars: int, fn: Callable[..., T], *args: Any) -> T:
 async def schema_work(heavy: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``, work on a request's tool or output schemas (checking them,
     compiling the decoding constraint): on a worker thread when ``heavy`` -- the request
-    declares any -- so that a large tool set never stalls the event loop (checking 100 new
-    tool schemas and compiling their constraint is seconds of CPU; the checks are cached, so an
-    agent's repeated tools cost little either way).  Pure-Python work there still takes the GIL,
+    declares any -- so that a large tool set never stalls the event loop (building the
+    constraint of a large new tool set is seconds of CPU; all of it is cached, so an agent's
+    repeated tools cost little either way).  Pure-Python work there still takes the GIL,
     but the loop gets it back every few milliseconds (``sys.getswitchinterval``)."""
     if not heavy:
         return fn(*args, **kwargs)
