@@ -102,7 +102,8 @@ def test_phone_width_key_entry_and_thinking_off(scripted_ui, open_page):
     assert p.locator("#api-key").is_visible() and p.locator("#model-badge").inner_text() == "API key needed"
     p.fill("#api-key", SCRIPTED_KEY)
     p.press("#api-key", "Tab")
-    p.wait_for_function("document.querySelector('#model').options.length > 0")
+    # a locator, not wait_for_function: a string predicate is eval'd, which the page's CSP forbids
+    p.locator("#model option").first.wait_for(state="attached")
     assert p.locator("#thinking-box").is_visible() and p.locator("#budget-row").is_visible()  # GLM-4.7 has both
     p.uncheck("#thinking")
     p.select_option("#tool-choice", "none")
