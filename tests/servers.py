@@ -98,6 +98,24 @@ class ThreadServer(LoopbackURLs):
         self.thread.join(10)
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
+    """Until ``url``'s ``/health`` answers 200; a RuntimeError (with the log's tail) when the
+    process exits first or ``timeout`` seconds pass, after killing it."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    code = proc.poll()
+    proc.kill()
+    tail = log.read_text(errors="replace")[-6000:] if log is not None and log.exists() else ""
+    raise RuntimeError(f"the server at {url} did not become healthy "
+                       f"({'exited ' + str(code) if code is not None else f'{timeout:.0f}s passed'}):\n{tail}")
+
+
 def start_server(model: str | None, *args: str, api_key: str | None = None, env: dict | None = None,
                  max_model_len: int = 2048) -> Server:
     port = free_port()

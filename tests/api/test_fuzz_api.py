@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from glmserve.formats import FORMATS, get_format
-from servers import free_port
+from servers import free_port, wait_healthy
 
 
 # ----------------------------------------------------------------------------- OpenAPI fuzzing
@@ -74,15 +74,7 @@ def live(tmp_path_factory):
                              "--chat-format", "glm47", "--program", "fuzz", "--responses-db", str(db),
                              "--model-alias", "*"])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "the scripted server did not start"
-        time.sleep(0.2)
+    wait_healthy(url, proc, 60)
     yield url
     proc.terminate()
     proc.wait(30)

@@ -18,14 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from servers import free_port
+from servers import free_port, wait_healthy
 
 CHROMIUM = os.environ.get("GLMSERVE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("GLMSERVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "tmp" / "artifacts"))
@@ -105,17 +103,7 @@ def scripted_ui(tmp_path_factory) -> Iterator[str]:
                              "--api-key", SCRIPTED_KEY, "--responses-db", str(tmp / "r.sqlite3")],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the scripted server did not start:\n{log.read_text()}")
-        time.sleep(0.2)
+    wait_healthy(url, proc, 60, log)
     yield url
     proc.terminate()
     proc.wait(10)
