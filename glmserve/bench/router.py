@@ -64,7 +64,8 @@ def router_bin(explicit: str | None) -> str:
 
 
 def replica_command(args: argparse.Namespace, port: int, events_port: int) -> list[str]:
-    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}", "topic": "kv"}
+    # vLLM's default, empty topic: vllm-router 0.1.17's --kv-event-source subscribes to no other
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"}
     cmd = [sys.executable, "-m", "glmserve", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--served-model-name", args.served_name,
            "--num-gpu-blocks-override", str(args.num_gpu_blocks), "--kv-events-config", json.dumps(events)]

@@ -628,7 +628,9 @@ def test_router_bench_sessions_commands_and_table():
     assert "--kv-event-source" not in router.router_command(args, "sticky_least_loaded", 9, reps, [11, 12])
     rep = router.replica_command(args, 5, 6)
     assert rep[rep.index("--num-gpu-blocks-override") + 1] == "110"
-    assert json.loads(rep[rep.index("--kv-events-config") + 1])["endpoint"] == "tcp://*:6"
+    events = json.loads(rep[rep.index("--kv-events-config") + 1])
+    assert events["endpoint"] == "tcp://*:6"
+    assert events.get("topic", "") == ""  # vllm-router 0.1.17's --kv-event-source reads no other topic
     summary = {"cached_share": 0.93, "lowest_session_turn_share": 0.9, "ideal_share": 0.94, "ttft_p50_s": [0.5, None],
                "requests_per_replica": [[3, 2], [2, 3]], "errors": []}
     table = router.format_table({"policies": {"chat/sticky_least_loaded": [summary]}})

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import threading
@@ -81,8 +82,8 @@ def replicas(postgres, tmp_path_factory):
 
     def start(i: int) -> None:
         try:
-            kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events[i]}",
-                         "topic": "kv"}
+            # no "topic": vllm-router 0.1.17's --kv-event-source subscribes to the empty topic only
+            kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events[i]}"}
             started[i] = start_server(
                 model, "--chat-format", "glm47", "--served-model-name", MODEL, "--responses-db", url,
                 "--secret-file", str(secret), "--responses-db-timeout", str(DB_TIMEOUT), "--api-key", OTHER,
@@ -377,8 +378,9 @@ def test_router_previous_response_id_get_and_delete(replicas, router):
 def test_kv_events_carry_the_rendered_token_ids(replicas):
     """``--kv-events-config`` passes through ``glmserve serve`` to vLLM: a request's blocks are
     published (ZMQ, vLLM's msgpack batches) with the token ids glmserve's render API gives a router.
-    Then vllm-router's ``kv_aware`` policy, subscribed to both replicas, routes a request after
-    asking each replica to render it."""
+    Then vllm-router's ``kv_aware`` policy, subscribed to both replicas, asks each replica to render
+    a request and credits the replica that cached it: a prompt it sent to one replica comes back to
+    that replica with every full block credited (its decision log), which serves them from cache."""
     import msgspec
     import zmq
 
@@ -399,8 +401,9 @@ def test_kv_events_carry_the_rendered_token_ids(replicas):
         while time.monotonic() < deadline and not any(e["parent_block_hash"] is None and len(e["token_ids"]) >= 256
                                                       and e["token_ids"] == ids[:len(e["token_ids"])] for e in stored):
             if sub.poll(500):
-                batch = msgspec.msgpack.decode(sub.recv_multipart()[-1])
-                stored += [e for e in batch[1] if e["type"] == "BlockStored"]
+                frames = sub.recv_multipart()
+                assert len(frames) == 3 and frames[0] == b"", frames[:2]  # topic, sequence number, batch
+                stored += [e for e in msgspec.msgpack.decode(frames[2])[1] if e["type"] == "BlockStored"]
         ours = [e for e in stored if e["token_ids"] == ids[:len(e["token_ids"])] and e["parent_block_hash"] is None]
         assert ours, [len(e["token_ids"]) for e in stored]
         block = ours[0]["block_size"]
@@ -409,14 +412,38 @@ def test_kv_events_carry_the_rendered_token_ids(replicas):
         sub.close(0)
         ctx.term()
     sources = [f"{s.url}={s.extra['kv_events']}" for s in replicas]
-    with VllmRouter([s.url for s in replicas], "kv_aware", "--api-key", KEY, "--kv-event-block-size", str(block),
-                    "--kv-event-model", MODEL, *[x for src in sources for x in ("--kv-event-source", src)]) as kv:
-        r = httpx.post(kv.base_url + "/chat/completions", json=body, headers=auth, timeout=120)
-        assert r.status_code == 200, r.text
+    # a prompt neither replica has seen; the router must see its blocks stored, so it starts first
+    body = {**body, "messages": [{"role": "user", "content": f"{session()} " + "pack my box with five dozen jugs " * 50}]}
+    ids = httpx.post(a.url + "/v1/chat/completions/render", json=body, headers=auth, timeout=60).json()["token_ids"]
+    with VllmRouter([s.url for s in replicas], "kv_aware", "--api-key", KEY, "--log-level", "debug",
+                    "--kv-event-block-size", str(block), "--kv-event-model", MODEL,
+                    *[x for src in sources for x in ("--kv-event-source", src)]) as kv:
+        time.sleep(1.0)  # its subscribers connect once it has started; a PUB drops what it sends before
+        first = httpx.post(kv.base_url + "/chat/completions", json=body, headers=auth, timeout=120)
+        assert first.status_code == 200, first.text
+        # until the first request's event batches have reached the router's index (none new for 1 s)
+        deadline, seen = time.monotonic() + 30, -1
+        while True:
+            applied = kv.log_path.read_text(errors="replace").count("kv_index live sequence advanced")
+            if applied and applied == seen:
+                break
+            assert time.monotonic() < deadline, kv.log()
+            seen = applied
+            time.sleep(1.0)
+        second = httpx.post(kv.base_url + "/chat/completions", json=body, headers=auth, timeout=120)
+        assert second.status_code == 200, second.text
         metrics = httpx.get(kv.metrics_url, timeout=10).text
+        log = re.sub(r"\x1b\[[0-9;]*m", "", kv.log_path.read_text(errors="replace"))  # its colours
     renders = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("vllm_router_kv_routing_inputs_total") and 'result="render"' in line)
-    assert renders == 2, metrics  # it asked both replicas for the token ids
+    assert renders == 4, metrics  # it asked both replicas for the token ids, for each request
+    decisions = re.findall(r'KV prefix decision .*?worker="([^"]+)" input_tokens=(\d+) new_prefill_tokens=\d+ '
+                           r'credited_prefix_tokens=(\d+)', log)
+    full = len(ids) // block * block
+    assert [(n, c) for _, n, c in decisions] == [(str(len(ids)), "0"), (str(len(ids)), str(full))], log[-6000:]
+    assert decisions[0][0] == decisions[1][0]  # back to the replica that cached it
+    # the replica served them from its prefix cache (vLLM computes the last prompt token anyway)
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= full - block
 
 
 def test_replica_killed_mid_stream_through_the_router(replicas, router):
