@@ -34,6 +34,12 @@ STATUS_LABELS = frozenset({"200", "400", "401", "403", "404", "405", "408", "409
 REASONING_DROP_REASONS = ("invalid_signature", "invalid_seal", "unsealed")
 """Why reasoning sent back by a client was not given to the model as its own."""
 
+CUT_ENDPOINTS = ("chat", "completion", "messages", "responses")
+"""The generating endpoints (``Endpoint.name``), the only values of ``glmserve_requests_cut``'s label."""
+CUT_REASONS = ("disconnected", "write_timeout")
+"""Why a request's answer ended before it was whole: the client went away, or stopped reading
+past ``--write-timeout``."""
+
 
 RENDERING: ContextVar[bool] = ContextVar("glmserve_rendering", default=False)
 """True while the current request is prepared only to say what it becomes (the render API,
@@ -124,6 +130,15 @@ class Metrics:
         )
         for reason in REASONING_DROP_REASONS:
             self.reasoning_dropped.labels(reason)
+        self.requests_cut = Counter(
+            "glmserve_requests_cut", "Requests whose client left before the answer ended, logged with status 499: "
+            "glmserve_requests counts the status that went on the wire (200 for a stream already started, "
+            "none for a whole answer never sent), this counts what the client actually got. reason: "
+            "disconnected or write_timeout", ["endpoint", "reason"], registry=r,
+        )
+        for endpoint in CUT_ENDPOINTS:
+            for reason in CUT_REASONS:
+                self.requests_cut.labels(endpoint, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

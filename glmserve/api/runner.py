@@ -46,7 +46,7 @@ from glmserve.api.pipeline import ChatPipeline, Prepared
 from glmserve.api.settings import Settings
 from glmserve.engine.base import Engine, EngineRequestError, EngineUnavailable, GenerateParams
 from glmserve.formats.base import ChatFormat
-from glmserve.metrics import RENDERING, Metrics
+from glmserve.metrics import CUT_ENDPOINTS, CUT_REASONS, RENDERING, Metrics
 
 log = logging.getLogger("glmserve.api")
 
@@ -199,6 +199,11 @@ class Services:
                    RequestLog(names[0], settings.json_logs), pipeline, on_start=[pipeline.warm_preludes],
                    on_stop=[pipeline.warmup.close])
 
+    def count_cut(self, endpoint: str, reason: str) -> None:
+        """Count a request the client left (logged 499); only fixed label values reach the metric."""
+        if endpoint in CUT_ENDPOINTS and reason in CUT_REASONS:
+            self.metrics.requests_cut.labels(endpoint, reason).inc()
+
     @property
     def model_names(self) -> list[str]:
         return self.settings.served_model_names or [self.engine.model_name]
@@ -240,6 +245,7 @@ class Services:
                 await lease.close()
         prompt_tokens, fields = endpoint.log_fields(handle)
         if result is None:  # the client went away; its engine request was aborted
+            self.count_cut(endpoint.name, "disconnected")
             self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, 499,
                                     {**fields, "disconnected": True, **named})
             return Response(status_code=499)
@@ -296,6 +302,8 @@ class Services:
             prompt_tokens, fields = endpoint.log_fields(handle)
             # closed before its end: the client went away, or stopped reading past the write deadline
             status, why = (200, {}) if ended else (499, {cut(): True})
+            if not ended:
+                self.count_cut(endpoint.name, next(iter(why)))
             self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, status,
                                     {"stream": True, **why, **fields, **named})
 

@@ -396,7 +396,9 @@ def test_a_stream_cut_before_its_end_is_logged_499_with_the_reason(why, caplog):
     async def cut_after_one() -> None:
         lease = Lease(services.admission.acquire(), services.engine)
         handle = type("H", (), {"request_id": "r", "stream": True})()
-        events = services._stream(PreludeEndpoint(["a", "b", "c"]), handle, 0.0, lease, {}, lambda: why)
+        endpoint = PreludeEndpoint(["a", "b", "c"])
+        endpoint.name = "chat"  # a generating endpoint's name: the cut is counted under it
+        events = services._stream(endpoint, handle, 0.0, lease, {}, lambda: why)
         assert await anext(events) == "a"
         await events.aclose()  # what LeasedStream does once the client is gone
 
@@ -404,6 +406,9 @@ def test_a_stream_cut_before_its_end_is_logged_499_with_the_reason(why, caplog):
         asyncio.run(cut_after_one())
         lines = [r.getMessage() for r in caplog.records if r.name == "glmserve.requests"]
         assert len(lines) == 1 and "status=499" in lines[0] and f"{why}=True" in lines[0], lines
+        cut = {r: services.metrics.registry.get_sample_value("glmserve_requests_cut_total", {"endpoint": "chat", "reason": r})
+               for r in ("disconnected", "write_timeout")}
+        assert cut == {r: float(r == why) for r in cut}
         caplog.clear()
 
         async def whole() -> None:

@@ -166,6 +166,7 @@ def test_a_stream_never_read_is_cut_at_the_write_deadline(serve):
     freed, the engine request aborted, the request logged 499 write_timeout and counted."""
     s = serve
     counted = s.metric("glmserve_write_timeouts_total")
+    counted_cut = s.metric('glmserve_requests_cut_total{endpoint="chat",reason="write_timeout"}')
     cut = len(log_lines(s, "status=499", "write_timeout=True"))
     t0 = time.monotonic()
     socks = [connect(s, rcvbuf=4096) for _ in range(LIMIT)]
@@ -187,6 +188,7 @@ def test_a_stream_never_read_is_cut_at_the_write_deadline(serve):
         while len(log_lines(s, "status=499", "write_timeout=True")) < cut + LIMIT:
             assert time.monotonic() < deadline, s.log()[-3000:]
             time.sleep(0.05)
+        assert s.metric('glmserve_requests_cut_total{endpoint="chat",reason="write_timeout"}') == counted_cut + LIMIT
         for sock in socks:  # reset: the client is told, and the kernel keeps none of the unsent bytes
             sock.settimeout(WAIT)
             with pytest.raises(ConnectionResetError):
@@ -201,6 +203,7 @@ def test_a_stream_never_read_is_cut_at_the_write_deadline(serve):
 def test_a_client_gone_mid_stream_frees_its_slot_and_is_logged_499(serve):
     s = serve
     gone = len(log_lines(s, "status=499", "disconnected=True"))
+    counted_cut = s.metric('glmserve_requests_cut_total{endpoint="chat",reason="disconnected"}')
     sock = connect(s)
     body = chat(True, max_tokens=400, pace=0.01)
     sock.sendall(head("/v1/chat/completions", body) + body)
@@ -211,6 +214,7 @@ def test_a_client_gone_mid_stream_frees_its_slot_and_is_logged_499(serve):
     while len(log_lines(s, "status=499", "disconnected=True")) <= gone:
         assert time.monotonic() < deadline, s.log()[-3000:]
         time.sleep(0.05)
+    assert s.metric('glmserve_requests_cut_total{endpoint="chat",reason="disconnected"}') == counted_cut + 1
     assert_unharmed(s)
 
 
