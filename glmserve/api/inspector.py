@@ -139,6 +139,17 @@ class Entry:
         self.constraint_info = {**_constraint_summary(run.chat, p.constraint), **(self.constraint_info or {})}
         self.store.add(self)
 
+    def text_prepared(self, request_id: str, model: str, prompts: list[str], params: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        self.times["queued"] = 0.0
+        self.times["prepared"] = now - self.t0
+        self.request_id = request_id
+        self.model = model
+        self.prompt = list(prompts) if len(prompts) == 1 else [f"[prompt {k}]\n{p}\n\n" for k, p in enumerate(prompts)]
+        self.params = params
+        self.constraint_info = {"kind": "none (a completion: no template, no tools)"}
+        self.store.add(self)
+
     def output(self, index: int, text: str, events: list[Event], num_tokens: int) -> None:
         # per token: keep references only; folding them is the end's work (or a view's)
         if num_tokens and "first_token" not in self.times:

@@ -32,6 +32,10 @@ class RequestObserver(Protocol):
     def prepared(self, run: "Prepared", prompt: "Prompt") -> None:
         """Rendered, tokenized, checked: ``run`` is what the engine will get."""
 
+    def text_prepared(self, request_id: str, model: str, prompts: list[str], params: dict[str, Any]) -> None:
+        """A legacy completion was prepared: its prompts as the client sent them (no template
+        renders them; a prompt of token ids is described, not decoded) and its parameters."""
+
     def output(self, index: int, text: str, events: "list[Event]", num_tokens: int) -> None:
         """One engine delta of choice ``index``: its raw text and the parser's events for it."""
 

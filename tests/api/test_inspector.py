@@ -150,6 +150,27 @@ def test_messages_and_responses_show_up(app):
     assert listed["data"][1]["calls"] == ["get_weather"] and listed["data"][1]["status"] == 200
 
 
+def test_completions_show_their_prompts_and_raw_text(app):
+    """The legacy API has no template and no parser: its entry shows the prompts as sent and
+    the engine's raw text per choice, whole and streamed."""
+    http = app.http()
+    r = http.post("/v1/completions", json={"model": "m", "prompt": ["北京", "Paris"], "max_tokens": 50})
+    assert r.status_code == 200, r.text
+    e = app.entry(r.json()["id"])
+    assert (e["api"], e["endpoint"], e["stream"], e["status"]) == ("completions", "completion", False, 200)
+    assert e["prompt"]["parts"] == [{"text": "[prompt 0]\n北京\n\n[prompt 1]\nParis\n\n"}]
+    assert [c["raw"] for c in e["choices"]] == [c["text"] for c in r.json()["choices"]]
+    assert [c["finish_reason"] for c in e["choices"]] == [c["finish_reason"] for c in r.json()["choices"]]
+    assert e["params"]["max_tokens"] == [50, 50] and e["tokens"]["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert e["timings_ms"]["prepared"] is not None and e["timings_ms"]["first_token"] is not None
+
+    r = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "max_tokens": 50, "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("[DONE]")
+    e = app.entry(r.headers["x-request-id"])
+    assert e["stream"] is True and e["prompt"]["parts"] == [{"text": "[3 token ids]"}]
+    assert e["choices"][0]["raw"] == REASONING + "</think>" + CALL and e["choices"][0]["events"] == []
+
+
 def test_errors_are_kept(app):
     bad_body = app.http().post("/v1/chat/completions", json={"model": "m"})  # no messages: the schema's 400
     assert bad_body.status_code == 400

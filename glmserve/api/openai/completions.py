@@ -13,11 +13,13 @@ from fastapi import APIRouter, Request
 from openai.types import Completion
 from starlette.responses import Response
 
+from glmserve.api import observe
 from glmserve.api.errors import APIError, openai_stream_error
 from glmserve.api.pipeline import output_budget, tokenize, too_long
 from glmserve.api.runner import MAX_TOKENS_HEADER, Prelude, Services, chunk_encoder, generate_request, streams
 from glmserve.api.schemas import CompletionRequest
 from glmserve.engine.base import Engine, GenerateParams
+from glmserve.formats.message import MessageBuilder
 from glmserve.metrics import Metrics
 
 
@@ -122,7 +124,7 @@ class CompletionService:
             ignore_eos=req.ignore_eos,
             logprobs=req.logprobs,
         )
-        return PreparedCompletion(
+        prepared = PreparedCompletion(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.served_name(req.model) if self.served_name else self.engine.model_name,
@@ -135,10 +137,18 @@ class CompletionService:
             budgets=budgets,
             max_tokens_asked=asked,
         )
+        obs = observe.current()
+        if obs is not None:
+            obs.text_prepared(prepared.request_id, prepared.model,
+                              [t if t else f"[{len(ids)} token ids]" for t, ids in zip(texts, prompts)],
+                              {"max_tokens": budgets[0] if len(budgets) == 1 else budgets, "temperature": params.temperature,
+                               "top_p": params.top_p, "n": params.n, "seed": params.seed, "stop": list(params.stop)})
+        return prepared
 
     async def complete(self, p: PreparedCompletion) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
+        obs = observe.current()
         for k, ids in enumerate(p.prompts):
             params = replace(p.params_for(k), final_only=True)  # nothing is sent before the end: no per-token deltas
             texts = [p.prompt_texts[k] if p.echo else "" for _ in range(p.params.n)]
@@ -152,6 +162,8 @@ class CompletionService:
                     texts[d.index] += d.text
                     completion_tokens += d.num_tokens
                     p.completion_tokens = completion_tokens
+                    if obs is not None:
+                        _observe(obs, k * p.params.n + d.index, d.text, d.num_tokens, d.finish_reason)
                     if d.finish_reason is not None:
                         reasons[d.index] = d.finish_reason
             finally:
@@ -173,6 +185,7 @@ class CompletionService:
     async def stream(self, p: PreparedCompletion) -> AsyncIterator[str]:
         completion_tokens = 0
         n = p.params.n
+        obs = observe.current()
 
         encode = chunk_encoder({"id": p.request_id, "object": "text_completion", "created": p.created,
                                 "model": p.model, "system_fingerprint": None}, p.include_usage)
@@ -190,6 +203,8 @@ class CompletionService:
                 async for d in self.engine.generate(ids, p.params_for(k), rid):
                     completion_tokens += d.num_tokens
                     p.completion_tokens = completion_tokens
+                    if obs is not None:
+                        _observe(obs, k * n + d.index, d.text, d.num_tokens, d.finish_reason)
                     lp = None
                     if p.params.logprobs is not None and d.logprobs:
                         lp = _extend_logprobs(None, d.logprobs, offsets[d.index])
@@ -229,6 +244,13 @@ def router(services: Services) -> APIRouter:
                 for k, ids in enumerate(p.prompts)]
 
     return r
+
+
+def _observe(obs: observe.RequestObserver, index: int, text: str, num_tokens: int, finish: str | None) -> None:
+    """One engine delta of a completion, told to the request's observer: raw text, no parser."""
+    obs.output(index, text, [], num_tokens)
+    if finish is not None:
+        obs.finished(index, finish, MessageBuilder())
 
 
 def _extend_logprobs(acc: dict[str, list[Any]] | None, new: list[Any], offset: int) -> dict[str, list[Any]]:
