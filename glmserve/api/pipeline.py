@@ -34,7 +34,8 @@ from glmserve.engine.base import Engine, GenerateParams, TokenLogprob
 from glmserve.formats.base import (ChatFormat, ChatRequest, Constraint, Control, Event, Prompt, StreamParser, Tool,
                                    ToolCallEnd)
 from glmserve.formats.freeform import GrammarError
-from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema, cache_misses
+from glmserve.formats.caches import thread_cache_misses
+from glmserve.formats.grammar import ToolChoiceUnavailable, UncompilableSchema
 from glmserve.formats.message import MessageBuilder
 from glmserve.formats.schema_values import UnreadableSchema
 from glmserve.metrics import Metrics, counted
@@ -242,7 +243,7 @@ class ChatPipeline:
         if not chat.tools or chat.tool_choice == "none":
             return None
         obs = observe.current()
-        misses = cache_misses() if obs is not None else 0
+        misses = thread_cache_misses() if obs is not None else 0  # the build below runs in this thread
         t0 = time.perf_counter()
         try:
             constraint = (build or self.fmt.constraint)(chat)
@@ -268,7 +269,7 @@ class ChatPipeline:
         if count and constraint is not None and constraint.relaxed:  # non-strict tools decoded as any JSON object
             self.metrics.schema_fallbacks.inc(len(constraint.relaxed))
         if obs is not None and count:
-            obs.constraint(chat, constraint, seconds, cache_misses() == misses)
+            obs.constraint(chat, constraint, seconds, thread_cache_misses() == misses)
         return constraint
 
     async def encode(self, prompt: Prompt) -> list[int]:
