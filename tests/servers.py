@@ -98,6 +98,25 @@ class ThreadServer(LoopbackURLs):
         self.thread.join(10)
 
 
+def dribble_until_answered(sock: socket.socket, byte: bytes, within: float, then_timeout: float) -> float:
+    """Send ``byte`` every 0.2 s until the server answers (or closes), at most ``within``
+    seconds; the seconds that took.  The socket's timeout is ``then_timeout`` afterwards."""
+    t0 = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - t0 < within:
+        try:
+            sock.send(byte)
+        except OSError:  # the server already closed: it has answered
+            break
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                break
+        except TimeoutError:
+            continue
+    sock.settimeout(then_timeout)
+    return time.monotonic() - t0
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
     """Until ``url``'s ``/health`` answers 200; a RuntimeError (with the log's tail) when the
     process exits first or ``timeout`` seconds pass, after killing it."""

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from raw_http import responses
-from servers import LoopbackURLs, free_port
+from servers import LoopbackURLs, dribble_until_answered, free_port
 
 from glmserve.api.http_protocol import HttpToolsProtocol
 
@@ -257,24 +257,6 @@ def test_a_huge_head_is_431_and_never_read_into_memory(serve):
     assert_unharmed(s)
 
 
-def dribble(sock: socket.socket, byte: bytes, within: float) -> float:
-    """Send ``byte`` every 0.2 s until the server answers; the seconds that took."""
-    t0 = time.monotonic()
-    sock.settimeout(0.2)
-    while time.monotonic() - t0 < within:
-        try:
-            sock.send(byte)
-        except OSError:  # the server already closed: it has answered
-            break
-        try:
-            if sock.recv(1, socket.MSG_PEEK):
-                break
-        except TimeoutError:
-            continue
-    sock.settimeout(WAIT)
-    return time.monotonic() - t0
-
-
 @pytest.mark.parametrize("http, path", list(zip(PARSERS, ["/v1/messages", "/v1/chat/completions"])))
 def test_headers_dribbled_are_a_408_in_the_paths_shape(servers, http, path):
     """(One error shape per parser: the shape follows the path, whichever parser read it.)"""
@@ -283,7 +265,7 @@ def test_headers_dribbled_are_a_408_in_the_paths_shape(servers, http, path):
     sock = connect(s)
     try:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
-        elapsed = dribble(sock, b"a", within=10 * READ_TIMEOUT)
+        elapsed = dribble_until_answered(sock, b"a", 10 * READ_TIMEOUT, WAIT)
         (status, content, _), = responses(sock, ("POST", path))
     finally:
         sock.close()

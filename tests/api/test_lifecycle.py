@@ -26,7 +26,7 @@ import httpx
 import pytest
 import uvicorn
 
-from servers import free_port
+from servers import dribble_until_answered, free_port
 
 from glmserve.api import errors, middleware
 from glmserve.api.anthropic import routes as anthropic_routes
@@ -357,25 +357,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, rest
 
 
-def dribble_until_answered(sock: socket.socket, byte: bytes, within: float) -> float:
-    """Send ``byte`` every 0.2 s until the server answers; the seconds that took."""
-    t0 = time.monotonic()
-    sock.settimeout(0.2)
-    while time.monotonic() - t0 < within:
-        try:
-            sock.send(byte)
-        except OSError:  # the server already closed: it has answered
-            break
-        try:
-            peek = sock.recv(1, socket.MSG_PEEK)
-            if peek:
-                break
-        except TimeoutError:
-            continue
-    sock.settimeout(WAIT)
-    return time.monotonic() - t0
-
-
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 def test_a_body_dribbled_byte_by_byte_is_a_408_and_holds_no_slot(srv, path):
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
@@ -383,7 +364,7 @@ def test_a_body_dribbled_byte_by_byte_is_a_408_and_holds_no_slot(srv, path):
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: 100000\r\n\r\n{{\"model\": ".encode())
         assert srv.in_flight == 0
-        elapsed = dribble_until_answered(sock, b" ", within=10 * READ_TIMEOUT)
+        elapsed = dribble_until_answered(sock, b" ", 10 * READ_TIMEOUT, WAIT)
         assert srv.in_flight == 0  # the body is read before the route (and admission) run
         status, headers, content = read_response(sock)
         assert status == 408 and headers["connection"] == "close"
