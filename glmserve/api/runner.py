@@ -301,9 +301,11 @@ class Services:
             await lease.close()
             prompt_tokens, fields = endpoint.log_fields(handle)
             # closed before its end: the client went away, or stopped reading past the write deadline
-            status, why = (200, {}) if ended else (499, {cut(): True})
+            status, why = 200, {}
             if not ended:
-                self.count_cut(endpoint.name, next(iter(why)))
+                reason = cut()
+                status, why = 499, {reason: True}
+                self.count_cut(endpoint.name, reason)
             self.request_log.record(endpoint.name, handle.request_id, prompt_tokens, t0, status,
                                     {"stream": True, **why, **fields, **named})
 
