@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from glmserve.engine.base import Delta, Engine, GenerateParams
+from glmserve.engine.base import Delta, Engine, GenerateParams, continuation
 from glmserve.formats.base import Constraint
 
 log = logging.getLogger("glmserve.chat")
@@ -219,13 +219,13 @@ async def generate_until_call(engine: Engine, prompt_ids: list[int], params: Gen
         plan.opened()
         constraint = await plan.after()
         ids = prompt_ids + ids  # the opener's token included, as generated
-        room = min(params.max_tokens - used, engine.max_model_len - len(ids))
-        if room <= 0:
+        rest = continuation(engine, ids, params, used, constraint)
+        if rest is None:
             finished = True
             yield Delta(index=0, text="", num_tokens=0, finish_reason="length")
             return
         current = f"{request_id}-call"
-        async for d in engine.generate(ids, replace(params, max_tokens=room, constraint=constraint), current):
+        async for d in engine.generate(ids, rest, current):
             finished = finished or d.finish_reason is not None
             yield d
     finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from glmserve.engine.base import Delta, Engine, GenerateParams
+from glmserve.engine.base import Delta, Engine, GenerateParams, continuation
 from glmserve.formats.base import Constraint
 
 
@@ -59,14 +59,13 @@ async def generate_with_budget(engine: Engine, prompt_ids: list[int], params: Ge
             return
         yield Delta(index=0, text=plan.closer, num_tokens=0)
         ids = ids + engine.encode_parts(["".join(texts)]) + plan.closer_ids
-        room = min(params.max_tokens - used, engine.max_model_len - len(ids))
-        if room <= 0:
+        rest = continuation(engine, ids, params, used, plan.answer_constraint)
+        if rest is None:
             finished = True
             yield Delta(index=0, text="", num_tokens=0, finish_reason="length")
             return
         current = f"{request_id}-answer"
-        answer_params = replace(params, max_tokens=room, constraint=plan.answer_constraint)
-        async for d in engine.generate(ids, answer_params, current):
+        async for d in engine.generate(ids, rest, current):
             finished = finished or d.finish_reason is not None
             yield d
     finally:

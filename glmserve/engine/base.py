@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glmserve.formats.base import Constraint
@@ -132,3 +132,13 @@ class Engine(ABC):
 
     async def shutdown(self) -> None:
         return None
+
+
+def continuation(engine: Engine, ids: list[int], params: GenerateParams, used: int,
+                 constraint: Constraint | None) -> GenerateParams | None:
+    """The parameters of a second engine request continuing ``ids``, for an answer generated in
+    two (:mod:`glmserve.api.thinking_budget`, :mod:`glmserve.api.early_start`): under
+    ``constraint``, with what ``used`` tokens left of ``params.max_tokens`` and ``ids`` left of
+    the context; None when nothing is left (the answer ends there, ``length``)."""
+    room = min(params.max_tokens - used, engine.max_model_len - len(ids))
+    return replace(params, max_tokens=room, constraint=constraint) if room > 0 else None
